@@ -1,0 +1,180 @@
+"""What a search trains once and every trial starts from.
+
+The dense base model; when fusion is searched, one expert per task fine-tuned from the
+base (trunk + that task's head, on that task's loss); and, for Δm, one single-task
+reference model per task. Cached under `cache_dir/<content hash>/` so a second search
+with the same suite, model and training config reuses them. Weights are stored with
+`torch.save` of plain state dicts and read back with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from spaces.errors import PrunefuseError
+
+from .train import evaluate, train
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How the shared artifacts are trained; part of their cache key."""
+    epochs: float = 15.0
+    lr: float = 1e-3
+    batch_size: int = 256
+    expert_epochs: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class Artifacts:
+    key: str
+    suite: dict                       # the suite spec they were trained on
+    model: dict                       # the model spec
+    base: dict[str, torch.Tensor]     # dense base state dict
+    dense_metrics: dict[str, dict[str, float]]           # split -> task -> metric
+    experts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    references: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> task -> metric
+
+
+def cache_key(suite_spec: dict, model_spec: dict, spec: TrainSpec, kind: str) -> str:
+    blob = json.dumps({"suite": suite_spec, "model": model_spec, "train": spec.__dict__, "kind": kind},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _metrics(model, suite):
+    return {split: evaluate(model, suite, split) for split in ("val", "test")}
+
+
+def train_base(suite, model_spec: dict, spec: TrainSpec, *, device: str = "cpu", base_state=None):
+    """The dense multi-task model (or a user's checkpoint, checked against the model)."""
+    torch.manual_seed(spec.seed)
+    model = suite.build_model(**model_spec)
+    if base_state is not None:
+        load_checked(model, base_state, source="base checkpoint")
+    else:
+        train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed, device=device)
+    model.cpu()
+    return {k: v.clone() for k, v in model.state_dict().items()}, _metrics(model, suite)
+
+
+def train_expert(suite, model_spec, spec: TrainSpec, base: dict, task: str, *, device: str = "cpu"):
+    """Fine-tune the whole base on one task's loss: that task's expert (trunk + its head)."""
+    torch.manual_seed(spec.seed)
+    model = suite.build_model(**model_spec)
+    model.load_state_dict(base)
+    train(model, suite, epochs=spec.expert_epochs, lr=spec.lr, batch_size=spec.batch_size,
+          tasks=[task], seed=spec.seed + 1, device=device)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def train_reference(suite, model_spec, spec: TrainSpec, task: str, *, device: str = "cpu"):
+    """A single-task model with the same trunk, trained from scratch; returns its metric per split."""
+    torch.manual_seed(spec.seed)
+    model = suite.build_model(**model_spec)
+    train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+          tasks=[task], seed=spec.seed, device=device)
+    return {split: evaluate(model, suite, split)[task] for split in ("val", "test")}
+
+
+def load_checked(model, state: dict, *, source: str) -> None:
+    """load_state_dict with an error naming the first missing / unexpected / mis-shaped key."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise PrunefuseError(f"{source}: missing key {key!r} that the model needs")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise PrunefuseError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
+                                 f"the model expects {tuple(value.shape)}")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise PrunefuseError(f"{source}: unexpected key {extra[0]!r} that the model does not have")
+    model.load_state_dict(state)
+
+
+def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: bool = False,
+            references: bool = False, base_state=None, map_fn=map, device: str = "cpu", log=print) -> Artifacts:
+    """Train (or load from cache) everything trials share.
+
+    map_fn(fn, items) runs the per-task trainings; the search passes one that fans them
+    out as Ray tasks, plain `map` trains them here one after another.
+    """
+    suite_spec = {"name": suite.name, **suite.options}
+    base_kind = "checkpoint:" + _state_digest(base_state) if base_state is not None else "trained"
+    key = cache_key(suite_spec, model_spec, spec, base_kind)
+    folder = Path(cache_dir) / key
+    folder.mkdir(parents=True, exist_ok=True)
+
+    base_file, meta_file = folder / "base.pt", folder / "meta.json"
+    if base_file.exists() and meta_file.exists():
+        base = torch.load(base_file, weights_only=True)
+        meta = json.loads(meta_file.read_text())
+        log(f"reusing the dense base from {folder}")
+    else:
+        log("training the dense base model ...")
+        base, dense = train_base(suite, model_spec, spec, device=device, base_state=base_state)
+        meta = {"dense_metrics": dense}
+        _save(base, base_file)
+        _write_json(meta_file, meta)
+    art = Artifacts(key, suite_spec, dict(model_spec), base, meta["dense_metrics"])
+
+    if experts:
+        todo = [t for t in suite.task_names if not (folder / f"expert_{t}.pt").exists()]
+        if todo:
+            log(f"fine-tuning {len(todo)} task expert(s) ...")
+            fn = _ExpertJob(suite, model_spec, spec, base)
+            for task, state in zip(todo, map_fn(fn, todo)):
+                _save(state, folder / f"expert_{task}.pt")
+        art.experts = {t: torch.load(folder / f"expert_{t}.pt", weights_only=True) for t in suite.task_names}
+
+    if references:
+        ref_file = folder / "references.json"
+        if not ref_file.exists():
+            log(f"training {len(suite.tasks)} single-task reference model(s) ...")
+            fn = _ReferenceJob(suite, model_spec, spec)
+            refs = dict(zip(suite.task_names, map_fn(fn, suite.task_names)))
+            _write_json(ref_file, {split: {t: refs[t][split] for t in refs} for split in ("val", "test")})
+        art.references = json.loads(ref_file.read_text())
+    return art
+
+
+class _ExpertJob:
+    """Picklable per-task job (Ray tasks need a top-level callable)."""
+    def __init__(self, suite, model_spec, spec, base):
+        self.suite, self.model_spec, self.spec, self.base = suite, model_spec, spec, base
+
+    def __call__(self, task):
+        return train_expert(self.suite, self.model_spec, self.spec, self.base, task)
+
+
+class _ReferenceJob:
+    def __init__(self, suite, model_spec, spec):
+        self.suite, self.model_spec, self.spec = suite, model_spec, spec
+
+    def __call__(self, task):
+        return train_reference(self.suite, self.model_spec, self.spec, task)
+
+
+def _state_digest(state) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save(state, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, data) -> None:
+    from spaces.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1))

@@ -1,0 +1,137 @@
+"""The cycle: fuse → prune → fine-tune → measure, as one policy says.
+
+`apply_policy` is the one function both a search trial and `prunefuse apply` call, so an
+exported policy reproduces the model its trial measured (same machine, same seed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spaces.errors import PrunefuseError
+from spaces.policy import Policy
+
+from . import measure
+from .artifacts import Artifacts
+from .fusion import merge
+from .pruning import prune, without_masks
+from .tasks import task_loss
+from .train import evaluate, train
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """How cost is measured; recorded with the results so numbers say how they were taken."""
+    latency_batch: int = 256
+    threads: int = 1
+    runs: int = 30
+    warmup: int = 5
+    device: str = "cpu"
+
+
+def check_fits(suite, policy: Policy, artifacts: Artifacts) -> None:
+    """A policy for another suite or model fails here, naming the mismatch."""
+    suite_spec = {"name": suite.name, **suite.options}
+    if policy.suite != suite_spec:
+        raise PrunefuseError(f"the policy is for suite {policy.suite}, but the suite here is {suite_spec}")
+    if policy.model != artifacts.model:
+        raise PrunefuseError(f"the policy is for model {policy.model}, but the trained base is {artifacts.model}")
+    tasks = set(suite.task_names)
+    for what, names in (("weighting.weights", policy.weighting.weights or {}),
+                        ("fusion.coefficients", policy.fusion.coefficients if policy.fusion else {})):
+        if names and set(names) != tasks:
+            raise PrunefuseError(f"policy {what} names tasks {sorted(names)}; suite {suite.name!r} has {sorted(tasks)}")
+
+
+def weighting_spec(policy: Policy) -> dict:
+    spec = {"method": policy.weighting.method, **policy.weighting.params}
+    if policy.weighting.weights is not None:
+        spec["weights"] = dict(policy.weighting.weights)
+    return spec
+
+
+def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str):
+    """The dense base, or the base with its trunk merged from the task experts."""
+    torch.manual_seed(policy.seed)
+    model = suite.build_model(**policy.model)
+    model.load_state_dict(artifacts.base)
+    if policy.fusion is None:
+        return model
+    if not artifacts.experts:
+        raise PrunefuseError("the policy fuses task experts, but none were trained for this search")
+    trunk = {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
+    experts = {t: {k: artifacts.experts[t][k] for k in trunk} for t in suite.task_names}
+    # Merging happens here: only the shared trunk is merged; each head comes from its own expert.
+    merged = merge(trunk, experts, policy.fusion.method, dict(policy.fusion.coefficients), **policy.fusion.params)
+    state = dict(artifacts.base)
+    state.update(merged)
+    for t in suite.task_names:
+        state.update({k: v for k, v in artifacts.experts[t].items() if k.startswith(f"heads.{t}.")})
+    model.load_state_dict(state)
+    if policy.fusion.finetune_epochs > 0:
+        train(model, suite, epochs=policy.fusion.finetune_epochs, lr=policy.finetune.lr,
+              batch_size=policy.finetune.batch_size, weighting=weighting_spec(policy),
+              seed=policy.seed, device=device)
+    return model
+
+
+def measure_model(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
+    """Every metric a trial reports: per-task quality, mean, Δm, size, MACs, latency."""
+    val, test = evaluate(model, suite, "val", device=spec.device), evaluate(model, suite, "test", device=spec.device)
+    reference = artifacts.references.get("val") or artifacts.dense_metrics["val"]
+    higher = {t.name: t.higher_is_better for t in suite.tasks}
+    example = suite.example_inputs(spec.latency_batch)
+    model.to(spec.device)
+    out = {
+        "accuracy": sum(val.values()) / len(val),
+        "test_accuracy": sum(test.values()) / len(test),
+        "delta_m": measure.delta_m(val, reference, higher),
+        "params": measure.stored_params(model),
+        "nonzero_params": measure.nonzero_params(model),
+        "bytes": measure.storage_bytes(model),
+        "macs": measure.count_macs(model.cpu(), example[:1]),
+        "latency_ms": measure.latency_ms(model, example, threads=spec.threads, runs=spec.runs,
+                                         warmup=spec.warmup, device=spec.device),
+        "latency_batch": spec.latency_batch,
+        "threads": spec.threads,
+        "device": spec.device,
+    }
+    out.update({f"metric/{t}": v for t, v in val.items()})
+    out.update({f"test/{t}": v for t, v in test.items()})
+    return out
+
+
+def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: MeasureSpec = MeasureSpec(),
+                 on_step=None):
+    """Run the whole cycle; returns (compressed model, final metrics).
+
+    on_step(step, steps, metrics) is called after every pruning step's fine-tune, so a
+    trial can report each step to Tune (early stopping) before the final result.
+    """
+    check_fits(suite, policy, artifacts)
+    device = measure_spec.device
+    model = start_model(suite, policy, artifacts, device=device)
+    calib = suite.train.x[:512]
+
+    def task_losses(m):
+        out = m(calib.to(device))
+        return {t.name: task_loss(t, out[t.name], suite.train.y[t.name][:512].to(device)) for t in suite.tasks}
+
+    p, ft = policy.pruning, policy.finetune
+    metrics = {}
+
+    def after_step(step, m):
+        if ft.epochs > 0:
+            train(m, suite, epochs=ft.epochs / p.steps, lr=ft.lr, batch_size=ft.batch_size,
+                  weighting=weighting_spec(policy), seed=policy.seed + step, device=device)
+        metrics.clear()
+        metrics.update(measure_model(without_masks(m), suite, artifacts, measure_spec))
+        if on_step:
+            on_step(step, p.steps, dict(metrics))
+
+    model.to(device)
+    model = prune(model, dict(p.sparsity), mode=p.mode, importance=p.importance,
+                  example_inputs=suite.example_inputs(2).to(device), task_losses=task_losses, steps=p.steps,
+                  global_sparsity=p.global_sparsity, aggregate=p.aggregate, after_step=after_step)
+    return model, metrics

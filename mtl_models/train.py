@@ -1,0 +1,78 @@
+"""Training and evaluation loops shared by base, experts, references and fine-tunes."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .suites.base import Split, TaskSuite
+from .tasks import task_loss, task_metric
+
+
+class Diverged(FloatingPointError):
+    """A loss became NaN or infinite; the trial that hit it is failed with this reason."""
+
+
+def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int = 256,
+          weighting: dict | None = None, tasks: list[str] | None = None, seed: int = 0,
+          device: str = "cpu", weight_decay: float = 0.0, on_epoch=None) -> list[dict[str, float]]:
+    """Train `model` in place on `suite.train` with Adam; returns each epoch's mean task losses.
+
+    `tasks` restricts the loss to some tasks (an expert or a single-task reference);
+    `weighting` is a weighting spec for `mtl_models.weighting.make_weighter`.
+    `epochs` may be fractional (0.5 = half an epoch) so fine-tunes can be short.
+    """
+    from .weighting import make_weighter
+
+    tasks = tasks or suite.task_names
+    weighter = make_weighter(weighting or {"method": "equal"}, tasks)
+    shared = [p for p in model.trunk.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + list(weighter.parameters())
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    data: Split = suite.train
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total_steps = max(1, round(epochs * steps_per_epoch))
+    history, sums, count, step = [], {t: 0.0 for t in tasks}, 0, 0
+    model.to(device).train()
+    while step < total_steps:
+        order = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            x = data.x[idx].to(device)
+            out = model(x)
+            losses = {t: task_loss(suite.task(t), out[t], data.y[t][idx].to(device)) for t in tasks}
+            total = weighter.combine(losses, shared_params=shared)
+            if not torch.isfinite(total):
+                raise Diverged(f"training loss became {total.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            for t in tasks:
+                sums[t] += losses[t].item()
+            count, step = count + 1, step + 1
+            if step % steps_per_epoch == 0 or step == total_steps:
+                means = {t: s / count for t, s in sums.items()}
+                weighter.end_epoch(means)
+                history.append(means)
+                if on_epoch:
+                    on_epoch(len(history), means)
+                sums, count = {t: 0.0 for t in tasks}, 0
+            if step >= total_steps:
+                break
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, *, device: str = "cpu", batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    model.to(device).eval()
+    chunks = [model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return {t: torch.cat([c[t] for c in chunks]).cpu() for t in chunks[0]}
+
+
+def evaluate(model, suite: TaskSuite, split: str = "val", *, device: str = "cpu") -> dict[str, float]:
+    """Each task's metric on one split: task name -> value."""
+    data = suite.split(split)
+    out = predict(model, data.x, device=device)
+    return {t.name: task_metric(t, out[t.name], data.y[t.name]) for t in suite.tasks}

@@ -1,0 +1,110 @@
+"""Reading an experiment directory into a DataFrame: one row per trial.
+
+Works on a finished, running or cut-short search: it reads only what Tune and the trials
+have written so far (params.json, result.json, error.txt per trial folder), never Ray's
+pickled state, so it needs neither Ray nor torch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from spaces.errors import PrunefuseError
+
+CONFIG_FILE, DENSE_FILE, FINISHED_FILE = "prunefuse.json", "dense.json", "finished.json"
+STATUS = ("finished", "failed", "stopped", "running")
+
+
+def experiment_dir(path) -> Path:
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        hint = " (it exists but is not a prunefuse experiment)" if p.is_dir() else ""
+        raise PrunefuseError(f"experiment {str(p)!r} not found{hint}; pass STORAGE/NAME of a prunefuse search")
+    return p
+
+
+def load_config(path) -> dict:
+    return json.loads((experiment_dir(path) / CONFIG_FILE).read_text())
+
+
+def load_dense(path) -> dict | None:
+    f = experiment_dir(path) / DENSE_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _last_result(trial_dir: Path) -> dict | None:
+    f = trial_dir / "result.json"
+    if not f.is_file():
+        return None
+    last = None
+    for line in f.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                last = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                break
+    return last
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def _error_reason(trial_dir: Path) -> str | None:
+    f = trial_dir / "error.txt"
+    if not f.is_file():
+        return None
+    lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+    # Tune's error.txt ends with the exception line, which carries the reason.
+    return lines[-1][:300] if lines else "failed"
+
+
+def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
+    params = trial_dir / "params.json"
+    if not params.is_file():
+        return None
+    config = json.loads(params.read_text())
+    result = _last_result(trial_dir) or {}
+    error = _error_reason(trial_dir)
+    if error:
+        status = "failed"
+    elif result.get("final"):
+        status = "finished"
+    else:
+        status = "stopped" if search_over else "running"
+    row = {"trial_id": trial_dir.name.removeprefix("trial_"), "status": status, "error": error,
+           "node_id": result.get("node_id"), "device": result.get("device"),
+           "started": params.stat().st_mtime, "step": result.get("step"), "steps": result.get("steps")}
+    for key, value in result.items():
+        if key in ("accuracy", "test_accuracy", "delta_m", "params", "nonzero_params", "bytes", "macs",
+                   "latency_ms", "latency_batch", "threads") or key.startswith(("metric/", "test/")):
+            row[key] = value
+    row["policy"] = config.get("policy")
+    _flatten("policy", config.get("policy", {}), row)
+    row.pop("policy/provenance", None)
+    return row
+
+
+def load_experiment(path) -> pd.DataFrame:
+    """One row per trial: trial_id, status (finished / failed / stopped / running), node_id,
+    device, each metric under its own name, and the policy's knobs under policy/...
+    (plus `policy`, the whole policy as a dict). Rows are in the order trials started."""
+    exp = experiment_dir(path)
+    search_over = (exp / FINISHED_FILE).is_file()
+    rows = [r for d in sorted(exp.glob("trial_*")) if d.is_dir()
+            if (r := load_trial(d, search_over=search_over)) is not None]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["trial_id", "status", "error", "node_id", "device", "policy"])
+    return df.sort_values("started", kind="stable").reset_index(drop=True)
+
+
+def objectives(path) -> list[tuple[str, str]]:
+    return [tuple(o) for o in load_config(path)["objectives"]]

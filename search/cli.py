@@ -1,0 +1,251 @@
+"""`prunefuse`: search, report, export, apply.
+
+Errors a user can cause end in one line on stderr and exit code 2; nothing already
+written is lost (every file is written whole or not at all).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import yaml
+
+from spaces.errors import PrunefuseError
+
+
+def _key_values(pairs: list[str] | None, flag: str) -> dict:
+    """`["width=64", "depth=2"]` -> {"width": 64, "depth": 2}; values parsed as YAML scalars."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PrunefuseError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise PrunefuseError(f"{flag} {pair!r}: value is not a valid YAML scalar") from None
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunefuse", description="Search prune / fuse policies for multi-task models.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("search", help="run a search (the default: multidigits, embedded local Ray)")
+    s.add_argument("--suite", default="multidigits", help="multidigits | synthetic | tabular | package.module:function")
+    s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="a suite option, e.g. offset=1")
+    s.add_argument("--trunk", default="mlp", help="mlp | cnn (built-in trunks)")
+    s.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
+    s.add_argument("--train-option", action="append", metavar="KEY=VALUE",
+                   help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, seed")
+    s.add_argument("--measure-option", action="append", metavar="KEY=VALUE",
+                   help="latency measurement: latency_batch, threads, runs, warmup")
+    s.add_argument("--space", help="a search space YAML file (see README)")
+    s.add_argument("--trials", type=int, default=None, help="number of trials (default 40)")
+    s.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
+    s.add_argument("--address", default=None, help="auto | HOST:PORT of a Ray cluster (default: embedded local Ray)")
+    s.add_argument("--storage", default="runs", help="folder or URI holding experiments (default ./runs)")
+    s.add_argument("--name", default=None, help="experiment name (default: SUITE-DATE-TIME)")
+    s.add_argument("--resume", metavar="NAME", default=None, help="continue the search NAME whose driver died")
+    s.add_argument("--cpus-per-trial", type=float, default=1.0)
+    s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions share a GPU, e.g. 0.5")
+    s.add_argument("--max-concurrent", type=int, default=None)
+    s.add_argument("--sampler", default="tpe", help="tpe | nsga2 | random")
+    s.add_argument("--objectives", default="accuracy:max,params:min,latency_ms:min")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-task-drop", type=float, default=None, metavar="POINTS",
+                   help="per-task floor: trials losing more than POINTS on any task vs the dense base are infeasible")
+    s.add_argument("--asha", action="store_true", help="early-stop weak trials (ASHA on accuracy, per pruning step)")
+    s.add_argument("--retries", type=int, default=0, help="retry a failing trial this many times")
+    s.add_argument("--references", action="store_true", help="train single-task references; Δm is measured against them")
+    s.add_argument("--base-checkpoint", default=None, help="start from this trained base (a weights-only state dict)")
+    s.add_argument("--data", default=None, help="tabular suite: a CSV or Parquet file")
+    s.add_argument("--features", default=None, help="tabular suite: comma-separated feature columns")
+    s.add_argument("--task", action="append", metavar="NAME:KIND:COLUMN", help="tabular suite: one per task")
+    s.add_argument("--no-report", action="store_true", help="skip writing report.html and policy.yaml at the end")
+
+    r = sub.add_parser("report", help="write the HTML Pareto report of an experiment")
+    r.add_argument("experiment")
+    r.add_argument("-o", "--output", default=None, help="default: EXPERIMENT/report.html")
+    r.add_argument("--remeasure", action="store_true", help="re-time the front's models one at a time first")
+
+    e = sub.add_parser("export", help="export one trial's policy as YAML")
+    e.add_argument("experiment")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--trial", default=None, help="a trial id")
+    how.add_argument("--knee", action="store_true", help="the front's knee (normalised objectives, nearest the ideal)")
+    e.add_argument("--max-params", type=float, default=None)
+    e.add_argument("--max-latency-ms", type=float, default=None)
+    e.add_argument("--min-accuracy", type=float, default=None)
+    e.add_argument("--min-task", action="append", metavar="TASK=VALUE", help="a per-task floor, e.g. left=0.9")
+    e.add_argument("-o", "--output", required=True)
+
+    a = sub.add_parser("apply", help="rebuild the compressed model from a policy and save it")
+    a.add_argument("policy")
+    a.add_argument("-o", "--output", required=True, help="folder for model.pt, policy.yaml, metrics.json")
+    a.add_argument("--cache", default=os.path.join("runs", "_artifacts"), help="where trained bases are cached")
+    a.add_argument("--threads", type=int, default=1, help="CPU threads (the search's trials used --cpus-per-trial)")
+    return p
+
+
+def cmd_search(args) -> int:
+    from .config import SearchConfig, parse_objectives
+    from .tuner import run_search
+
+    if args.resume:
+        from .config import SearchConfig as _C, join
+
+        cfg = _C.load(join(args.storage, args.resume))
+        if args.address:
+            cfg.address = args.address
+        path = run_search(cfg, resume=True)
+    else:
+        cfg = SearchConfig(
+            name=args.name or f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage=args.storage, suite={"name": args.suite, **_suite_options(args)},
+            model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
+            space=_space(args.space), objectives=parse_objectives(args.objectives),
+            trials=args.trials if args.trials is not None else (None if args.time_budget else 40),
+            time_budget_s=args.time_budget, sampler=args.sampler, seed=args.seed,
+            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+            max_concurrent=args.max_concurrent, retries=args.retries,
+            train=_checked(_key_values(args.train_option, "--train-option"), "train"),
+            measure=_checked(_key_values(args.measure_option, "--measure-option"), "measure"),
+            references=args.references, max_task_drop=args.max_task_drop, asha=args.asha,
+            address=args.address, base_checkpoint=args.base_checkpoint)
+        _check_numbers(cfg)
+        path = run_search(cfg)
+    if not args.no_report:
+        _report_and_export(path)
+    return 0
+
+
+def _suite_options(args) -> dict:
+    options = _key_values(args.suite_option, "--suite-option")
+    if args.suite == "tabular":
+        if not args.data or not args.features or not args.task:
+            raise PrunefuseError("--suite tabular needs --data FILE, --features a,b,c and at least one --task NAME:KIND:COLUMN")
+        options.update(path=os.path.abspath(args.data), features=[c.strip() for c in args.features.split(",") if c.strip()],
+                       tasks=list(args.task))
+    elif args.data or args.features or args.task:
+        raise PrunefuseError("--data, --features and --task belong to --suite tabular")
+    return options
+
+
+def _space(path):
+    from spaces import SpaceSpec
+
+    return SpaceSpec.from_yaml(path).model_dump(mode="json") if path else {}
+
+
+def _checked(values: dict, what: str) -> dict:
+    from dataclasses import fields
+
+    from mtl_models.artifacts import TrainSpec
+    from mtl_models.pipeline import MeasureSpec
+
+    cls = TrainSpec if what == "train" else MeasureSpec
+    valid = [f.name for f in fields(cls) if f.name != "device"]
+    for key in values:
+        if key not in valid:
+            raise PrunefuseError(f"--{what}-option {key!r} is not known; valid: {', '.join(valid)}")
+    return values
+
+
+def _check_numbers(cfg) -> None:
+    if cfg.trials is not None and cfg.trials < 1:
+        raise PrunefuseError(f"--trials {cfg.trials}: expected at least 1")
+    if cfg.time_budget_s is not None and cfg.time_budget_s <= 0:
+        raise PrunefuseError(f"--time-budget {cfg.time_budget_s}: expected seconds > 0")
+    if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
+        raise PrunefuseError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if cfg.sampler not in ("tpe", "nsga2", "random"):
+        raise PrunefuseError(f"unknown sampler {cfg.sampler!r}; expected one of: nsga2, random, tpe")
+    if cfg.retries < 0:
+        raise PrunefuseError(f"--retries {cfg.retries}: expected 0 or more")
+
+
+def _report_and_export(path) -> None:
+    from reports import experiment, select
+    from reports.html import write_report
+
+    report = write_report(path)
+    print(f"report: {report}")
+    df = experiment.load_experiment(path)
+    objectives = experiment.objectives(path)
+    try:
+        row = select.by_knee(df, objectives, path)
+    except PrunefuseError as exc:
+        print(f"no policy exported: {exc}")
+        return
+    out = os.path.join(path, "policy.yaml")
+    select.policy_of(row, path, objectives).to_yaml(out)
+    print(f"knee policy (trial {row['trial_id']}: accuracy {row['accuracy']:.4f}, {int(row['params']):,} params, "
+          f"{row['latency_ms']:.3f} ms): {out}")
+    print(f"next: prunefuse apply {out} -o {os.path.join(path, 'model')}")
+
+
+def cmd_report(args) -> int:
+    from reports.html import write_report
+
+    latency_source = None
+    if args.remeasure:
+        from .remeasure import remeasure_front
+
+        latency_source = remeasure_front(args.experiment)
+    print(f"report: {write_report(args.experiment, args.output, latency_source=latency_source)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from reports import experiment, select
+
+    df = experiment.load_experiment(args.experiment)
+    objectives = experiment.objectives(args.experiment)
+    constraints = dict(max_params=args.max_params, max_latency_ms=args.max_latency_ms,
+                       min_accuracy=args.min_accuracy,
+                       task_floors={k: float(v) for k, v in _key_values(args.min_task, "--min-task").items()})
+    if args.trial:
+        row = select.by_trial(df, args.trial)
+    elif any(v for v in constraints.values()):
+        row = select.by_constraints(df, objectives, args.experiment, **constraints)
+    elif args.knee:
+        row = select.by_knee(df, objectives, args.experiment)
+    else:
+        raise PrunefuseError("say which policy: --trial ID, --knee, or constraints (--max-params, --max-latency-ms, "
+                             "--min-accuracy, --min-task)")
+    select.policy_of(row, args.experiment, objectives).to_yaml(args.output)
+    print(f"exported trial {row['trial_id']} (accuracy {row['accuracy']:.4f}, {int(row['params']):,} params, "
+          f"{row['latency_ms']:.3f} ms) to {args.output}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from spaces import Policy
+
+    policy = Policy.from_yaml(args.policy)
+    from .apply import apply_and_save
+
+    apply_and_save(policy, args.output, cache=args.cache, threads=args.threads)
+    return 0
+
+
+VERBS = {"search": cmd_search, "report": cmd_report, "export": cmd_export, "apply": cmd_apply}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return VERBS[args.verb](args)
+    except PrunefuseError as exc:
+        print(f"prunefuse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunefuse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

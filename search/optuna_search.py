@@ -1,0 +1,80 @@
+"""The Optuna side of a search: the sampler by name, the define-by-run space, constraints."""
+from __future__ import annotations
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from spaces import SearchSpace
+from spaces.errors import unknown_name
+
+CONSTRAINTS_ATTR = "constraints"
+
+
+class ProposePolicy:
+    """The define-by-run space handed to OptunaSearch. A class in an importable module (not a
+    function in __main__) so the pickled searcher restores in another process on --resume."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> dict:
+        return {"policy": self.space.suggest(trial).to_dict()}
+
+
+class TaskFloors:
+    """Per-task accuracy floors as Optuna constraints: value = drop in points − allowed drop
+    (<= 0 is feasible). Picklable, so it survives a resumed search."""
+
+    def __init__(self, dense: dict[str, float], max_drop: float):
+        self.dense, self.max_drop = dict(dense), max_drop
+
+    def values(self, result: dict) -> list[float]:
+        return [(ref - result[f"metric/{t}"]) * 100.0 - self.max_drop for t, ref in self.dense.items()]
+
+    def __call__(self, frozen_trial) -> list[float]:
+        # A failed trial has no values; Optuna only asks for complete ones, this is a guard.
+        return frozen_trial.user_attrs.get(CONSTRAINTS_ATTR, [float("inf")] * len(self.dense))
+
+
+class PrunefuseOptunaSearch(OptunaSearch):
+    """OptunaSearch that also hands constraint values to the study before it learns the result."""
+
+    def __init__(self, *args, floors: TaskFloors | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._floors = floors
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if self._floors is not None and result and not error and trial_id in self._ot_trials:
+            try:
+                values = self._floors.values(result)
+            except KeyError:
+                values = None
+            if values is not None:
+                self._ot_trials[trial_id].set_user_attr(CONSTRAINTS_ATTR, values)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_sampler(name: str, *, seed: int, trials: int | None, floors: TaskFloors | None):
+    if name == "tpe":
+        # multivariate + group model the conditional (define-by-run) space jointly.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constraints_func=floors,
+                                          n_startup_trials=min(10, max(4, (trials or 40) // 4)))
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=floors,
+                                             population_size=max(8, min(50, (trials or 40) // 4)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise unknown_name("sampler", name, ["tpe", "nsga2", "random"])
+
+
+def make_searcher(space: SearchSpace, *, objectives, sampler: str, seed: int, trials, storage_url: str,
+                  study_name: str, floors: TaskFloors | None = None) -> PrunefuseOptunaSearch:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return PrunefuseOptunaSearch(
+        space=ProposePolicy(space),
+        metric=[name for name, _ in objectives], mode=[sense for _, sense in objectives],
+        sampler=make_sampler(sampler, seed=seed, trials=trials, floors=floors),
+        storage=optuna.storages.RDBStorage(storage_url), study_name=study_name, floors=floors)

@@ -1,0 +1,140 @@
+"""Policy: the exported artifact. Plain, frozen, validated data with an exact YAML round-trip.
+
+Every field means something without the search that produced it: `prunefuse apply` rebuilds
+the suite and model from `suite` and `model`, runs the cycle with this policy and seed, and
+gets the model the trial measured. Unknown keys are rejected (a typo must not pass silently).
+Names (suite, trunk, methods, layers) are checked against the registries and the model when
+the policy is applied, since `spaces` imports no torch.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PrunefuseError
+from .files import atomic_write_text, read_yaml, validation_message
+
+SCHEMA = "prunefuse.policy/1"
+MAX_SPARSITY = 0.95  # the same bound as mtl_models.pruning: no layer pruned to zero width
+
+Fraction = float
+Sparsity = Field(ge=0.0, le=MAX_SPARSITY)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Weighting(_Strict):
+    """How task losses are combined: a method from mtl_models.weighting.METHODS and its knobs."""
+    method: str = "equal"
+    weights: Optional[dict[str, float]] = None  # for `static`: task -> weight >= 0
+    params: dict[str, float] = {}               # the method's own knobs (dwa temperature, gradnorm alpha)
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None and any(w < 0 for w in v.values()):
+            raise ValueError("task weights must be >= 0")
+        return v
+
+
+class Fusion(_Strict):
+    """Merging per-task experts into one trunk: a method from mtl_models.fusion.METHODS."""
+    method: str
+    # task -> λ, or task -> {layer group: λ} for layer-wise coefficients.
+    coefficients: dict[str, Union[float, dict[str, float]]]
+    params: dict[str, float] = {}               # density, scale, drop_rate, seed
+    finetune_epochs: float = Field(0.0, ge=0.0, le=100.0)  # post-merge fine-tune with the policy's weighting
+
+
+class Pruning(_Strict):
+    mode: Literal["structured", "unstructured"] = "structured"
+    importance: str = "l2"
+    aggregate: Literal["mean", "min", "max", "vote"] = "max"  # multitask_taylor only
+    steps: int = Field(1, ge=1, le=50)        # 1 = one-shot; n = cubic train-prune cycles
+    global_sparsity: Optional[Fraction] = Field(None, ge=0.0, le=MAX_SPARSITY)
+    sparsity: dict[str, Fraction] = {}        # layer name -> fraction of units (or weights) removed
+
+    @field_validator("sparsity")
+    @classmethod
+    def _in_range(cls, v):
+        for layer, s in v.items():
+            if not 0.0 <= s <= MAX_SPARSITY:
+                raise ValueError(f"sparsity of {layer} is {s}; expected 0 <= sparsity <= {MAX_SPARSITY}")
+        return v
+
+
+class Finetune(_Strict):
+    epochs: float = Field(2.0, ge=0.0, le=100.0)  # total; spread evenly over the pruning steps
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(256, ge=1)
+
+
+class Base(_Strict):
+    """How the dense base (and the task experts) this policy starts from were trained."""
+    epochs: float = Field(15.0, ge=0.0)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(256, ge=1)
+    expert_epochs: float = Field(3.0, ge=0.0)
+    seed: int = 0
+    checkpoint: Optional[str] = None          # a user's trained base (--base-checkpoint) instead of training
+
+
+class Policy(_Strict):
+    schema_: Literal["prunefuse.policy/1"] = Field(SCHEMA, alias="schema")
+    suite: dict[str, Any]                     # {name: multidigits, seed: 0, ...}: rebuilds the suite
+    model: dict[str, Any]                     # {trunk: mlp, width: 256, ...}: rebuilds the model
+    base: Base = Base()
+    weighting: Weighting = Weighting()
+    fusion: Optional[Fusion] = None
+    pruning: Pruning = Pruning()
+    finetune: Finetune = Finetune()
+    seed: int = 0
+    provenance: Optional[dict[str, Any]] = None  # written by export: experiment, trial, metrics
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_named(cls, v):
+        if not isinstance(v.get("name"), str):
+            raise ValueError("suite needs a 'name'")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, v):
+        if not isinstance(v.get("trunk"), str):
+            raise ValueError("model needs a 'trunk'")
+        return v
+
+    # --- conversions ---
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=False)
+
+    @classmethod
+    def from_dict(cls, data, source: str = "policy") -> "Policy":
+        if not isinstance(data, dict):
+            raise PrunefuseError(f"{source}: expected a mapping with a 'schema: {SCHEMA}' line, got {type(data).__name__}")
+        if data.get("schema") != SCHEMA:
+            raise PrunefuseError(f"{source}: schema is {data.get('schema')!r}; expected {SCHEMA!r}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise PrunefuseError(validation_message(source, exc)) from None
+
+    def to_yaml(self, path=None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path) -> "Policy":
+        return cls.from_dict(read_yaml(path, "policy file"), source=str(path))
+
+    def replace(self, **changes) -> "Policy":
+        return Policy.from_dict({**self.to_dict(), **changes})

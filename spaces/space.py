@@ -1,0 +1,169 @@
+"""SearchSpace: what a search may decide, and the define-by-run `suggest(trial) -> Policy`.
+
+A space spec (YAML, validated, unknown keys rejected) says for each knob whether it is
+fixed (a scalar), a choice (a list) or a range ({low, high, log}). The space is completed
+by what only the model and suite know (prunable layer names, task names) and by each
+method's own knobs, which `mtl_models` declares beside the methods as `spaces.knobs.Knob`.
+Define-by-run keeps conditional knobs natural: TIES's density is asked for only when the
+trial picked TIES.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PrunefuseError
+from .files import read_yaml, validation_message
+from .knobs import Knob
+from .policy import MAX_SPARSITY, Policy
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(_Strict):
+    low: float
+    high: float
+    log: bool = False
+
+
+Choice = Union[Range, list, float, int, str, bool, None]
+
+
+class PruningSpace(_Strict):
+    mode: Choice = "structured"
+    importance: Choice = "l2"
+    aggregate: Choice = "max"
+    steps: Choice = 1
+    scope: Choice = "layerwise"            # layerwise: one sparsity per layer; global: one ranking
+    sparsity: Choice = Range(low=0.0, high=0.9)
+
+
+class WeightingSpace(_Strict):
+    method: Choice = "static"
+    weight: Choice = Range(low=0.05, high=1.0)  # each task's static weight (normalised when applied)
+
+
+class FusionSpace(_Strict):
+    method: Choice = None                  # None: no fusion; a list: searched per trial ("none" allowed)
+    coefficient: Choice = Range(low=0.0, high=1.5)
+    layerwise: bool = False                # one coefficient per task and layer group (AdaMerging-style)
+    finetune_epochs: Choice = 0.0
+
+
+class FinetuneSpace(_Strict):
+    epochs: Choice = 2.0
+    lr: Choice = 1e-3
+    batch_size: Choice = 256
+
+
+class SpaceSpec(_Strict):
+    pruning: PruningSpace = PruningSpace()
+    weighting: WeightingSpace = WeightingSpace()
+    fusion: FusionSpace = FusionSpace()
+    finetune: FinetuneSpace = FinetuneSpace()
+
+    @classmethod
+    def from_yaml(cls, path) -> "SpaceSpec":
+        data = read_yaml(path, "space file") or {}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise PrunefuseError(validation_message(str(path), exc)) from None
+
+
+def _suggest(trial, name: str, choice: Choice):
+    """Turn one spec entry into a value: fixed, categorical, or a float/int range."""
+    if isinstance(choice, Range):
+        integer = float(choice.low).is_integer() and float(choice.high).is_integer() and name.endswith("steps")
+        return Knob(choice.low, choice.high, log=choice.log, integer=integer).suggest(trial, name)
+    if isinstance(choice, list):
+        return choice[0] if len(choice) == 1 else trial.suggest_categorical(name, choice)
+    return choice
+
+
+
+class SearchSpace:
+    """Composes a SpaceSpec with the model's layers, the suite's tasks and each method's knobs.
+
+    suite / model: the specs copied into every policy (they rebuild the suite and model).
+    fusion_knobs / weighting_knobs: method name -> {knob: Knob} (mtl_models.fusion.KNOBS, ...).
+    """
+
+    def __init__(self, spec: SpaceSpec, *, layers: list[str], tasks: list[str], suite: dict,
+                 model: dict, fusion_knobs: Optional[dict] = None, weighting_knobs: Optional[dict] = None,
+                 merge_groups: Optional[list[str]] = None, base: Optional[dict] = None, seed: int = 0):
+        self.spec, self.layers, self.tasks = spec, list(layers), list(tasks)
+        self.suite, self.model, self.seed = dict(suite), dict(model), seed
+        self.base = dict(base or {})
+        self.fusion_knobs = fusion_knobs or {}
+        self.weighting_knobs = weighting_knobs or {}
+        self.merge_groups = list(merge_groups or [])
+        self._check()
+
+    def _check(self):
+        for name, knobs in (("fusion method", self.fusion_knobs), ("weighting method", self.weighting_knobs)):
+            field = self.spec.fusion.method if name == "fusion method" else self.spec.weighting.method
+            options = field if isinstance(field, list) else [field]
+            for option in options:
+                if option not in (None, "none") and knobs and option not in knobs:
+                    raise PrunefuseError(f"space: unknown {name} {option!r}; expected one of: {', '.join(sorted(knobs))}")
+        s = self.spec.pruning.sparsity
+        high = s.high if isinstance(s, Range) else max(s) if isinstance(s, list) else s
+        if high is not None and high > MAX_SPARSITY:
+            raise PrunefuseError(f"space: pruning.sparsity reaches {high}; expected at most {MAX_SPARSITY}")
+
+    @property
+    def fuses(self) -> bool:
+        m = self.spec.fusion.method
+        return any(x not in (None, "none") for x in (m if isinstance(m, list) else [m]))
+
+    def suggest(self, trial) -> Policy:
+        """Define-by-run: sample one policy on an Optuna trial."""
+        return Policy.from_dict({
+            "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "base": self.base,
+            "weighting": self._weighting(trial), "fusion": self._fusion(trial),
+            "pruning": self._pruning(trial), "finetune": self._finetune(trial), "seed": self.seed,
+        }, source="search space")
+
+    def _pruning(self, trial) -> dict:
+        p = self.spec.pruning
+        out = {k: _suggest(trial, f"pruning.{k}", getattr(p, k)) for k in ("mode", "importance", "steps")}
+        if out["importance"] == "multitask_taylor":
+            out["aggregate"] = _suggest(trial, "pruning.aggregate", p.aggregate)
+        if _suggest(trial, "pruning.scope", p.scope) == "global":
+            out["global_sparsity"] = _suggest(trial, "pruning.global_sparsity", p.sparsity)
+        else:
+            out["sparsity"] = {layer: _suggest(trial, f"sparsity.{layer}", p.sparsity) for layer in self.layers}
+        return out
+
+    def _weighting(self, trial) -> dict:
+        w = self.spec.weighting
+        method = _suggest(trial, "weighting.method", w.method)
+        out: dict[str, Any] = {"method": method}
+        if method == "static":
+            out["weights"] = {t: _suggest(trial, f"weight.{t}", w.weight) for t in self.tasks}
+        knobs = self.weighting_knobs.get(method, {})
+        out["params"] = {k: knob.suggest(trial, f"weighting.{method}.{k}") for k, knob in knobs.items()}
+        return out
+
+    def _fusion(self, trial):
+        f = self.spec.fusion
+        method = _suggest(trial, "fusion.method", f.method)
+        if method in (None, "none"):
+            return None
+        if f.layerwise:
+            coefficients = {t: {g: _suggest(trial, f"coef.{t}.{g}", f.coefficient) for g in self.merge_groups}
+                            for t in self.tasks}
+        else:
+            coefficients = {t: _suggest(trial, f"coef.{t}", f.coefficient) for t in self.tasks}
+        knobs = self.fusion_knobs.get(method, {})
+        return {"method": method, "coefficients": coefficients,
+                "params": {k: knob.suggest(trial, f"fusion.{method}.{k}") for k, knob in knobs.items()},
+                "finetune_epochs": _suggest(trial, "fusion.finetune_epochs", f.finetune_epochs)}
+
+    def _finetune(self, trial) -> dict:
+        f = self.spec.finetune
+        return {k: _suggest(trial, f"finetune.{k}", getattr(f, k)) for k in ("epochs", "lr", "batch_size")}
