@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--measure-option", action="append", metavar="KEY=VALUE",
                    help="latency measurement: latency_batch, threads, runs, warmup")
     s.add_argument("--space", help="a search space YAML file (see README)")
-    s.add_argument("--trials", type=int, default=None, help="number of trials (default 40)")
+    s.add_argument("--trials", type=int, default=None, help="number of trials (default 48)")
     s.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
     s.add_argument("--address", default=None, help="auto | HOST:PORT of a Ray cluster (default: embedded local Ray)")
     s.add_argument("--storage", default="runs", help="folder or URI holding experiments (default ./runs)")
@@ -107,7 +107,7 @@ def cmd_search(args) -> int:
             storage=args.storage, suite={"name": args.suite, **_suite_options(args)},
             model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
             space=_space(args.space), objectives=parse_objectives(args.objectives),
-            trials=args.trials if args.trials is not None else (None if args.time_budget else 40),
+            trials=args.trials if args.trials is not None else (None if args.time_budget else 48),
             time_budget_s=args.time_budget, sampler=args.sampler, seed=args.seed,
             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
             max_concurrent=args.max_concurrent, retries=args.retries,

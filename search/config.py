@@ -40,7 +40,7 @@ class SearchConfig:
     model: dict = field(default_factory=lambda: {"trunk": "mlp"})
     space: dict = field(default_factory=dict)               # a SpaceSpec as plain data
     objectives: list = field(default_factory=lambda: [("accuracy", "max"), ("params", "min"), ("latency_ms", "min")])
-    trials: Optional[int] = 40
+    trials: Optional[int] = 48
     time_budget_s: Optional[float] = None
     sampler: str = "tpe"
     seed: int = 0

@@ -34,7 +34,7 @@ Choice = Union[Range, list, float, int, str, bool, None]
 
 class PruningSpace(_Strict):
     mode: Choice = "structured"
-    importance: Choice = "l2"
+    importance: Choice = ["l2", "multitask_taylor"]
     aggregate: Choice = "max"
     steps: Choice = 1
     scope: Choice = "layerwise"            # layerwise: one sparsity per layer; global: one ranking
@@ -47,7 +47,8 @@ class WeightingSpace(_Strict):
 
 
 class FusionSpace(_Strict):
-    method: Choice = None                  # None: no fusion; a list: searched per trial ("none" allowed)
+    # "none" keeps the jointly trained base; a method merges per-task experts first.
+    method: Choice = ["none", "task_arithmetic", "ties"]
     coefficient: Choice = Range(low=0.0, high=1.5)
     layerwise: bool = False                # one coefficient per task and layer group (AdaMerging-style)
     finetune_epochs: Choice = 0.0

@@ -39,6 +39,13 @@ def _pairs(images, labels, n, offset, rng):
     return Split(torch.from_numpy(canvas).unsqueeze(1), y)
 
 
+def source_parts(n: int, rng) -> dict[str, np.ndarray]:
+    """70 / 15 / 15 of the source images' indices, disjoint across splits."""
+    order = rng.permutation(n)
+    cut1, cut2 = int(0.7 * n), int(0.85 * n)
+    return {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
+
+
 def make_multidigits(*, seed: int = 0, offset: int = 2, train_pairs: int = 20000,
                      val_pairs: int = 3000, test_pairs: int = 3000) -> TaskSuite:
     from sklearn.datasets import load_digits
@@ -50,10 +57,7 @@ def make_multidigits(*, seed: int = 0, offset: int = 2, train_pairs: int = 20000
     images = (digits.images / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    # 70 / 15 / 15 of the 1,797 source images, disjoint across splits.
-    cut1, cut2 = int(0.7 * len(order)), int(0.85 * len(order))
-    parts = {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
+    parts = source_parts(len(images), rng)
     sizes = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
     splits = {name: _pairs(images[idx], labels[idx], sizes[name], offset, rng) for name, idx in parts.items()}
     options = dict(seed=seed, offset=offset, train_pairs=train_pairs, val_pairs=val_pairs, test_pairs=test_pairs)

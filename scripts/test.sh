@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the whole test suite from a fresh clone: .venv, Chromium for the browser test, pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "test: installing Debian's chromium for the browser test ..." >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "test: could not install chromium; the browser test will be skipped" >&2
+fi
+exec .venv/bin/python -m pytest "$@"
