@@ -29,6 +29,11 @@ class TrainSpec:
     expert_epochs: float = 3.0
     seed: int = 0
 
+    def __post_init__(self):
+        # 3 and 3.0 epochs must give one cache key (CLI ints vs a policy's floats).
+        for name, cast in (("epochs", float), ("lr", float), ("batch_size", int), ("expert_epochs", float), ("seed", int)):
+            object.__setattr__(self, name, cast(getattr(self, name)))
+
 
 @dataclass
 class Artifacts:
@@ -42,7 +47,11 @@ class Artifacts:
 
 
 def cache_key(suite_spec: dict, model_spec: dict, spec: TrainSpec, kind: str) -> str:
-    blob = json.dumps({"suite": suite_spec, "model": model_spec, "train": spec.__dict__, "kind": kind},
+    # Float fields hash as floats: `--train-option epochs=2` (an int) and a policy's `epochs: 2.0`
+    # are the same base, so `prunefuse apply` finds what the search trained.
+    train = {k: float(v) if type(v) is int and TrainSpec.__dataclass_fields__[k].type in ("float", float) else v
+             for k, v in spec.__dict__.items()}
+    blob = json.dumps({"suite": suite_spec, "model": model_spec, "train": train, "kind": kind},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -88,6 +97,8 @@ def load_checked(model, state: dict, *, source: str) -> None:
     for key, value in own.items():
         if key not in state:
             raise PrunefuseError(f"{source}: missing key {key!r} that the model needs")
+        if not isinstance(state[key], torch.Tensor):
+            raise PrunefuseError(f"{source}: key {key!r} holds a {type(state[key]).__name__}, not a tensor")
         if tuple(state[key].shape) != tuple(value.shape):
             raise PrunefuseError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
                                  f"the model expects {tuple(value.shape)}")
@@ -116,7 +127,7 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
         meta = json.loads(meta_file.read_text())
         log(f"reusing the dense base from {folder}")
     else:
-        log("training the dense base model ...")
+        log("loading the base checkpoint ..." if base_state is not None else "training the dense base model ...")
         base, dense = train_base(suite, model_spec, spec, device=device, base_state=base_state)
         meta = {"dense_metrics": dense}
         _save(base, base_file)

@@ -14,6 +14,7 @@ import pandas as pd
 from spaces.errors import PrunefuseError
 
 CONFIG_FILE, DENSE_FILE, FINISHED_FILE = "prunefuse.json", "dense.json", "finished.json"
+REMEASURED_FILE = "remeasured.json"
 STATUS = ("finished", "failed", "stopped", "running")
 
 
@@ -103,7 +104,20 @@ def load_experiment(path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["trial_id", "status", "error", "node_id", "device", "policy"])
-    return df.sort_values("started", kind="stable").reset_index(drop=True)
+    df = df.sort_values("started", kind="stable").reset_index(drop=True)
+    return _overlay_remeasured(df, exp)
+
+
+def _overlay_remeasured(df: pd.DataFrame, exp: Path) -> pd.DataFrame:
+    """Latencies from `prunefuse report --remeasure` replace the search's for those trials."""
+    f = exp / REMEASURED_FILE
+    if not f.is_file() or "latency_ms" not in df:
+        return df
+    timings = json.loads(f.read_text())
+    df["latency_ms_search"] = df["latency_ms"]
+    hit = df["trial_id"].isin(timings)
+    df.loc[hit, "latency_ms"] = df.loc[hit, "trial_id"].map(timings)
+    return df
 
 
 def objectives(path) -> list[tuple[str, str]]:

@@ -10,8 +10,11 @@ import functools
 import json
 import math
 import os
+import time
 
 from spaces.policy import Policy
+
+FINAL_FILE = "final.json"
 
 
 @functools.lru_cache(maxsize=4)
@@ -24,14 +27,28 @@ def _suite(spec_json: str):
     return suites.get(spec.pop("name"), **spec)
 
 
-def run_trial(config: dict, *, artifacts, measure: dict, cpus: float) -> None:
-    """The Tune trainable. `config["policy"]` is the policy Optuna proposed for this trial."""
+def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment: str | None = None) -> None:
+    """The Tune trainable. `config["policy"]` is the policy Optuna proposed for this trial.
+
+    Reports carry `cycle_s` (seconds inside the cycle so far, reporting excluded) and
+    `setup_s` (this call's time before the cycle: imports, suite, artifacts), so a search's
+    framework overhead can be told from its work. The final report is also written to
+    EXPERIMENT/trial_<id>/final.json before Tune sees it: a trial that a resumed search
+    runs again after it had finished (the driver died before its snapshot said so)
+    reports that result again instead of recomputing it.
+    """
+    entered = time.perf_counter()
     import ray
     import torch
     from ray import tune
 
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
+    trial_id = tune.get_context().get_trial_id()
+    done = read_final(experiment, trial_id)
+    if done is not None:
+        tune.report({**done, "replayed": True})
+        return
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     policy = Policy.from_dict(config["policy"], source="trial config")
@@ -39,25 +56,60 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float) -> None:
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     spec = MeasureSpec(**{**measure, "device": device, "threads": measure.get("threads", threads)})
     node_id = ray.get_runtime_context().get_node_id()
-    _write_policy(policy)
+    clock = {"start": time.perf_counter(), "reporting": 0.0}
+    setup_s = clock["start"] - entered
 
     def report(step: int, steps: int, metrics: dict) -> None:
         for name, value in metrics.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise FloatingPointError(f"metric {name} is {value} after pruning step {step}")
-        tune.report({**metrics, "step": step, "steps": steps, "final": step == steps,
-                     "node_id": node_id, "pid": os.getpid()})
-
-    apply_policy(suite, policy, artifacts, measure_spec=spec, on_step=report)
-
-
-def _write_policy(policy: Policy) -> None:
-    """policy.yaml beside the trial's results, so a trial folder explains itself."""
-    from ray import tune
+        now = time.perf_counter()
+        result = {**metrics, "step": step, "steps": steps, "final": step == steps, "node_id": node_id,
+                  "pid": os.getpid(), "cycle_s": now - clock["start"] - clock["reporting"], "setup_s": setup_s}
+        if step == steps:
+            write_final(experiment, trial_id, result)
+        tune.report(result)
+        clock["reporting"] += time.perf_counter() - now
 
     try:
-        trial_dir = tune.get_context().get_trial_dir()
-    except Exception:  # outside Tune (direct calls in tests)
+        apply_policy(suite, policy, artifacts, measure_spec=spec, on_step=report)
+    except torch.OutOfMemoryError:
+        if device == "cuda":
+            torch.cuda.empty_cache()  # leave the GPU usable for whatever runs next in this process
+        raise
+
+
+def final_path(experiment: str, trial_id: str) -> str:
+    from .config import join
+
+    return join(experiment, f"trial_{trial_id}", FINAL_FILE)
+
+
+def read_final(experiment: str | None, trial_id: str) -> dict | None:
+    """The final result this trial already reported before the driver died, if any."""
+    if not experiment:
+        return None
+    from .config import is_uri, read_text
+
+    path = final_path(experiment, trial_id)
+    if not is_uri(path) and not os.path.isfile(path):
+        return None
+    try:
+        data = json.loads(read_text(path))
+    except Exception:  # absent, unreadable or half-written: run the trial
+        return None
+    return data if isinstance(data, dict) and data.get("final") else None
+
+
+def write_final(experiment: str | None, trial_id: str, result: dict) -> None:
+    """Best effort: where the experiment is not reachable from this node, nothing is written."""
+    if not experiment:
         return
-    if trial_dir and "://" not in trial_dir:
-        policy.to_yaml(os.path.join(trial_dir, "policy.yaml"))
+    from .config import is_uri, write_text
+
+    if not is_uri(experiment) and not os.path.isdir(experiment):
+        return  # a local storage path that is not shared with this node
+    try:
+        write_text(final_path(experiment, trial_id), json.dumps(result))
+    except Exception:
+        pass

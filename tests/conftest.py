@@ -32,10 +32,10 @@ def tiny_artifacts(tiny_suite, tmp_path_factory):
                              experts=True, log=lambda *a: None)
 
 
-def tiny_policy(suite, **changes):
+def tiny_policy(the_suite, **changes):
     from spaces import Policy
 
-    data = {"schema": "prunefuse.policy/1", "suite": {"name": suite.name, **suite.options},
+    data = {"schema": "prunefuse.policy/1", "suite": {"name": the_suite.name, **the_suite.options},
             "model": {"trunk": "mlp", "width": 64, "depth": 2}, "base": TINY_TRAIN,
             "pruning": {"sparsity": {"trunk.fc1": 0.5, "trunk.fc2": 0.25}},
             "finetune": {"epochs": 0.5}}

@@ -1,0 +1,148 @@
+"""The product as a user meets it: the `prunefuse` console script on a tiny real search."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+TINY = ["--suite-option", "train_pairs=1500", "--suite-option", "val_pairs=400", "--suite-option", "test_pairs=400",
+        "--train-option", "epochs=3", "--train-option", "expert_epochs=1", "--model-option", "width=64",
+        "--model-option", "depth=2", "--measure-option", "latency_batch=64", "--measure-option", "runs=10"]
+SPACE = {"fusion": {"method": ["none", "ties"]}, "pruning": {"importance": ["l2", "multitask_taylor"]},
+         "finetune": {"epochs": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    code, out, err = run_cli("search", "--storage", root / "runs", "--name", "tiny", "--trials", 8,
+                             "--space", root / "space.yaml", *TINY, cwd=root)
+    assert code == 0, err[-3000:]
+    return root, root / "runs" / "tiny", out
+
+
+def test_search_leaves_experiment_report_and_policy(experiment):
+    root, exp, out = experiment
+    for name in ("prunefuse.json", "dense.json", "finished.json", "optuna.db", "report.html", "policy.yaml"):
+        assert (exp / name).is_file(), name
+    trials = sorted(exp.glob("trial_*"))
+    assert len(trials) == 8 and all((t / "policy.yaml").is_file() for t in trials)
+    assert "knee policy" in out and "next: prunefuse apply" in out
+    html = (exp / "report.html").read_text()
+    assert "<script src=\"http" not in html and len(html) > 1_000_000  # plotly.js inlined
+
+
+def test_every_trial_recorded_with_node_and_metrics(experiment):
+    from reports import load_experiment
+
+    _, exp, _ = experiment
+    df = load_experiment(exp)
+    assert (df["status"] == "finished").all() and len(df) == 8
+    assert df["node_id"].str.len().gt(10).all() and (df["device"] == "cpu").all()
+    for col in ("accuracy", "params", "latency_ms", "macs", "bytes", "delta_m", "metric/left", "test/sum",
+                "policy/pruning/sparsity/trunk.fc1", "policy/weighting/weights/left"):
+        assert df[col].notna().all(), col
+
+
+def test_optuna_study_is_in_sqlite(experiment):
+    import optuna
+
+    _, exp, _ = experiment
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 8 and len(study.directions) == 3
+
+
+def test_export_then_apply_reproduces_the_trial(experiment, tmp_path):
+    root, exp, _ = experiment
+    code, out, err = run_cli("export", exp, "--knee", "-o", tmp_path / "p.yaml", cwd=root)
+    assert code == 0, err
+    policy = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    measured = policy["provenance"]["metrics"]
+    code, out, err = run_cli("apply", tmp_path / "p.yaml", "-o", tmp_path / "model",
+                             "--cache", root / "runs" / "_artifacts", cwd=root)
+    assert code == 0, err
+    applied = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    for key in [k for k in measured if k.startswith(("metric/", "test/"))]:
+        assert abs(applied[key] - measured[key]) * 100 <= 0.5, key   # within 0.5 points
+    assert applied["params"] == measured["params"]
+    assert "reusing the dense base" in out  # the cache, not a retrain
+
+
+def test_export_by_trial_and_by_constraints(experiment, tmp_path):
+    from reports import load_experiment
+
+    root, exp, _ = experiment
+    df = load_experiment(exp)
+    smallest = df.loc[df["params"].idxmin()]
+    code, _, err = run_cli("export", exp, "--trial", smallest["trial_id"], "-o", tmp_path / "a.yaml")
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "a.yaml").read_text())["provenance"]["trial"] == smallest["trial_id"]
+    budget = int(df["params"].median())
+    code, _, err = run_cli("export", exp, "--max-params", budget, "-o", tmp_path / "b.yaml")
+    assert code == 0, err
+    chosen = yaml.safe_load((tmp_path / "b.yaml").read_text())["provenance"]["metrics"]
+    assert chosen["params"] <= budget
+    feasible = df[df["params"] <= budget]
+    assert chosen["accuracy"] == pytest.approx(feasible["accuracy"].max())
+
+
+def _one_line_error(code, err):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prunefuse: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["search", "--suite", "nope"], "unknown suite 'nope'"),
+    (["search", "--suite-option", "offset=12"], "offset=12 is out of range"),
+    (["search", "--suite-option", "colour=red"], "has no option 'colour'"),
+    (["search", "--trunk", "resnet"], "unknown trunk 'resnet'"),
+    (["search", "--objectives", "accuracy:max,speed:min"], "unknown objective 'speed'"),
+    (["search", "--sampler", "grid"], "unknown sampler 'grid'"),
+    (["search", "--train-option", "epoch=3"], "'epoch' is not known"),
+    (["search", "--trials", "0"], "--trials 0"),
+    (["report", "runs/does-not-exist"], "not found"),
+    (["export", "runs/does-not-exist", "--knee", "-o", "x.yaml"], "not found"),
+    (["apply", "missing.yaml", "-o", "out"], "policy file 'missing.yaml' not found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, words):
+    code, out, err = run_cli(*args, "--storage", tmp_path / "runs", cwd=tmp_path) if args[0] == "search" \
+        else run_cli(*args, cwd=tmp_path)
+    assert words in _one_line_error(code, err)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists() and not (tmp_path / "x.yaml").exists()
+
+
+def test_bad_space_and_policy_files(tmp_path):
+    (tmp_path / "space.yaml").write_text("pruning:\n  sparsity: {low: 0.0, high: 1.5}\n")
+    line = _one_line_error(*run_cli("search", "--space", tmp_path / "space.yaml", "--storage", tmp_path / "runs",
+                                    cwd=tmp_path)[::2])
+    assert "reaches 1.5" in line
+    (tmp_path / "space.yaml").write_text("pruning: {sparsity: [0.1, \n")
+    assert "malformed YAML" in _one_line_error(*run_cli("search", "--space", tmp_path / "space.yaml",
+                                                        cwd=tmp_path)[::2])
+    (tmp_path / "p.yaml").write_text("schema: prunefuse.policy/1\nsuite: {name: multidigits}\nmodel: {trunk: mlp}\n"
+                                     "pruning: {sparsity: {trunk.fc1: 1.2}}\n")
+    assert "sparsity of trunk.fc1 is 1.2" in _one_line_error(*run_cli("apply", tmp_path / "p.yaml", "-o",
+                                                                      tmp_path / "out", cwd=tmp_path)[::2])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_existing_experiment_is_not_overwritten(experiment):
+    root, exp, _ = experiment
+    before = (exp / "prunefuse.json").read_text()
+    line = _one_line_error(*run_cli("search", "--storage", root / "runs", "--name", "tiny", cwd=root)[::2])
+    assert "already exists" in line and "--resume tiny" in line
+    assert (exp / "prunefuse.json").read_text() == before
+
+
+def test_export_to_an_existing_file_is_atomic(experiment, tmp_path):
+    root, exp, _ = experiment
+    target = tmp_path / "keep.yaml"
+    target.write_text("previous\n")
+    code, _, err = run_cli("export", exp, "--trial", "nope", "-o", target)
+    assert code == 2 and target.read_text() == "previous\n"

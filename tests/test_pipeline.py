@@ -1,0 +1,129 @@
+"""The cycle on tiny real models: reproducible, reports every step, saves without pickle."""
+import pytest
+import torch
+
+from conftest import tiny_policy
+from mtl_models import checkpoint
+from mtl_models.pipeline import MeasureSpec, apply_policy
+from spaces import PrunefuseError
+
+FAST = MeasureSpec(latency_batch=32, runs=5, warmup=1)
+
+
+def test_same_policy_same_metrics(tiny_suite, tiny_artifacts):
+    policy = tiny_policy(tiny_suite)
+    _, a = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST)
+    _, b = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST)
+    quality = [k for k in a if k == "accuracy" or k.startswith(("metric/", "test/"))]
+    assert {k: a[k] for k in quality} == {k: b[k] for k in quality}
+    assert a["params"] == b["params"] < sum(v.numel() for k, v in tiny_artifacts.base.items() if "running" not in k)
+
+
+def test_reports_after_every_pruning_step(tiny_suite, tiny_artifacts):
+    seen = []
+    policy = tiny_policy(tiny_suite, pruning={"steps": 3, "sparsity": {"trunk.fc1": 0.6, "trunk.fc2": 0.6}})
+    _, final = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST,
+                            on_step=lambda step, steps, m: seen.append((step, steps, m["params"])))
+    assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert seen[0][2] > seen[1][2] > seen[2][2] == final["params"]  # the cubic ramp removes more each step
+
+
+@pytest.mark.parametrize("method", ["average", "ties", "dare_linear"])
+def test_fused_then_pruned(tiny_suite, tiny_artifacts, method):
+    coefficients = {t: 0.8 for t in tiny_suite.task_names}
+    policy = tiny_policy(tiny_suite, fusion={"method": method, "coefficients": coefficients})
+    model, metrics = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST)
+    assert metrics["params"] < 8000 and 0.0 <= metrics["metric/left"] <= 1.0
+    assert set(model(tiny_suite.example_inputs(2))) == set(tiny_suite.task_names)
+
+
+def test_fusion_changes_the_starting_trunk(tiny_suite, tiny_artifacts):
+    from mtl_models.pipeline import start_model
+
+    plain = start_model(tiny_suite, tiny_policy(tiny_suite), tiny_artifacts, device="cpu")
+    fused = start_model(tiny_suite, tiny_policy(tiny_suite, fusion={
+        "method": "task_arithmetic", "coefficients": {t: 1.0 for t in tiny_suite.task_names}}),
+        tiny_artifacts, device="cpu")
+    w0, w1 = plain.trunk.fc1.weight, fused.trunk.fc1.weight
+    base, experts = tiny_artifacts.base["trunk.fc1.weight"], tiny_artifacts.experts
+    expected = base + sum(experts[t]["trunk.fc1.weight"] - base for t in experts)
+    torch.testing.assert_close(w0, base)
+    torch.testing.assert_close(w1, expected)
+    # Each head comes from its own expert, not from the base.
+    torch.testing.assert_close(fused.heads["left"].weight, experts["left"]["heads.left.weight"])
+
+
+def test_saved_model_loads_weights_only_and_predicts_the_same(tiny_suite, tiny_artifacts, tmp_path):
+    policy = tiny_policy(tiny_suite)
+    model, metrics = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST)
+    checkpoint.save(model, policy, metrics, tmp_path / "out")
+    torch.load(tmp_path / "out" / "model.pt", weights_only=True)  # no pickle needed
+    loaded, loaded_policy = checkpoint.load(tmp_path / "out")
+    assert loaded_policy == policy
+    x = tiny_suite.example_inputs(16)
+    with torch.no_grad():
+        for task, out in model.eval()(x).items():
+            torch.testing.assert_close(loaded(x)[task], out)
+
+
+def test_cnn_structured_model_round_trips(tiny_suite, tmp_path):
+    from mtl_models.pruning import prune
+
+    torch.manual_seed(0)
+    model = tiny_suite.build_model(trunk="cnn", channels=[8, 16], fc=32)
+    prune(model, {"trunk.conv1": 0.5, "trunk.conv2": 0.5, "trunk.fc": 0.5}, example_inputs=tiny_suite.example_inputs(2))
+    policy = tiny_policy(tiny_suite, model={"trunk": "cnn", "channels": [8, 16], "fc": 32})
+    checkpoint.save(model, policy, {}, tmp_path / "cnn")
+    loaded, _ = checkpoint.load(tmp_path / "cnn")
+    x = tiny_suite.example_inputs(4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["left"], model.eval()(x)["left"])
+
+
+def test_save_replaces_a_folder_only_when_complete(tiny_suite, tiny_artifacts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pt").write_text("previous")
+
+    class Broken(torch.nn.Module):
+        def state_dict(self, *a, **k):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.save(Broken(), tiny_policy(tiny_suite), {}, out)
+    assert (out / "model.pt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"pruning": {"sparsity": {"trunk.fc9": 0.5}}}, "prunes layer 'trunk.fc9'"),
+    ({"weighting": {"method": "static", "weights": {"left": 1.0, "up": 1.0}}}, "names tasks"),
+    ({"model": {"trunk": "mlp", "width": 32, "depth": 2}}, "the trained base is"),
+    ({"suite": {"name": "multidigits", "seed": 7}}, "the policy is for suite"),
+    ({"fusion": {"method": "tie", "coefficients": {"left": 1.0, "right": 1.0, "sum": 1.0}}}, "unknown fusion method"),
+    ({"pruning": {"importance": "hessian", "sparsity": {"trunk.fc1": 0.1}}}, "unknown importance 'hessian'"),
+])
+def test_a_policy_that_does_not_fit_is_refused(tiny_suite, tiny_artifacts, change, words):
+    with pytest.raises(PrunefuseError, match=words):
+        apply_policy(tiny_suite, tiny_policy(tiny_suite, **change), tiny_artifacts, measure_spec=FAST)
+
+
+def test_nan_loss_fails_with_its_reason(tiny_suite, tiny_artifacts):
+    import dataclasses
+
+    from mtl_models.suites import Split
+
+    x = tiny_suite.train.x.clone()
+    x[::7] = float("nan")  # corrupt inputs: the fine-tune's loss becomes nan
+    broken = dataclasses.replace(tiny_suite, train=Split(x, tiny_suite.train.y))
+    with pytest.raises(FloatingPointError, match="is nan"):
+        apply_policy(broken, tiny_policy(tiny_suite), tiny_artifacts, measure_spec=FAST)
+
+
+def test_measured_costs_are_consistent(tiny_suite, tiny_artifacts):
+    _, m = apply_policy(tiny_suite, tiny_policy(tiny_suite), tiny_artifacts, measure_spec=FAST)
+    assert m["nonzero_params"] <= m["params"]
+    assert m["bytes"] <= 4 * (m["params"] + 64)  # fp32 weights (+ nothing hidden)
+    assert m["macs"] > 0 and m["latency_ms"] > 0
+    assert m["latency_batch"] == 32 and m["device"] == "cpu"
+    assert m["accuracy"] == pytest.approx(sum(m[f"metric/{t}"] for t in tiny_suite.task_names) / 3)
