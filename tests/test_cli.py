@@ -146,3 +146,19 @@ def test_export_to_an_existing_file_is_atomic(experiment, tmp_path):
     target.write_text("previous\n")
     code, _, err = run_cli("export", exp, "--trial", "nope", "-o", target)
     assert code == 2 and target.read_text() == "previous\n"
+
+
+def test_report_remeasure_times_the_front_alone(experiment, tmp_path):
+    from reports import experiment as exp_io
+    from reports import select
+
+    root, exp, _ = experiment
+    front = select.front(exp_io.load_experiment(exp), exp_io.objectives(exp), exp)
+    code, out, err = run_cli("report", exp, "--remeasure", "-o", tmp_path / "r.html", cwd=root)
+    assert code == 0, err
+    timings = json.loads((exp / "remeasured.json").read_text())
+    assert set(front["trial_id"]) == set(timings) and all(v > 0 for v in timings.values())
+    df = exp_io.load_experiment(exp)
+    assert (df.set_index("trial_id").loc[list(timings), "latency_ms"].to_numpy() == list(timings.values())).all()
+    assert "re-measured one model at a time" in (tmp_path / "r.html").read_text()
+    (exp / "remeasured.json").unlink()  # leave the shared experiment as the search wrote it
