@@ -9,7 +9,7 @@ from spaces.errors import PrunefuseError
 
 def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print):
     from mtl_models import artifacts, checkpoint, suites
-    from mtl_models.pipeline import MeasureSpec, apply_policy
+    from mtl_models.pipeline import MeasureSpec, apply_policy, check_fits
 
     from .tuner import load_base_checkpoint
 
@@ -17,6 +17,7 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     options = {k: v for k, v in policy.suite.items() if k != "name"}
     suite = suites.get(policy.suite["name"], **options)
     model = suite.build_model(**policy.model)  # checks the model spec against the suite
+    check_fits(suite, policy, model=model)  # another suite, tasks or layers: fail before any training
     base = policy.base.model_dump()
     checkpoint_path = base.pop("checkpoint")
     base_state = load_base_checkpoint(checkpoint_path, model) if checkpoint_path else None

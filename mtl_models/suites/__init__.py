@@ -2,12 +2,21 @@
 
 A registry entry is a function `(**options) -> TaskSuite`; suites are built lazily so
 that importing this package costs nothing.
+
+Plugins: `get("my_package.module:make_suite", **options)` imports `my_package.module` from
+the current working directory (and from $PRUNEFUSE_PLUGIN_PATH, which the search sets for
+its Ray workers to the folder it was started in), calls `make_suite(**options)`, checks the
+TaskSuite it returns and renames it to the "module:function" string, so a policy's
+`suite.name` says which plugin rebuilds it. A plugin's `model_factory` is checked against
+the MTLModel contract (`trunk`, `heads` ModuleDict with one head per task, dict forward)
+the first time it builds a model.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import os
+import re
 import sys
 
 from spaces.errors import PrunefuseError, unknown_name
@@ -23,8 +32,14 @@ SUITES = {
     "tabular": "mtl_models.suites.tabular:make_tabular",
 }
 
+_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+_KINDS = ("classification", "regression")
+
 
 def _load(target: str):
+    if not _TARGET.match(target):
+        raise PrunefuseError(f"suite {target!r}: a plugin is named package.module:function, e.g. "
+                             f"my_package.suites:make_suite")
     module_name, _, func_name = target.partition(":")
     # Plugins live in the user's project: import them from the folder the search ran in.
     for folder in (os.environ.get("PRUNEFUSE_PLUGIN_PATH", ""), os.getcwd()):
@@ -33,7 +48,11 @@ def _load(target: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise PrunefuseError(f"cannot import suite plugin module {module_name!r}: {exc}") from None
+        hint = ""
+        if getattr(exc, "name", None) and module_name.startswith(str(exc.name)):
+            hint = (f" (run prunefuse from the folder that holds {module_name.split('.')[0]!r}, "
+                    f"or add that folder to PYTHONPATH)")
+        raise PrunefuseError(f"cannot import suite plugin module {module_name!r}: {exc}{hint}") from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise PrunefuseError(f"suite plugin {target!r}: module {module_name!r} has no function {func_name!r}")
@@ -53,7 +72,10 @@ def get(name: str, **options) -> TaskSuite:
     if not isinstance(suite, TaskSuite):
         raise PrunefuseError(f"suite {name!r} returned {type(suite).__name__}, expected a TaskSuite")
     if ":" in name:
+        _check_suite(name, suite)
         suite.name = name  # so a policy names the plugin it needs to rebuild the suite
+        if suite.model_factory is not None and not isinstance(suite.model_factory, CheckedModelFactory):
+            suite.model_factory = CheckedModelFactory(suite.model_factory, name)
     return suite
 
 
@@ -63,5 +85,98 @@ def _check_options(name, factory, options):
         return
     for key in options:
         if key not in params:
-            valid = [p for p in params if params[p].kind is not p.VAR_POSITIONAL]
+            valid = [p for p in params if params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
             raise PrunefuseError(f"suite {name!r} has no option {key!r}; valid options: {', '.join(valid)}")
+
+
+def _check_suite(name: str, suite: TaskSuite) -> None:
+    """What a plugin's TaskSuite must hold for the rest of prunefuse to work on it."""
+    import torch
+
+    from ..tasks import METRICS
+
+    where = f"suite {name!r}"
+    if not suite.tasks:
+        raise PrunefuseError(f"{where} has no tasks")
+    seen = set()
+    for t in suite.tasks:
+        if not isinstance(t, Task):
+            raise PrunefuseError(f"{where}: tasks must be mtl_models.suites.Task, got {type(t).__name__}")
+        if not re.match(r"^[A-Za-z_]\w*$", t.name) or t.name in seen:
+            raise PrunefuseError(f"{where}: task name {t.name!r} must be unique letters, digits and _")
+        seen.add(t.name)
+        if t.kind not in _KINDS:
+            raise PrunefuseError(f"{where}: task {t.name!r} has kind {t.kind!r}; expected one of: {', '.join(_KINDS)}")
+        if t.metric not in METRICS:
+            raise PrunefuseError(f"{where}: task {t.name!r} has metric {t.metric!r}; expected one of: "
+                                 f"{', '.join(sorted(METRICS))}")
+    if not isinstance(suite.options, dict):
+        raise PrunefuseError(f"{where}: options must be a dict (they rebuild the suite), got {type(suite.options).__name__}")
+    for split_name in ("train", "val", "test"):
+        split = suite.split(split_name)
+        if not isinstance(split, Split) or not isinstance(split.x, torch.Tensor):
+            raise PrunefuseError(f"{where}: {split_name} must be a Split(x=Tensor, y={{task: Tensor}})")
+        if len(split) == 0:
+            raise PrunefuseError(f"{where}: the {split_name} split is empty")
+        if tuple(split.x.shape[1:]) != tuple(suite.input_shape):
+            raise PrunefuseError(f"{where}: {split_name}.x has rows of shape {tuple(split.x.shape[1:])}, "
+                                 f"but input_shape is {tuple(suite.input_shape)}")
+        for t in suite.tasks:
+            y = split.y.get(t.name)
+            if y is None:
+                raise PrunefuseError(f"{where}: the {split_name} split has no labels for task {t.name!r}")
+            if len(y) != len(split):
+                raise PrunefuseError(f"{where}: {split_name} labels of task {t.name!r} have {len(y)} rows, "
+                                     f"x has {len(split)}")
+
+
+class CheckedModelFactory:
+    """Wraps a plugin's model_factory: the model it builds must follow the MTLModel contract.
+
+    A class (not a closure) so a suite holding it pickles into Ray tasks by reference.
+    """
+
+    def __init__(self, factory, suite_name: str):
+        self.factory, self.suite_name = factory, suite_name
+        self._forward_checked = False
+
+    def __call__(self, suite, **spec):
+        model = self.factory(suite, **spec)
+        check_model(model, suite, where=f"the model of suite {self.suite_name!r}", forward=not self._forward_checked)
+        self._forward_checked = True
+        return model
+
+
+def check_model(model, suite: TaskSuite, *, where: str = "the model", forward: bool = True) -> None:
+    """`model.trunk` (nn.Module), `model.heads` (nn.ModuleDict, one per task), `forward(x) -> dict`."""
+    import torch
+    from torch import nn
+
+    contract = "(a model needs `trunk`, the shared nn.Module, and `heads`, an nn.ModuleDict of one head per task)"
+    if not isinstance(model, nn.Module):
+        raise PrunefuseError(f"{where} is a {type(model).__name__}, not a torch nn.Module")
+    if not isinstance(getattr(model, "trunk", None), nn.Module):
+        raise PrunefuseError(f"{where} has no `trunk` module {contract}")
+    heads = getattr(model, "heads", None)
+    if not isinstance(heads, nn.ModuleDict):
+        raise PrunefuseError(f"{where} has no `heads` nn.ModuleDict {contract}")
+    if sorted(heads.keys()) != sorted(suite.task_names):
+        raise PrunefuseError(f"{where} has heads {sorted(heads.keys())}; the suite's tasks are {sorted(suite.task_names)}")
+    if not forward:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(suite.example_inputs(2))
+    finally:
+        model.train(was_training)
+    if not isinstance(out, dict) or sorted(out) != sorted(suite.task_names):
+        got = sorted(out) if isinstance(out, dict) else type(out).__name__
+        raise PrunefuseError(f"{where}: forward(x) must return a dict {{task: output}} for tasks "
+                             f"{sorted(suite.task_names)}; got {got}")
+    for t in suite.tasks:
+        shape = tuple(out[t.name].shape)
+        want = (2, t.num_outputs)
+        if shape != want and not (t.kind == "regression" and shape == (2,)):
+            raise PrunefuseError(f"{where}: head {t.name!r} outputs shape {shape} for a batch of 2; expected {want}")

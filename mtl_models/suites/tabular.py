@@ -1,11 +1,25 @@
 """tabular: a user's CSV or Parquet file with several label columns.
 
+    prunefuse search --suite tabular --data customers.csv --features age,plan,region \
+        --task churn:classification:churned --task spend:regression:monthly_spend
+
 Features: numeric columns standardised with the training split's statistics, categorical
-(non-numeric) columns one-hot with the training split's categories. Tasks are given as
-`NAME:classification|regression:COLUMN`. Splits are seeded 70 / 15 / 15.
+(non-numeric) columns one-hot with the training split's categories (a category first seen
+in validation or test rows encodes as all zeros). Tasks are given as
+`NAME:classification|regression:COLUMN`; a classification label may be any values (its
+sorted distinct values are the classes), a regression label must be numeric and is learned
+standardised (scored by R²). Splits are seeded 70 / 15 / 15 over the rows.
+
+Everything a user can get wrong about the file (a missing column, a missing value, text in a
+numeric column) is a one-line `PrunefuseError` naming the column. The file's SHA-256 is
+recorded in the suite's options (`data_sha256`), so a policy applied after the file changed
+fails clearly instead of silently using other data, and cached bases are keyed by content.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +30,8 @@ from spaces.errors import PrunefuseError
 from .base import Split, Task, TaskSuite
 
 KINDS = ("classification", "regression")
+MIN_ROWS = 20
+TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _read(path: str):
@@ -24,31 +40,90 @@ def _read(path: str):
     p = Path(path)
     if not p.is_file():
         raise PrunefuseError(f"data file {path!r} not found")
+    suffix = p.suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv", ".txt"):
+        raise PrunefuseError(f"data file {path!r}: expected a .csv or .parquet file")
     try:
-        if p.suffix.lower() in (".parquet", ".pq"):
+        if suffix in (".parquet", ".pq"):
             return pd.read_parquet(p)
-        if p.suffix.lower() in (".csv", ".txt"):
-            return pd.read_csv(p)
+        return pd.read_csv(p)
     except Exception as exc:
-        raise PrunefuseError(f"cannot read {path!r}: {str(exc).splitlines()[0]}") from None
-    raise PrunefuseError(f"data file {path!r}: expected a .csv or .parquet file")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PrunefuseError(f"cannot read {path!r}: {first}") from None
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def parse_task(spec: str) -> tuple[str, str, str]:
-    parts = spec.split(":")
+    parts = str(spec).split(":")
     if len(parts) != 3 or not all(parts):
         raise PrunefuseError(f"--task {spec!r}: expected NAME:KIND:COLUMN, e.g. churn:classification:churned")
-    if parts[1] not in KINDS:
-        raise PrunefuseError(f"--task {spec!r}: kind {parts[1]!r} is not one of: {', '.join(KINDS)}")
-    return parts[0], parts[1], parts[2]
+    name, kind, column = parts
+    if kind not in KINDS:
+        raise PrunefuseError(f"--task {spec!r}: kind {kind!r} is not one of: {', '.join(KINDS)}")
+    _check_task_name(name, spec)
+    return name, kind, column
+
+
+def _check_task_name(name: str, spec: str) -> None:
+    # A task name is a key of the model's `heads` ModuleDict and of `metric/<task>` columns.
+    from torch import nn
+
+    if not TASK_NAME.match(name):
+        raise PrunefuseError(f"--task {spec!r}: task name {name!r} must be letters, digits and _ "
+                             f"(not starting with a digit)")
+    if hasattr(nn.ModuleDict(), name):
+        raise PrunefuseError(f"--task {spec!r}: task name {name!r} is reserved (a torch ModuleDict attribute); "
+                             f"choose another")
+
+
+def _row(position: int) -> str:
+    """A row as the user counts it: the data row number, 0-based (the header is not a row)."""
+    return f"row {position}"
 
 
 def _check_column(df, column: str, what: str) -> None:
     if column not in df.columns:
-        raise PrunefuseError(f"{what} column {column!r} does not exist; columns: {', '.join(map(str, df.columns))}")
-    missing = int(df[column].isna().sum())
-    if missing:
-        raise PrunefuseError(f"{what} column {column!r} has {missing} missing value(s); fill or drop them first")
+        shown = ", ".join(map(str, list(df.columns)[:30])) + (", ..." if len(df.columns) > 30 else "")
+        raise PrunefuseError(f"{what} column {column!r} does not exist; columns: {shown}")
+    isna = df[column].isna().to_numpy()
+    if isna.any():
+        first = int(np.flatnonzero(isna)[0])
+        raise PrunefuseError(f"{what} column {column!r} has {int(isna.sum())} missing value(s) "
+                             f"(first at {_row(first)}); fill or drop them first")
+
+
+def _is_numeric(values) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values)
+
+
+def _numbers(df, column: str, what: str, why: str) -> np.ndarray:
+    """The column as float64, or an error naming the first value that is not a finite number."""
+    import pandas as pd
+
+    values = df[column]
+    if _is_numeric(values):
+        v = values.astype(np.float64).to_numpy()
+    else:  # text: fine only if every value reads as a number ("3.5" in a string-typed column)
+        v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+        if np.isnan(v).any():
+            bad = int(np.flatnonzero(np.isnan(v))[0])
+            raise PrunefuseError(f"{what} column {column!r} {why}, but it holds text: {values.iloc[bad]!r} "
+                                 f"at {_row(bad)}")
+    finite = np.isfinite(v)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise PrunefuseError(f"{what} column {column!r} holds {v[bad]} at {_row(bad)}; "
+                             f"expected finite numbers")
+    return v
 
 
 def _encode_features(df, features, train_idx):
@@ -57,13 +132,27 @@ def _encode_features(df, features, train_idx):
     blocks = []
     for col in features:
         values = df[col]
-        if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
-            v = values.astype(np.float64).to_numpy()
-            mean, std = v[train_idx].mean(), v[train_idx].std() or 1.0
-            blocks.append(((v - mean) / std)[:, None])
-        else:
-            cats = sorted(values.iloc[train_idx].astype(str).unique())
-            blocks.append((values.astype(str).to_numpy()[:, None] == np.array(cats)[None, :]).astype(np.float64))
+        if _is_numeric(values):
+            v = _numbers(df, col, "feature", "is numeric")
+            mean, std = v[train_idx].mean(), v[train_idx].std()
+            blocks.append(((v - mean) / (std if std > 0 else 1.0))[:, None])
+            continue
+        # Text. A column of numbers with a few stray entries ("?", "1,234") is a numeric column
+        # the file got wrong, not a category per value: say so instead of one-hot encoding it.
+        parsed = pd.to_numeric(values, errors="coerce").to_numpy()
+        ok = ~np.isnan(parsed)
+        if ok.mean() >= 0.5 and not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            raise PrunefuseError(f"feature column {col!r} looks numeric but holds text: {values.iloc[bad]!r} "
+                                 f"at {_row(bad)}; fix those values (or make the column fully categorical)")
+        text = values.astype(str).to_numpy()
+        cats = sorted(set(text[train_idx]))
+        limit = max(50, len(train_idx) // 2)
+        if len(cats) > limit:
+            raise PrunefuseError(f"feature column {col!r} is categorical with {len(cats)} distinct values in "
+                                 f"{len(train_idx)} training rows (an id?); one-hot encoding it cannot generalise: "
+                                 f"drop it or encode it as numbers first")
+        blocks.append((text[:, None] == np.array(cats)[None, :]).astype(np.float64))
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
@@ -72,38 +161,58 @@ def _encode_label(df, name, kind, column, train_idx):
 
     values = df[column]
     if kind == "classification":
-        classes = sorted(values.unique().tolist(), key=str)
+        numeric = _is_numeric(values)
+        classes = sorted(values.unique().tolist(), key=(float if numeric else str))
         if len(classes) < 2:
             raise PrunefuseError(f"task {name!r}: label column {column!r} has one class only; nothing to classify")
-        index = {c: i for i, c in enumerate(classes)}
-        return Task(name, kind, len(classes)), torch.tensor([index[v] for v in values], dtype=torch.long)
-    if not pd.api.types.is_numeric_dtype(values):
-        raise PrunefuseError(f"task {name!r} is a regression, but label column {column!r} is not numeric "
-                             f"(e.g. {values.iloc[0]!r})")
-    v = values.astype(np.float64).to_numpy()
-    mean, std = v[train_idx].mean(), v[train_idx].std() or 1.0
+        if len(classes) > max(2, len(df) // 2):
+            raise PrunefuseError(f"task {name!r} is a classification, but label column {column!r} has "
+                                 f"{len(classes)} distinct values in {len(df)} rows; did you mean "
+                                 f"{name}:regression:{column}?")
+        codes = pd.Categorical(values, categories=classes).codes.astype(np.int64)
+        return Task(name, kind, len(classes)), torch.from_numpy(codes)
+    v = _numbers(df, column, f"label (task {name!r})", "is a regression target")
+    mean, std = v[train_idx].mean(), v[train_idx].std()
+    std = float(std) if std > 0 else 1.0
     # Labels are learned standardised; R² does not care about the shift, `unit` restores the scale.
-    return Task(name, kind, 1, metric="r2", unit=float(std)), torch.from_numpy(((v - mean) / std).astype(np.float32))
+    return Task(name, kind, 1, metric="r2", unit=std), torch.from_numpy(((v - mean) / std).astype(np.float32))
 
 
-def make_tabular(*, path: str, features: list, tasks: list, seed: int = 0) -> TaskSuite:
-    df = _read(path)
+def make_tabular(*, path: str, features: list, tasks: list, seed: int = 0,
+                 data_sha256: str | None = None) -> TaskSuite:
+    """The suite of a CSV / Parquet file. `data_sha256`, when given (a policy's suite spec),
+    must match the file: a policy is applied to the data it was searched on, or not at all."""
+    if isinstance(features, str):
+        features = [c.strip() for c in features.split(",") if c.strip()]
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    features, tasks = list(features or []), list(tasks or [])
     if not features:
         raise PrunefuseError("--features needs at least one column")
+    dupes = sorted({c for c in features if features.count(c) > 1})
+    if dupes:
+        raise PrunefuseError(f"--features names column {dupes[0]!r} more than once")
     parsed = [parse_task(t) for t in tasks]
     if not parsed:
         raise PrunefuseError("--suite tabular needs at least one --task NAME:KIND:COLUMN")
     names = [p[0] for p in parsed]
     if len(set(names)) != len(names):
         raise PrunefuseError(f"task names must be unique; got {', '.join(names)}")
+    path = os.path.abspath(str(path))
+    df = _read(path)
+    digest = file_sha256(path)
+    if data_sha256 is not None and data_sha256 != digest:
+        raise PrunefuseError(f"data file {path!r} has changed since the policy was made "
+                             f"(sha256 {digest[:12]}..., the policy expects {str(data_sha256)[:12]}...)")
     for col in features:
         _check_column(df, col, "feature")
     for name, _, col in parsed:
         _check_column(df, col, f"label (task {name!r})")
         if col in features:
             raise PrunefuseError(f"column {col!r} is both a feature and task {name!r}'s label")
-    if len(df) < 20:
-        raise PrunefuseError(f"data file {path!r} has {len(df)} rows; need at least 20 to split 70/15/15")
+    if len(df) < MIN_ROWS:
+        raise PrunefuseError(f"data file {path!r} has {len(df)} rows; need at least {MIN_ROWS} to split 70/15/15")
+    df = df.reset_index(drop=True)
     order = np.random.default_rng(seed).permutation(len(df))
     cut1, cut2 = int(0.7 * len(df)), int(0.85 * len(df))
     parts = {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
@@ -112,6 +221,6 @@ def make_tabular(*, path: str, features: list, tasks: list, seed: int = 0) -> Ta
     suite_tasks = tuple(t for t, _ in encoded)
     labels = {t.name: y for t, y in encoded}
     splits = {k: Split(x[idx], {n: y[idx] for n, y in labels.items()}) for k, idx in parts.items()}
-    options = dict(path=str(path), features=list(features), tasks=list(tasks), seed=seed)
+    options = dict(path=path, features=features, tasks=[str(t) for t in tasks], seed=seed, data_sha256=digest)
     return TaskSuite("tabular", options, suite_tasks, splits["train"], splits["val"], splits["test"],
                      input_shape=(x.shape[1],))
