@@ -27,12 +27,17 @@ class TrainSpec:
     lr: float = 1e-3
     batch_size: int = 256
     expert_epochs: float = 3.0
+    # Experts fine-tune from a converged base; a smaller lr keeps their task vectors small
+    # enough to merge (None: the base's lr).
+    expert_lr: float | None = None
     seed: int = 0
 
     def __post_init__(self):
         # 3 and 3.0 epochs must give one cache key (CLI ints vs a policy's floats).
         for name, cast in (("epochs", float), ("lr", float), ("batch_size", int), ("expert_epochs", float), ("seed", int)):
             object.__setattr__(self, name, cast(getattr(self, name)))
+        if self.expert_lr is not None:
+            object.__setattr__(self, "expert_lr", float(self.expert_lr))
 
 
 @dataclass
@@ -47,11 +52,8 @@ class Artifacts:
 
 
 def cache_key(suite_spec: dict, model_spec: dict, spec: TrainSpec, kind: str) -> str:
-    # Float fields hash as floats: `--train-option epochs=2` (an int) and a policy's `epochs: 2.0`
-    # are the same base, so `prunefuse apply` finds what the search trained.
-    train = {k: float(v) if type(v) is int and TrainSpec.__dataclass_fields__[k].type in ("float", float) else v
-             for k, v in spec.__dict__.items()}
-    blob = json.dumps({"suite": suite_spec, "model": model_spec, "train": train, "kind": kind},
+    # TrainSpec normalises its types, so a CLI's `epochs=2` and a policy's `epochs: 2.0` share a key.
+    blob = json.dumps({"suite": suite_spec, "model": model_spec, "train": spec.__dict__, "kind": kind},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -77,7 +79,7 @@ def train_expert(suite, model_spec, spec: TrainSpec, base: dict, task: str, *, d
     torch.manual_seed(spec.seed)
     model = suite.build_model(**model_spec)
     model.load_state_dict(base)
-    train(model, suite, epochs=spec.expert_epochs, lr=spec.lr, batch_size=spec.batch_size,
+    train(model, suite, epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
           tasks=[task], seed=spec.seed + 1, device=device)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -160,7 +162,7 @@ class _ExpertJob:
         self.suite, self.model_spec, self.spec, self.base = suite, model_spec, spec, base
 
     def __call__(self, task):
-        return train_expert(self.suite, self.model_spec, self.spec, self.base, task)
+        return train_expert(self.suite, self.model_spec, self.spec, self.base, task, device=job_device())
 
 
 class _ReferenceJob:
@@ -168,7 +170,19 @@ class _ReferenceJob:
         self.suite, self.model_spec, self.spec = suite, model_spec, spec
 
     def __call__(self, task):
-        return train_reference(self.suite, self.model_spec, self.spec, task)
+        return train_reference(self.suite, self.model_spec, self.spec, task, device=job_device())
+
+
+def job_device() -> str:
+    """CUDA inside a Ray task that was given a GPU (it sees only its own), else the CPU."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_gpu_ids():
+            return "cuda"
+    except Exception:  # outside a Ray worker
+        pass
+    return "cpu"
 
 
 def _state_digest(state) -> str:

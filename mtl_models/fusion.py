@@ -93,11 +93,19 @@ def _stream_seed(seed: int, task: str, key: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _int_seed(seed) -> int:
+    """An int seed; a whole float (3.0) counts, since a Policy stores fusion params as floats."""
+    if isinstance(seed, float) and seed.is_integer():
+        return int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PrunefuseError(f"seed must be an int, got {seed!r}")
+    return seed
+
+
 def _dare(deltas: Mapping[str, Tensor], key: str, drop_rate: float, seed: int) -> list[Tensor]:
     if not 0.0 <= drop_rate < 1.0:
         raise PrunefuseError(f"drop_rate={drop_rate} is out of range; expected 0 <= drop_rate < 1")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise PrunefuseError(f"seed must be an int, got {seed!r}")
+    seed = _int_seed(seed)
     out = []
     for task, d in deltas.items():
         gen = torch.Generator().manual_seed(_stream_seed(seed, task, key))

@@ -30,18 +30,41 @@ class MeasureSpec:
     device: str = "cpu"
 
 
-def check_fits(suite, policy: Policy, artifacts: Artifacts) -> None:
-    """A policy for another suite or model fails here, naming the mismatch."""
+def _first_difference(policy_spec: dict, here: dict) -> tuple[str, str]:
+    """`key=value` of the first key where the policy's spec and the one here differ."""
+    for key in sorted(set(policy_spec) | set(here), key=lambda k: (k != "name", str(k))):
+        if policy_spec.get(key, _UNSET) != here.get(key, _UNSET):
+            show = lambda spec: f"{key}={spec[key]!r}" if key in spec else f"no {key}"  # noqa: E731
+            return show(policy_spec), show(here)
+    return str(policy_spec), str(here)
+
+
+_UNSET = object()
+
+
+def check_fits(suite, policy: Policy, artifacts: Artifacts | None = None, *, model=None) -> None:
+    """A policy for another suite or model fails here, naming the mismatch.
+
+    Without `artifacts` (before any training) the model spec is not compared; with `model`
+    the policy's pruned layer names are checked against it too.
+    """
     suite_spec = {"name": suite.name, **suite.options}
     if policy.suite != suite_spec:
-        raise PrunefuseError(f"the policy is for suite {policy.suite}, but the suite here is {suite_spec}")
-    if policy.model != artifacts.model:
-        raise PrunefuseError(f"the policy is for model {policy.model}, but the trained base is {artifacts.model}")
+        mine, here = _first_difference(policy.suite, suite_spec)
+        raise PrunefuseError(f"the policy is for suite {policy.suite['name']!r} with {mine}, "
+                             f"but the suite here has {here}")
+    if artifacts is not None and policy.model != artifacts.model:
+        mine, here = _first_difference(policy.model, artifacts.model)
+        raise PrunefuseError(f"the policy is for model {mine}, but the trained base is {here}")
     tasks = set(suite.task_names)
     for what, names in (("weighting.weights", policy.weighting.weights or {}),
                         ("fusion.coefficients", policy.fusion.coefficients if policy.fusion else {})):
         if names and set(names) != tasks:
             raise PrunefuseError(f"policy {what} names tasks {sorted(names)}; suite {suite.name!r} has {sorted(tasks)}")
+    if model is not None:
+        from .pruning import check_sparsity
+
+        check_sparsity(model, dict(policy.pruning.sparsity))
 
 
 def weighting_spec(policy: Policy) -> dict:

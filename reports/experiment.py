@@ -6,6 +6,7 @@ pickled state, so it needs neither Ray nor torch.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,11 +20,33 @@ STATUS = ("finished", "failed", "stopped", "running")
 
 
 def experiment_dir(path) -> Path:
-    p = Path(path)
+    """The experiment as a local folder; a URI (file://, s3://, gs://, ...) is read through pyarrow,
+    copied to a local cache first unless it is a local file:// path."""
+    p = Path(_local(str(path)))
     if not (p / CONFIG_FILE).is_file():
         hint = " (it exists but is not a prunefuse experiment)" if p.is_dir() else ""
         raise PrunefuseError(f"experiment {str(p)!r} not found{hint}; pass STORAGE/NAME of a prunefuse search")
     return p
+
+
+@functools.lru_cache(maxsize=8)  # one copy per command, however many readers ask
+def _local(path: str) -> str:
+    if "://" not in path:
+        return path
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    import hashlib
+    import os
+
+    from pyarrow import fs as pafs
+
+    target = os.path.join(os.path.expanduser("~"), ".cache", "prunefuse", "experiments",
+                          hashlib.sha256(path.encode()).hexdigest()[:16])
+    try:
+            pafs.copy_files(path, target)
+    except (OSError, ValueError) as exc:
+        raise PrunefuseError(f"experiment {path!r} cannot be read: {str(exc).splitlines()[0]}") from None
+    return target
 
 
 def load_config(path) -> dict:
@@ -74,10 +97,11 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
     config = json.loads(params.read_text())
     result = _last_result(trial_dir) or {}
     error = _error_reason(trial_dir)
-    if error:
+    if result.get("final"):
+        # A trial retried after an error and then finished is finished; the error was an earlier attempt's.
+        status, error = "finished", None
+    elif error:
         status = "failed"
-    elif result.get("final"):
-        status = "finished"
     else:
         status = "stopped" if search_over else "running"
     row = {"trial_id": trial_dir.name.removeprefix("trial_"), "status": status, "error": error,

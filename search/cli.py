@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trunk", default="mlp", help="mlp | cnn (built-in trunks)")
     s.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
     s.add_argument("--train-option", action="append", metavar="KEY=VALUE",
-                   help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, seed")
+                   help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, expert_lr, seed")
     s.add_argument("--measure-option", action="append", metavar="KEY=VALUE",
                    help="latency measurement: latency_batch, threads, runs, warmup")
     s.add_argument("--space", help="a search space YAML file (see README)")

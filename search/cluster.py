@@ -1,54 +1,143 @@
-"""Connecting to Ray: an embedded local instance, or an existing cluster by address."""
+"""Connecting to Ray: an embedded local instance, or an existing cluster by address.
+
+Workers need prunefuse's code. Against a cluster it travels through Ray's runtime_env: this
+source tree as `working_dir` (minus .venv, runs, data and what .gitignore lists), and a
+plugin suite's top-level module from the folder the search runs in as `py_modules`. Where
+prunefuse is installed on every node (`pip install prunefuse` in the nodes' image), set
+PRUNEFUSE_INSTALLED=1 and nothing is uploaded; an installed (non-source) copy never
+uploads itself. Third-party packages (torch, ray, ...) must be installed on the nodes.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from spaces.errors import PrunefuseError
+
 # What workers never need from the project folder when code ships through runtime_env.
-RUNTIME_EXCLUDES = [".venv", ".venv/**", "runs", "runs/**", ".git", "**/__pycache__", "*.db", "data", "*.parquet", "*.csv"]
+RUNTIME_EXCLUDES = [".venv", ".venv/**", "runs", "runs/**", ".git", "**/__pycache__", "*.db", "data", "*.parquet",
+                    "*.csv", ".hypothesis", ".pytest_cache", "*.egg-info", "test-artifacts", "build", "*.pt"]
 
 
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def connect(address: str | None, *, num_cpus: int | None = None, log=print) -> None:
-    """Start or join Ray. With an address, ship this project's code to workers via runtime_env
-    (unless it is installed there already: PRUNEFUSE_INSTALLED=1 skips the upload)."""
+def ships_source() -> bool:
+    """True when workers get this source tree through runtime_env (a source checkout, not an install)."""
+    return os.environ.get("PRUNEFUSE_INSTALLED") != "1" and (project_root() / "pyproject.toml").is_file()
+
+
+def plugin_module_path(suite_name: str | None, cwd: str | None = None) -> str | None:
+    """The folder or .py file of a `package.module:function` suite's top-level module when it lives
+    in `cwd` but outside the shipped source tree (so it must travel as a py_module)."""
+    if not suite_name or ":" not in suite_name:
+        return None
+    top = suite_name.partition(":")[0].split(".")[0]
+    base = Path(cwd or os.getcwd()).resolve()
+    for candidate in (base / top, base / f"{top}.py"):
+        if candidate.exists():
+            if ships_source() and candidate.resolve().is_relative_to(project_root()):
+                return None  # inside working_dir already
+            return str(candidate)
+    return None
+
+
+def runtime_env_for(address: str | None, suite_name: str | None = None) -> dict:
+    """What Ray needs to run a trial on any node."""
+    env: dict = {"env_vars": {"PRUNEFUSE_PLUGIN_PATH": os.getcwd()}}
+    if address is None:
+        return env  # embedded: workers run on this machine with this interpreter and folder
+    if ships_source():
+        env["working_dir"] = str(project_root())
+        env["excludes"] = list(RUNTIME_EXCLUDES)
+    plugin = plugin_module_path(suite_name)
+    if plugin:
+        env["py_modules"] = [plugin]
+    return env
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
+def connect(address: str | None, *, num_cpus: int | None = None, suite_name: str | None = None, log=print) -> None:
+    """Start an embedded Ray (address None) or join the cluster at `address` ("auto" or HOST:PORT)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
     # Trials import plugin suites from the folder the search was started in.
     os.environ["PRUNEFUSE_PLUGIN_PATH"] = os.getcwd()
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR",
+                  runtime_env=runtime_env_for(address, suite_name))
     if address is None:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": {"PRUNEFUSE_PLUGIN_PATH": os.getcwd()}}, **kwargs)
+        # "local": always a fresh instance of our own, never someone's `ray start` cluster on this
+        # machine (ray.init() without an address would join the latest one, or RAY_ADDRESS).
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
         log(f"started an embedded local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
         return
     if address != "auto":
+        _check_reachable(address)
+    if address != "auto" and _token_available():
+        # Ray >= 2.5x clusters use token auth; a driver given an explicit address must say so.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    runtime_env = None
-    if os.environ.get("PRUNEFUSE_INSTALLED") != "1":
-        runtime_env = {"working_dir": str(project_root()), "excludes": RUNTIME_EXCLUDES}
-    runtime_env = {**(runtime_env or {}), "env_vars": {"PRUNEFUSE_PLUGIN_PATH": os.getcwd()}}
-    ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PrunefuseError(f"cannot connect to the Ray cluster at {address!r}: {first}") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    how = "installed package" if "working_dir" not in kwargs["runtime_env"] else f"working_dir {project_root()}"
     log(f"connected to Ray at {address}: {len(nodes)} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
-        f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+        f"{ray.cluster_resources().get('GPU', 0):g} GPUs; code via {how}")
+
+
+def check_fits(address: str | None, cpus: float, gpus: float, log=print) -> None:
+    """A trial asking for more than any node has would wait forever: say so now. An error on an
+    embedded Ray; on a cluster a warning (an autoscaler may still add such a node)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    message = (f"no node can run a trial: each asks for {cpus:g} CPU(s) and {gpus:g} GPU(s), the largest node has "
+               f"{biggest.get('CPU', 0):g} CPU(s) and {biggest.get('GPU', 0):g} GPU(s); lower --cpus-per-trial / "
+               f"--gpus-per-trial")
+    if address is None:
+        raise PrunefuseError(message)
+    log(f"warning: {message} (or let the cluster's autoscaler add such a node)")
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, where Ray itself would retry for minutes."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise PrunefuseError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default) or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise PrunefuseError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); is a head node "
+                             f"started there (`ray start --head --port={port}`)?") from None
 
 
 def ray_map(fn, items, *, num_cpus: float = 1, num_gpus: float = 0):
     """map(fn, items) as parallel Ray tasks with the trials' resources."""
     import ray
 
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_call)
-    return ray.get([remote.remote(fn, item) for item in items])
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(_call)
+    threads = max(1, int(num_cpus))
+    return ray.get([remote.remote(fn, item, threads) for item in items])
 
 
-def _call(fn, item):
+def _call(fn, item, threads: int = 1):
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     return fn(item)

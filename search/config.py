@@ -70,7 +70,14 @@ class SearchConfig:
         text = read_text(join(experiment, CONFIG_FILE), what="experiment")
         data = json.loads(text)
         data["objectives"] = [tuple(o) for o in data["objectives"]]
-        return cls(**data)
+        cfg = cls(**data)
+        # Where it was found now wins over where it was first written (a moved folder, or a
+        # relative --storage resumed from another working directory).
+        where = str(experiment).rstrip("/")
+        parent, _, base = where.rpartition("/") if is_uri(where) else (str(Path(where).parent), "", Path(where).name)
+        if base == cfg.name and parent:
+            cfg.storage = parent
+        return cfg
 
 
 # --- paths that may be local folders or pyarrow filesystem URIs (s3://, gs://, ...) ---
@@ -90,6 +97,12 @@ def write_text(path: str, text: str) -> None:
     from pyarrow import fs as pafs
 
     filesystem, inner = pafs.FileSystem.from_uri(path)
+    parent = inner.rsplit("/", 1)[0]
+    if parent:
+        try:
+            filesystem.create_dir(parent, recursive=True)  # a local file:// URI needs its folders
+        except Exception:
+            pass
     with filesystem.open_output_stream(inner) as f:
         f.write(text.encode())
 

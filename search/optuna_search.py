@@ -78,3 +78,20 @@ def make_searcher(space: SearchSpace, *, objectives, sampler: str, seed: int, tr
         metric=[name for name, _ in objectives], mode=[sense for _, sense in objectives],
         sampler=make_sampler(sampler, seed=seed, trials=trials, floors=floors),
         storage=optuna.storages.RDBStorage(storage_url), study_name=study_name, floors=floors)
+
+
+def fail_stale_trials(storage_url: str, study_name: str) -> int:
+    """Mark the study's RUNNING trials FAIL (called when no trial of the search runs any more:
+    they belonged to a driver that died). Returns how many."""
+    from optuna.trial import TrialState
+
+    storage = optuna.storages.get_storage(storage_url)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return 0
+    stale = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        storage.set_trial_user_attr(t._trial_id, "prunefuse_failure", "left running by a driver that stopped")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(stale)

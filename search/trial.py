@@ -27,7 +27,8 @@ def _suite(spec_json: str):
     return suites.get(spec.pop("name"), **spec)
 
 
-def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment: str | None = None) -> None:
+def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment: str | None = None,
+              suite=None) -> None:
     """The Tune trainable. `config["policy"]` is the policy Optuna proposed for this trial.
 
     Reports carry `cycle_s` (seconds inside the cycle so far, reporting excluded) and
@@ -52,7 +53,10 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     policy = Policy.from_dict(config["policy"], source="trial config")
-    suite = _suite(json.dumps(policy.suite, sort_keys=True))
+    if suite is None or {"name": suite.name, **suite.options} != policy.suite:
+        # The search hands its suite over through the object store (no rebuild, no data files
+        # needed on this node); rebuilt only for a policy of another suite.
+        suite = _suite(json.dumps(policy.suite, sort_keys=True))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     spec = MeasureSpec(**{**measure, "device": device, "threads": measure.get("threads", threads)})
     node_id = ray.get_runtime_context().get_node_id()

@@ -76,8 +76,7 @@ def load_base_checkpoint(path: str, model):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise PrunefuseError(f"base checkpoint {path!r} cannot be read as a weights-only state dict: "
-                             f"{str(exc).splitlines()[0]}") from None
+        raise PrunefuseError(_unreadable_checkpoint(path, exc)) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -86,17 +85,92 @@ def load_base_checkpoint(path: str, model):
     return state
 
 
+def _unreadable_checkpoint(path: str, exc: Exception) -> str:
+    """One line for a file torch.load(weights_only=True) refuses: pickled objects, or not torch at all."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return (f"base checkpoint {path!r} pickles Python objects ({pickled.group(1)}), not just weights; "
+                f"save a state dict instead: torch.save(model.state_dict(), {path!r})")
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"base checkpoint {path!r} is not a torch state dict file (torch.load(weights_only=True): {reason})"
+
+
 def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, log):
+    """Base, experts and references, trained once and cached by content hash (or reused).
+
+    Experts and references fan out as Ray tasks with the trials' resources. The base is a Ray
+    task too when the search runs on a cluster or on GPUs; on an embedded CPU-only Ray it
+    trains here, on all of this machine's cores (a task would only add a worker start).
+    """
     from mtl_models import artifacts
 
     from .cluster import ray_map
 
+    spec = artifacts.TrainSpec(**cfg.train)
+    cache = _artifact_cache(cfg)
+
     def mapper(fn, items):
         return ray_map(fn, list(items), num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
 
-    return artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=_artifact_cache(cfg),
-                             experts=space.fuses, references=cfg.references, base_state=base_state,
-                             map_fn=mapper, log=log)
+    quiet = set()
+    if base_state is None and (cfg.address is not None or cfg.gpus_per_trial > 0):
+        if _train_base_as_task(cfg, suite, spec, cache, log):
+            quiet.add("reusing the dense base")
+
+    def prepare_log(message: str) -> None:
+        if not any(message.startswith(q) for q in quiet):
+            log(message)
+
+    return artifacts.prepare(suite, cfg.model, spec, cache_dir=cache, experts=space.fuses,
+                             references=cfg.references, base_state=base_state, map_fn=mapper, log=prepare_log)
+
+
+class _BaseJob:
+    """The dense base as one Ray task (on the task's GPU when it has one); picklable."""
+
+    def __init__(self, suite, model_spec: dict, spec):
+        self.suite, self.model_spec, self.spec = suite, model_spec, spec
+
+    def __call__(self, _item):
+        import ray
+        import torch
+
+        from mtl_models.artifacts import train_base
+
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        return train_base(self.suite, self.model_spec, self.spec, device=device)
+
+
+def _train_base_as_task(cfg: SearchConfig, suite, spec, cache: str, log) -> bool:
+    """Train the base in a Ray task into the cache layout `artifacts.prepare` reads
+    (CACHE/<key>/base.pt + meta.json); False when the cache has it already."""
+    from pathlib import Path
+
+    import torch
+
+    from mtl_models import artifacts
+    from spaces.files import atomic_write_text
+
+    from .cluster import ray_map
+
+    key = artifacts.cache_key({"name": suite.name, **suite.options}, cfg.model, spec, "trained")
+    folder = Path(cache) / key
+    base_file, meta_file = folder / "base.pt", folder / "meta.json"
+    if base_file.exists() and meta_file.exists():
+        return False
+    log("training the dense base model as a Ray task ...")
+    [(base, dense)] = ray_map(_BaseJob(suite, cfg.model, spec), [None], num_cpus=cfg.cpus_per_trial,
+                              num_gpus=cfg.gpus_per_trial)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "base.pt.tmp"
+    torch.save(base, tmp)
+    tmp.replace(base_file)
+    atomic_write_text(meta_file, json.dumps({"dense_metrics": dense}, indent=1))
+    return True
 
 
 def measure_dense(cfg: SearchConfig, suite, art) -> dict:
@@ -115,18 +189,71 @@ def measure_dense(cfg: SearchConfig, suite, art) -> dict:
     return dense
 
 
+# Tune's experiment snapshot (trial states + searcher), uploaded to the storage: how often.
+# Its default ("auto", >= 10 s) loses more work when the driver dies; each snapshot costs the
+# driver a few ms per trial. An explicit TUNE_GLOBAL_CHECKPOINT_S wins.
+SNAPSHOT_PERIOD_S = "5"
+
+
+_USER_ENV = frozenset(os.environ)  # what the user set before prunefuse touched anything
+
+
+def trial_slots(cfg: SearchConfig) -> int:
+    """How many trials the cluster runs at once now (CPUs, GPUs and --max-concurrent allowing)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1.0) // cfg.cpus_per_trial)
+    if cfg.gpus_per_trial > 0:
+        slots = min(slots, int(resources.get("GPU", 0.0) // cfg.gpus_per_trial))
+    if cfg.max_concurrent:
+        slots = min(slots, cfg.max_concurrent)
+    return max(1, slots)
+
+
+def _tune_environment(cfg: SearchConfig) -> None:
+    # Tune reads these when the Tuner runs: snapshot period, and no CSV / TensorBoard loggers
+    # (result.json, which the reports read, is the one logger the search adds itself).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)
+    if "TUNE_MAX_PENDING_TRIALS_PG" not in _USER_ENV:
+        # With a searcher Tune keeps one trial pending: the second slot's actor would start only
+        # once the first one's has. One pending trial per free slot starts them together.
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(trial_slots(cfg))
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune tables on the console (verbose=0)
+    # A failed trial is one line from ProgressPrinter (its reason); the traceback is in its error.txt.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    import logging
+
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _QuietTune) for f in tune_log.filters):
+        tune_log.addFilter(_QuietTune())
+
+
+class _QuietTune:
+    """Drops Tune's "Trials did not complete: [...]" line: failed trials are reported one by one."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
+
 def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *, restore: bool):
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     from .optuna_search import TaskFloors, make_searcher
     from .progress import ProgressPrinter
     from .trial import run_trial
 
+    _tune_environment(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, artifacts=art, measure=cfg.measure, cpus=cfg.cpus_per_trial),
+        tune.with_parameters(run_trial, artifacts=art, measure=cfg.measure, cpus=cfg.cpus_per_trial,
+                             experiment=experiment_for_trials(cfg), suite=suite),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     if restore:
-        return tune.Tuner.restore(cfg.path, trainable=trainable, resume_unfinished=True,
+        # Finished trials stay as they are; unfinished ones run again (a trial that had in fact
+        # finished replays its final.json); errored ones stay errored.
+        return tune.Tuner.restore(ray_experiment_path(cfg), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     floors = TaskFloors(dense["dense_val"], cfg.max_task_drop) if cfg.max_task_drop is not None else None
     searcher = make_searcher(space, objectives=cfg.objectives, sampler=cfg.sampler, seed=cfg.seed,
@@ -142,8 +269,14 @@ def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage_for_ray(cfg.storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.retries),
-                                  callbacks=[ProgressPrinter(cfg.trials)]),
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                                  callbacks=[ProgressPrinter(cfg.trials), JsonLoggerCallback()]),
     )
+
+
+def experiment_for_trials(cfg: SearchConfig) -> str:
+    """The experiment's location as trials on any node see it (absolute for a local folder)."""
+    return cfg.path if is_uri(cfg.storage) else os.path.abspath(cfg.path)
 
 
 def trial_dirname(trial) -> str:
@@ -165,32 +298,143 @@ def storage_for_ray(storage: str) -> str:
     return storage if is_uri(storage) else os.path.abspath(storage)
 
 
+def ray_experiment_path(cfg: SearchConfig) -> str:
+    return storage_for_ray(cfg.storage).rstrip("/") + "/" + cfg.name
+
+
 def experiment_exists(cfg: SearchConfig) -> bool:
     from .config import CONFIG_FILE
 
-    return not is_uri(cfg.storage) and os.path.exists(join(cfg.path, CONFIG_FILE))
+    if not is_uri(cfg.storage):
+        return os.path.exists(join(cfg.path, CONFIG_FILE))
+    from .config import read_text
+
+    try:
+        read_text(join(cfg.path, CONFIG_FILE))
+        return True
+    except Exception:
+        return False
+
+
+def can_restore(cfg: SearchConfig) -> bool:
+    from ray import tune
+
+    try:
+        return tune.Tuner.can_restore(ray_experiment_path(cfg))
+    except Exception:
+        return False
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
-    """Run (or resume) a search; returns the experiment path."""
+    """Run (or resume) a search; returns the experiment path.
+
+    A resumed search (its driver died) keeps the finished and failed trials, runs the
+    unfinished ones again, and asks the same Optuna study (its sampler sees every trial
+    told so far) for the rest, until the asked number of trials is done.
+    """
     if not resume and experiment_exists(cfg):
         raise PrunefuseError(f"experiment {cfg.path!r} already exists; resume it with --resume {cfg.name} "
                              f"or choose another --name")
+    if resume and _search_over(cfg):
+        log(f"search {cfg.name!r} had finished already; nothing to resume: {cfg.path}")
+        return cfg.path
     suite, space, base_state = prepare_inputs(cfg)
-    if not resume:
-        cfg.save()
-    from .cluster import connect
+    from .cluster import check_fits, connect
 
     started = time.time()
-    connect(cfg.address, log=log)
+    connect(cfg.address, suite_name=cfg.suite["name"], log=log)  # before any write: a wrong address leaves nothing
+    check_fits(cfg.address, cfg.cpus_per_trial, cfg.gpus_per_trial, log=log)
+    if not resume:
+        cfg.save()
     art = train_artifacts(cfg, suite, space, base_state, log)
-    dense = measure_dense(cfg, suite, art)
-    write_text(join(cfg.path, DENSE_FILE), json.dumps(dense, indent=1))
+    dense = _saved_dense(cfg) if resume else None
+    if dense is None:
+        dense = measure_dense(cfg, suite, art)
+        write_text(join(cfg.path, DENSE_FILE), json.dumps(dense, indent=1))
     log(f"dense base: accuracy {dense['accuracy']:.4f}, {dense['params']:,} params, "
         f"{dense['latency_ms']:.3f} ms @ batch {dense['latency_batch']}")
-    tuner = make_tuner(cfg, suite, space, art, dense, restore=resume)
-    tuner.fit()
+    restore = resume and can_restore(cfg)
+    if resume:
+        log(f"resuming search {cfg.name!r} from {cfg.path}" if restore else
+            f"search {cfg.name!r} had started no trials before it stopped; starting them now")
+    tuner = make_tuner(cfg, suite, space, art, dense, restore=restore)
+    results = tuner.fit()
+    _after_fit(cfg, results, log, resumed=resume)
     elapsed = time.time() - started
-    write_text(join(cfg.path, FINISHED_FILE), json.dumps({"wall_s": elapsed, "finished_at": time.time()}))
-    log(f"search finished in {elapsed:.0f} s: {cfg.path}")
+    from .progress import ProgressPrinter
+
+    printer = ProgressPrinter.last
+    write_text(join(cfg.path, FINISHED_FILE), json.dumps({
+        "wall_s": elapsed, "finished_at": time.time(), "resumed": bool(resume),
+        "trial_wall_s": dict(printer.wall_s) if printer else {}}))
+    counts = ""
+    if printer:
+        counts = f" ({printer.done} trials finished, {printer.failed} failed)"
+    log(f"search finished in {elapsed:.0f} s{counts}: {cfg.path}")
     return cfg.path
+
+
+def _search_over(cfg: SearchConfig) -> bool:
+    from .config import read_text
+
+    try:
+        read_text(join(cfg.path, FINISHED_FILE))
+        return True
+    except PrunefuseError:
+        return False
+
+
+def _saved_dense(cfg: SearchConfig) -> dict | None:
+    from .config import read_text
+
+    try:
+        return json.loads(read_text(join(cfg.path, DENSE_FILE)))
+    except (PrunefuseError, ValueError):
+        return None
+
+
+def _after_fit(cfg: SearchConfig, results, log, *, resumed: bool) -> None:
+    """Tidy what a dead driver may have left: Optuna trials still RUNNING (no Tune trial will
+    ever tell them) become FAIL; trial folders Tune's last snapshot did not know (their trial
+    was replaced on resume) move to EXPERIMENT/_orphans so every trial_* folder is a trial."""
+    from .optuna_search import fail_stale_trials
+
+    try:
+        stale = fail_stale_trials(study_url(cfg), cfg.name)
+    except Exception as exc:  # the study is a by-product; never fail a finished search over it
+        log(f"could not tidy the Optuna study: {exc}")
+        stale = 0
+    if stale:
+        log(f"marked {stale} Optuna trial(s) left running by a stopped driver as failed")
+    _keep_retried_errors_aside(results)
+    if not resumed or is_uri(cfg.storage):
+        return
+    from pathlib import Path
+
+    known = {Path(str(r.path)).name for r in results if getattr(r, "path", None)}
+    orphans = [d for d in Path(cfg.path).glob("trial_*") if d.is_dir() and d.name not in known]
+    if orphans and known:
+        target = Path(cfg.path) / "_orphans"
+        target.mkdir(exist_ok=True)
+        for d in orphans:
+            d.replace(target / d.name)
+        log(f"moved {len(orphans)} trial folder(s) of a stopped driver that the resumed search replaced "
+            f"to {target}")
+
+
+def _keep_retried_errors_aside(results) -> None:
+    """A trial that failed, was retried (--retries) and then finished is a finished trial:
+    Tune leaves the earlier failure in its error.txt, which readers take as "failed"; it
+    moves to error_retried.txt."""
+    for r in results:
+        if r.error is not None or not (r.metrics or {}).get("final") or not getattr(r, "path", None):
+            continue
+        fs = r.filesystem
+        src, dst = f"{r.path}/error.txt", f"{r.path}/error_retried.txt"
+        try:
+            from pyarrow import fs as pafs
+
+            if fs.get_file_info(src).type == pafs.FileType.File:
+                fs.move(src, dst)
+        except Exception:
+            pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from .errors import PrunefuseError
 from .files import atomic_write_text, read_yaml, validation_message
@@ -20,6 +20,8 @@ SCHEMA = "prunefuse.policy/1"
 MAX_SPARSITY = 0.95  # the same bound as mtl_models.pruning: no layer pruned to zero width
 
 Fraction = float
+# A method's knobs: whole numbers stay ints (a DARE or RLW seed), the rest are floats.
+Knobs = dict[str, Union[StrictInt, float]]
 Sparsity = Field(ge=0.0, le=MAX_SPARSITY)
 
 
@@ -31,7 +33,7 @@ class Weighting(_Strict):
     """How task losses are combined: a method from mtl_models.weighting.METHODS and its knobs."""
     method: str = "equal"
     weights: Optional[dict[str, float]] = None  # for `static`: task -> weight >= 0
-    params: dict[str, float] = {}               # the method's own knobs (dwa temperature, gradnorm alpha)
+    params: Knobs = {}                          # the method's own knobs (dwa temperature, gradnorm alpha)
 
     @field_validator("weights")
     @classmethod
@@ -46,7 +48,7 @@ class Fusion(_Strict):
     method: str
     # task -> λ, or task -> {layer group: λ} for layer-wise coefficients.
     coefficients: dict[str, Union[float, dict[str, float]]]
-    params: dict[str, float] = {}               # density, scale, drop_rate, seed
+    params: Knobs = {}                          # density, scale, drop_rate, seed
     finetune_epochs: float = Field(0.0, ge=0.0, le=100.0)  # post-merge fine-tune with the policy's weighting
 
 
@@ -79,6 +81,7 @@ class Base(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(256, ge=1)
     expert_epochs: float = Field(3.0, ge=0.0)
+    expert_lr: Optional[float] = Field(None, gt=0.0)  # None: the base's lr
     seed: int = 0
     checkpoint: Optional[str] = None          # a user's trained base (--base-checkpoint) instead of training
 

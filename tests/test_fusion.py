@@ -344,5 +344,5 @@ def test_dare_linear_entries_are_dropped_or_rescaled(p, lam, seed):
     out = merge(base, {"t": {"w.weight": delta}}, "dare_linear", {"t": lam}, drop_rate=p, seed=seed)["w.weight"]
     kept = out != 0
     assert_close(out[kept], lam * delta[kept] / (1 - p))
-    if lam != 0 and p == 0:
+    if p == 0 and bool((lam * delta != 0).all()):  # lam * delta, not lam: a tiny lam underflows in float32
         assert kept.all()

@@ -1,0 +1,233 @@
+"""What Ray Tune costs a search: the same N trials three ways, as a markdown table.
+
+(a) a plain in-process Optuna loop calling `mtl_models.pipeline.apply_policy` (one trial at
+    a time, one torch thread, as a 1-CPU trial uses);
+(b) `search.tuner.run_search` on an embedded Ray (all CPUs here, 1 CPU per trial);
+(c) `run_search` against a 2-node local cluster (1 CPU a node, started here and stopped).
+
+Same trials: the default search (multidigits, MLP trunk, default space) with Optuna's
+RandomSampler and one seed, so every variant evaluates the same N policies in the same
+order. The shared artifacts are trained (or reused from --cache) before any timing.
+
+Columns: wall = the variant from its first step (Ray start included) to its last trial;
+median / mean overhead = a trial's wall time on the driver (start → complete for Tune, ask
+→ tell for the loop) minus the time inside the cycle (`cycle_s`); all-in overhead =
+(wall × parallel slots − Σ cycle_s) / N, which also counts Ray start-up, scheduling and
+idle slots. Run: `.venv/bin/python benchmarks/overhead.py [--trials 16] [--tiny]`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY = dict(suite={"train_pairs": 1500, "val_pairs": 300, "test_pairs": 300}, model={"width": 64},
+            train={"epochs": 2, "expert_epochs": 1})
+
+
+def make_config(args, name: str, storage: str, address=None):
+    from search.config import SearchConfig
+
+    cfg = SearchConfig(name=name, storage=storage, trials=args.trials, sampler="random", seed=args.seed,
+                       cpus_per_trial=1.0, address=address)
+    if args.tiny:
+        cfg.suite.update(TINY["suite"])
+        cfg.model.update(TINY["model"])
+        cfg.train.update(TINY["train"])
+    return cfg
+
+
+def prepare(cfg):
+    """Suite, space and artifacts, trained into the cache once (not timed)."""
+    from search.tuner import _artifact_cache, prepare_inputs
+    from mtl_models import artifacts
+
+    suite, space, _ = prepare_inputs(cfg)
+    art = artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=_artifact_cache(cfg),
+                            experts=space.fuses, log=lambda m: print(f"  {m}", file=sys.stderr))
+    return suite, space, art
+
+
+def plain_loop(args, storage):
+    """(a): ask → apply_policy → tell, in this process."""
+    import optuna
+    import torch
+
+    from mtl_models.pipeline import MeasureSpec, apply_policy
+    from search.tuner import _artifact_cache, build_space
+    from mtl_models import artifacts, suites
+
+    cfg = make_config(args, "plain", storage)
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    options = {k: v for k, v in cfg.suite.items() if k != "name"}
+    suite = suites.get(cfg.suite["name"], **options)
+    space = build_space(cfg, suite, suite.build_model(**cfg.model))
+    art = artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=_artifact_cache(cfg),
+                            experts=space.fuses, log=lambda m: None)
+    study = optuna.create_study(directions=["maximize" if s == "max" else "minimize" for _, s in cfg.objectives],
+                                sampler=optuna.samplers.RandomSampler(seed=cfg.seed))
+    walls, cycles = [], []
+    for _ in range(cfg.trials):
+        t0 = time.perf_counter()
+        trial = study.ask()
+        policy = space.suggest(trial)
+        c0 = time.perf_counter()
+        _, metrics = apply_policy(suite, policy, art, measure_spec=MeasureSpec(**{**cfg.measure, "threads": 1}))
+        cycles.append(time.perf_counter() - c0)
+        study.tell(trial, [metrics[m] for m, _ in cfg.objectives])
+        walls.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    return dict(wall=wall, slots=1, walls=walls, cycles=cycles)
+
+
+def through_prunefuse(args, storage, name, address=None, slots=2):
+    """(b) / (c): the search as the CLI runs it; per-trial times from finished.json + result.json."""
+    import ray
+
+    from search.tuner import run_search
+
+    cfg = make_config(args, name, storage, address)
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the per-trial lines; stdout keeps the table
+        path = run_search(cfg, log=lambda m: print(f"  {m}", file=sys.stderr))
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    done = json.loads(Path(path, "finished.json").read_text())
+    walls, cycles = [], []
+    for trial_id, trial_wall in done["trial_wall_s"].items():
+        rows = [json.loads(x) for x in Path(path, f"trial_{trial_id}", "result.json").read_text().splitlines() if x]
+        final = [r for r in rows if r.get("final")]
+        if final:
+            walls.append(trial_wall)
+            cycles.append(final[-1]["cycle_s"])
+    return dict(wall=wall, slots=slots, walls=walls, cycles=cycles)
+
+
+class LocalCluster:
+    """Two `ray start --block` nodes (1 CPU each), each in its own session; killed by session id."""
+
+    def __init__(self):
+        import socket
+        import subprocess
+
+        self.dir = Path(tempfile.mkdtemp(prefix="pfbench", dir="/tmp"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # The default token (~/.ray/auth_token): this process's Ray client caches the token it
+        # first used (the embedded run's), so the cluster must take the same one.
+        self.env.update(RAY_AUTH_MODE="token")
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        self.procs = []
+        for i, extra in enumerate((["--head", f"--port={self.port}", "--include-dashboard=false"],
+                                   [f"--address={self.address}"])):
+            log = self.dir / f"node{i}.log"
+            self.procs.append(subprocess.Popen(
+                [ray_cli, "start", "--block", "--num-cpus=1", f"--temp-dir={self.dir / f'n{i}'}",
+                 "--disable-usage-stats", *extra], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                env=self.env, start_new_session=True))
+            deadline = time.time() + 120
+            while "Ray runtime started" not in log.read_text():
+                if time.time() > deadline or self.procs[-1].poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"ray node {i} did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    def stop(self):
+        import shutil
+        import signal
+
+        for p in self.procs:
+            for _ in range(100):
+                pids = _session_pids(p.pid)
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.1)
+            p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _session_pids(sid: int) -> list[int]:
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return out
+
+
+def row(label: str, r: dict, n: int) -> str:
+    over = [w - c for w, c in zip(r["walls"], r["cycles"])]
+    all_in = (r["wall"] * r["slots"] - sum(r["cycles"])) / n
+    return (f"| {label} | {r['slots']} | {len(r['cycles'])} | {r['wall']:.1f} | {statistics.median(r['cycles']):.2f} | "
+            f"{statistics.median(over):.2f} | {statistics.mean(over):.2f} | {all_in:.2f} | {n / r['wall'] * 3600:.0f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a tiny suite and model (a quick smoke run)")
+    p.add_argument("--variants", default="a,b,c", help="which of a,b,c to run")
+    p.add_argument("--cache", default=None, help="storage folder whose _artifacts to reuse (default: a temp folder)")
+    args = p.parse_args(argv)
+    os.chdir(ROOT)
+    storage = args.cache or tempfile.mkdtemp(prefix="pf-overhead-")
+    stamp = time.strftime("%H%M%S")
+    print(f"preparing the shared artifacts in {storage}/_artifacts ...", file=sys.stderr)
+    prepare(make_config(args, "prepare", storage))
+    results = {}
+    variants = args.variants.split(",")
+    if "a" in variants:
+        print("(a) plain Optuna loop ...", file=sys.stderr)
+        results["a"] = plain_loop(args, storage)
+    if "b" in variants:
+        print("(b) prunefuse on an embedded Ray ...", file=sys.stderr)
+        results["b"] = through_prunefuse(args, storage, f"embedded-{stamp}")
+    if "c" in variants:
+        print("(c) prunefuse on a 2-node local cluster ...", file=sys.stderr)
+        cluster = LocalCluster()
+        try:
+            results["c"] = through_prunefuse(args, storage, f"cluster-{stamp}", address=cluster.address)
+        finally:
+            cluster.stop()
+    labels = {"a": "(a) plain Optuna loop, in-process", "b": "(b) prunefuse, embedded Ray (2 CPUs)",
+              "c": "(c) prunefuse, 2-node local cluster (1 CPU each)"}
+    what = "tiny suite" if args.tiny else "default search"
+    print(f"\n{args.trials} trials, {what}, RandomSampler(seed={args.seed}), 1 CPU per trial, "
+          f"{os.cpu_count()} cores\n")
+    print("| variant | parallel slots | trials done | wall (s) | median cycle (s) | median overhead (s) | "
+          "mean overhead (s) | all-in overhead per trial (s) | trials / hour |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key in ("a", "b", "c"):
+        if key in results:
+            print(row(labels[key], results[key], args.trials))
+    if "a" in results and "b" in results:
+        print(f"\n(b) wall / (a) wall = {results['b']['wall'] / results['a']['wall']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
