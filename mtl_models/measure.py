@@ -12,29 +12,62 @@ import time
 import torch
 
 
+def _tensors(model):
+    """(name, tensor, is_parameter) for every weight the model would store, once each.
+
+    With live pruning masks (`torch.nn.utils.prune`), a layer holds `weight_orig` (dense) and
+    `weight_mask`; what it stores once the masks are folded in is `weight = orig * mask`, so
+    that is what is counted, and the mask itself is not.
+    """
+    seen = set()
+    for prefix, module in model.named_modules():
+        masked = {n[:-len("_mask")] for n, _ in module.named_buffers(recurse=False) if n.endswith("_mask")}
+        for name, p in module.named_parameters(recurse=False):
+            base = name[:-len("_orig")] if name.endswith("_orig") and name[:-len("_orig")] in masked else None
+            t = getattr(module, base) if base else p
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield f"{prefix}.{base or name}".lstrip("."), t.detach(), True
+        for name, b in module.named_buffers(recurse=False):
+            if name.endswith("_mask") and name[:-len("_mask")] in masked:
+                continue
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                yield f"{prefix}.{name}".lstrip("."), b.detach(), False
+
+
 def stored_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters the model stores (zeros included): its dense size."""
+    return sum(t.numel() for _, t, is_param in _tensors(model) if is_param)
 
 
 def nonzero_params(model) -> int:
-    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    """Parameters that are not exactly zero (masked-out weights count as zero)."""
+    return sum(int(torch.count_nonzero(t)) for _, t, is_param in _tensors(model) if is_param)
 
 
 def storage_bytes(model) -> int:
-    """Bytes to store the weights: dense, or as (value, int32 index) pairs where that is smaller."""
+    """Bytes to store the weights and buffers, each tensor dense or, where smaller, in CSR
+    (the non-zero values, an int32 column index each, and int32 row pointers; a 1-D tensor is
+    one row). Live pruning masks are folded in, not stored. This is what a sparse export
+    would take; a dense `model.pt` of an unstructured-pruned model is as big as the dense one."""
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        dense = t.numel() * t.element_size()
-        sparse = int(torch.count_nonzero(t)) * (t.element_size() + 4)
-        total += min(dense, sparse)
+    for _, t, _ in _tensors(model):
+        n, size = t.numel(), t.element_size()
+        rows = t.shape[0] if t.dim() >= 2 else 1
+        nnz = int(torch.count_nonzero(t))
+        total += min(n * size, nnz * (size + 4) + 4 * (rows + 1))
     return total
 
 
 def count_macs(model, example_inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass at the example's batch size, per sample."""
+    """Multiply-accumulates of one forward pass of one sample (dense kernels: zeros in
+    unstructured-pruned weights are multiplied like any other weight)."""
     import torch_pruning as tp
 
-    macs, _ = tp.utils.count_ops_and_params(model, example_inputs[:1])
+    from .pruning import without_masks
+
+    macs, _ = tp.utils.count_ops_and_params(without_masks(model), example_inputs[:1])
     return int(macs)
 
 
@@ -51,21 +84,41 @@ def pinned_threads(threads: int):
 @torch.no_grad()
 def latency_ms(model, example_inputs: torch.Tensor, *, threads: int = 1, warmup: int = 5,
                runs: int = 30, device: str = "cpu") -> float:
-    """Median wall time of one forward pass in ms, after `warmup` untimed passes."""
+    """Median wall time of one forward pass (in eval mode) in ms, after `warmup` untimed passes."""
+    was_training = model.training
     model = model.to(device).eval()
     x = example_inputs.to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
-    with pinned_threads(threads):
-        for _ in range(warmup):
-            model(x)
-        sync()
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
+    try:
+        with pinned_threads(threads):
+            for _ in range(warmup):
+                model(x)
             sync()
-            times.append((time.perf_counter() - start) * 1e3)
+            for _ in range(runs):
+                start = time.perf_counter()
+                model(x)
+                sync()
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.train(was_training)
     return statistics.median(times)
+
+
+def interleaved_latency_ms(models: dict, example_inputs: torch.Tensor, *, rounds: int = 7, threads: int = 1,
+                           warmup: int = 3, runs: int = 10, device: str = "cpu") -> dict:
+    """name -> median over `rounds` of `latency_ms`, the models timed in turn within each
+    round (starting one further along each round, so none is always first or last), so that
+    machine-wide slow phases hit every model alike: timings on a shared CPU swing by tens of
+    percent between rounds, a ratio of interleaved medians much less."""
+    names = list(models)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            samples[name].append(latency_ms(models[name], example_inputs, threads=threads, warmup=warmup,
+                                            runs=runs, device=device))
+    return {name: statistics.median(samples[name]) for name in names}
 
 
 def delta_m(metrics: dict[str, float], reference: dict[str, float], higher_is_better: dict[str, bool]) -> float:

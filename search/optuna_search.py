@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import optuna
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from ray.tune.search.optuna import OptunaSearch
 
 from spaces import SearchSpace
@@ -44,13 +45,21 @@ class PrunefuseOptunaSearch(OptunaSearch):
         self._floors = floors
 
     def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and not error and not result.get("final", True):
+            # Stopped early (ASHA) after an intermediate step: its metrics are not the policy's,
+            # so Optuna records the trial as pruned instead of learning from them.
+            result = None
         if self._floors is not None and result and not error and trial_id in self._ot_trials:
             try:
                 values = self._floors.values(result)
             except KeyError:
                 values = None
             if values is not None:
-                self._ot_trials[trial_id].set_user_attr(CONSTRAINTS_ATTR, values)
+                trial = self._ot_trials[trial_id]
+                trial.set_user_attr(CONSTRAINTS_ATTR, values)
+                # Also where Optuna keeps constraints itself, so best_trials and the dashboard see
+                # feasibility with any sampler (RandomSampler takes no constraints_func).
+                trial.storage.set_trial_system_attr(trial._trial_id, _CONSTRAINTS_KEY, tuple(values))
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
