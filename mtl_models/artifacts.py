@@ -111,11 +111,14 @@ def load_checked(model, state: dict, *, source: str) -> None:
 
 
 def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: bool = False,
-            references: bool = False, base_state=None, map_fn=map, device: str = "cpu", log=print) -> Artifacts:
+            references: bool = False, base_state=None, map_fn=map, base_map_fn=None, device: str = "cpu",
+            log=print) -> Artifacts:
     """Train (or load from cache) everything trials share.
 
     map_fn(fn, items) runs the per-task trainings; the search passes one that fans them
-    out as Ray tasks, plain `map` trains them here one after another.
+    out as Ray tasks, plain `map` trains them here one after another. base_map_fn, when
+    given, runs the base's training the same way (a Ray task on a cluster or a GPU);
+    otherwise the base trains here, on `device`.
     """
     suite_spec = {"name": suite.name, **suite.options}
     base_kind = "checkpoint:" + _state_digest(base_state) if base_state is not None else "trained"
@@ -129,8 +132,15 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
         meta = json.loads(meta_file.read_text())
         log(f"reusing the dense base from {folder}")
     else:
-        log("loading the base checkpoint ..." if base_state is not None else "training the dense base model ...")
-        base, dense = train_base(suite, model_spec, spec, device=device, base_state=base_state)
+        if base_state is not None:
+            log("loading the base checkpoint ...")
+            base, dense = train_base(suite, model_spec, spec, device=device, base_state=base_state)
+        elif base_map_fn is not None:
+            log("training the dense base model as a Ray task ...")
+            [(base, dense)] = list(base_map_fn(_BaseJob(suite, model_spec, spec), [None]))
+        else:
+            log("training the dense base model ...")
+            base, dense = train_base(suite, model_spec, spec, device=device)
         meta = {"dense_metrics": dense}
         _save(base, base_file)
         _write_json(meta_file, meta)
@@ -154,6 +164,15 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
             _write_json(ref_file, {split: {t: refs[t][split] for t in refs} for split in ("val", "test")})
         art.references = json.loads(ref_file.read_text())
     return art
+
+
+class _BaseJob:
+    """Picklable base-training job (on the task's GPU when it has one)."""
+    def __init__(self, suite, model_spec, spec):
+        self.suite, self.model_spec, self.spec = suite, model_spec, spec
+
+    def __call__(self, _item):
+        return train_base(self.suite, self.model_spec, self.spec, device=job_device())
 
 
 class _ExpertJob:

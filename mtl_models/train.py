@@ -27,8 +27,11 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
     tasks = tasks or suite.task_names
     weighter = make_weighter(weighting or {"method": "equal"}, tasks)
     shared = [p for p in model.trunk.parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad] + list(weighter.parameters())
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if weighter.parameters():  # e.g. uncertainty's log-variances: their own group, at their own lr
+        groups.append({"params": list(weighter.parameters()),
+                       "lr": lr if weighter.param_lr is None else weighter.param_lr})
+    opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     data: Split = suite.train
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(data) / batch_size)

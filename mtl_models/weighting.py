@@ -3,7 +3,8 @@
 `make_weighter({"method": "dwa", "temperature": 2.0}, tasks)` builds a `Weighter`. The
 training loop, each step, calls `combine(losses, shared_params=trunk_params)` and
 `.backward()`s the result; it adds `parameters()` (uncertainty's log-variances) to its
-optimizer, calls `end_epoch(mean_losses)` after each epoch, and checkpoints through
+optimizer as their own parameter group, at `param_lr` (None = the model's lr), calls
+`end_epoch(mean_losses)` after each epoch, and checkpoints through
 `state_dict()` / `load_state_dict()`. K below is the number of tasks.
 
 Spec values are checked for validity (a temperature must be > 0), not against the
@@ -35,6 +36,8 @@ class Weighter:
     """Shared checks; subclasses implement `_combine(L, shared_params)` on the (K,) loss vector."""
 
     KEYS: tuple[str, ...] = ()  # spec keys the constructor accepts, besides "method"
+    # Learning rate for `parameters()` in the loop's optimizer; None = the model's lr.
+    param_lr: float | None = None
 
     def __init__(self, tasks):
         self.tasks = list(tasks)
@@ -102,24 +105,54 @@ class Static(Weighter):
         return self.w
 
 
+UNCERTAINTY_LR = 0.02  # see Uncertainty's docstring and benchmarks/weighting.py
+UNCERTAINTY_INITS = ("first_loss", "zero")
+
+
 class Uncertainty(Weighter):
     """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018):
-    loss = Σ_t L_t / (2·e^{s_t}) + s_t / 2, with s_t = log σ_t² learned (init 0).
+    loss = Σ_t L_t / (2·e^{s_t}) + s_t / 2, with s_t = log σ_t² learned.
 
     Learning s (not σ) keeps the weight positive and the optimisation unconstrained; the
-    optimum for a fixed L_t is e^{s_t} = L_t. With one task at init (s = 0) the loss is
-    L/2 + 0: not L itself, but its gradient w.r.t. the model points the same way.
+    optimum for a fixed L_t is e^{s_t} = L_t. The loss is always the paper's formula; two
+    practical choices differ from the paper's plain setup, both chosen on held-out seeds of
+    the scaled synthetic suite (benchmarks/weighting.py, seeds 3-5, selection on val Δm):
+
+    - `lr` (default UNCERTAINTY_LR = 0.02) is the learning rate of s in the loop's Adam,
+      which puts s in its own parameter group (`param_lr`). At the model's lr (1e-3) Adam
+      moves s by ~1e-3 per step, so reaching log L_t for a loss ~100x another's takes
+      thousands of steps, longer than a short run: the weights stay ~equal while the large
+      task shapes the shared trunk. The paper learns s jointly but does not tie its step
+      size to the network's; a separate, larger lr for the log-variances is the usual
+      practical choice.
+    - `init` "first_loss" (default) sets s_t = log L_t from the first training batch's
+      losses (the first combine() under autograd), i.e. at the optimum for those losses, so
+      every task starts at weight 1/(2 L_t) instead of waiting for s to climb there;
+      "zero" is the paper's s_t = 0 (then with one task the loss starts at L/2 + 0).
+      Either way the gradient w.r.t. the model is Σ_t ∇L_t / (2e^{s_t}): with one task it
+      points the same way as ∇L.
     """
 
-    def __init__(self, tasks):
+    KEYS = ("lr", "init")
+
+    def __init__(self, tasks, *, lr=None, init="first_loss"):
         super().__init__(tasks)
+        self.param_lr = UNCERTAINTY_LR if lr is None else _number("uncertainty", "lr", lr, allow_zero=False)
+        if init not in UNCERTAINTY_INITS:
+            raise PrunefuseError(f"uncertainty init must be one of {', '.join(UNCERTAINTY_INITS)}; got {init!r}")
+        self.init = init
         self.log_var = nn.Parameter(torch.zeros(len(self.tasks)))
+        self.initialised = init == "zero"  # "first_loss": set at the first training step
 
     def _combine(self, L, shared_params):
         if self.log_var.device != L.device:
             # Follow the model to its device; `.data` keeps the Parameter object the
             # loop's optimizer holds (this happens on the first step, before any state).
             self.log_var.data = self.log_var.data.to(L.device)
+        if not self.initialised and torch.is_grad_enabled() and L.requires_grad:
+            with torch.no_grad():
+                self.log_var.copy_(L.detach().to(self.log_var.dtype).clamp_min(1e-12).log())
+            self.initialised = True
         s = self.log_var.to(L.dtype)
         return (L / (2 * torch.exp(s)) + s / 2).sum()
 
@@ -130,11 +163,12 @@ class Uncertainty(Weighter):
         return 0.5 * torch.exp(-self.log_var.detach().float().cpu())
 
     def state_dict(self):
-        return {"log_var": self.log_var.detach().cpu().clone()}
+        return {"log_var": self.log_var.detach().cpu().clone(), "initialised": self.initialised}
 
     def load_state_dict(self, d):
         with torch.no_grad():
             self.log_var.copy_(d["log_var"])
+        self.initialised = bool(d.get("initialised", True))
 
 
 class DWA(Weighter):
@@ -185,6 +219,8 @@ class RLW(Weighter):
 
     def __init__(self, tasks, *, seed=0):
         super().__init__(tasks)
+        if isinstance(seed, float) and seed.is_integer():
+            seed = int(seed)  # a Policy stores weighting params as floats: 3 comes back as 3.0
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise PrunefuseError(f"rlw seed must be an integer, got {seed!r}")
         self.generator = torch.Generator().manual_seed(seed)
@@ -292,7 +328,8 @@ METHODS: dict[str, type] = {
 
 # Searchable knobs per method; static's per-task weights are the search space's own business.
 KNOBS: dict[str, dict[str, Knob]] = {
-    "equal": {}, "static": {}, "uncertainty": {}, "rlw": {},
+    "equal": {}, "static": {}, "rlw": {},
+    "uncertainty": {"lr": Knob(1e-3, 0.1, log=True, default=UNCERTAINTY_LR)},
     "dwa": {"temperature": Knob(0.5, 5.0, default=2.0)},
     "gradnorm": {"alpha": Knob(0.0, 3.0, default=1.5)},
 }

@@ -4,14 +4,13 @@ from __future__ import annotations
 import torch
 
 from spaces import Policy
-from spaces.errors import PrunefuseError
 
 
 def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print):
     from mtl_models import artifacts, checkpoint, suites
     from mtl_models.pipeline import MeasureSpec, apply_policy, check_fits
 
-    from .tuner import load_base_checkpoint
+    from .shared_artifacts import load_base_checkpoint
 
     torch.set_num_threads(threads)
     options = {k: v for k, v in policy.suite.items() if k != "name"}

@@ -61,8 +61,6 @@ class SearchConfig:
         return join(self.storage, self.name)
 
     def save(self) -> None:
-        from pyarrow import fs as pafs  # noqa: F401  (local paths need no pyarrow; URIs do)
-
         write_text(join(self.path, CONFIG_FILE), json.dumps(asdict(self), indent=1))
 
     @classmethod

@@ -15,18 +15,11 @@ from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
 
 from .config import SearchConfig, is_uri, join, write_text
+from .shared_artifacts import artifact_cache, load_base_checkpoint, measure_dense, train_artifacts
 
 STUDY_DB = "optuna.db"
 DENSE_FILE = "dense.json"
 FINISHED_FILE = "finished.json"  # written when fit() returns; absent while running or after a crash
-
-
-def _artifact_cache(cfg: SearchConfig) -> str:
-    # Artifacts are cached beside the experiments when storage is a local folder (all local
-    # searches share them); with a URI storage they stay on the driver's disk.
-    if is_uri(cfg.storage):
-        return os.path.join(os.path.expanduser("~"), ".cache", "prunefuse", "artifacts")
-    return os.path.join(cfg.storage, "_artifacts")
 
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
@@ -64,129 +57,6 @@ def prepare_inputs(cfg: SearchConfig):
     if cfg.base_checkpoint:
         base_state = load_base_checkpoint(cfg.base_checkpoint, model)
     return suite, space, base_state
-
-
-def load_base_checkpoint(path: str, model):
-    import torch
-
-    from mtl_models.artifacts import load_checked
-
-    if not os.path.isfile(path):
-        raise PrunefuseError(f"base checkpoint {path!r} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PrunefuseError(_unreadable_checkpoint(path, exc)) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise PrunefuseError(f"base checkpoint {path!r} holds a {type(state).__name__}, expected a state dict")
-    load_checked(model, state, source=f"base checkpoint {path}")
-    return state
-
-
-def _unreadable_checkpoint(path: str, exc: Exception) -> str:
-    """One line for a file torch.load(weights_only=True) refuses: pickled objects, or not torch at all."""
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if pickled:
-        return (f"base checkpoint {path!r} pickles Python objects ({pickled.group(1)}), not just weights; "
-                f"save a state dict instead: torch.save(model.state_dict(), {path!r})")
-    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
-    return f"base checkpoint {path!r} is not a torch state dict file (torch.load(weights_only=True): {reason})"
-
-
-def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, log):
-    """Base, experts and references, trained once and cached by content hash (or reused).
-
-    Experts and references fan out as Ray tasks with the trials' resources. The base is a Ray
-    task too when the search runs on a cluster or on GPUs; on an embedded CPU-only Ray it
-    trains here, on all of this machine's cores (a task would only add a worker start).
-    """
-    from mtl_models import artifacts
-
-    from .cluster import ray_map
-
-    spec = artifacts.TrainSpec(**cfg.train)
-    cache = _artifact_cache(cfg)
-
-    def mapper(fn, items):
-        return ray_map(fn, list(items), num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
-
-    quiet = set()
-    if base_state is None and (cfg.address is not None or cfg.gpus_per_trial > 0):
-        if _train_base_as_task(cfg, suite, spec, cache, log):
-            quiet.add("reusing the dense base")
-
-    def prepare_log(message: str) -> None:
-        if not any(message.startswith(q) for q in quiet):
-            log(message)
-
-    return artifacts.prepare(suite, cfg.model, spec, cache_dir=cache, experts=space.fuses,
-                             references=cfg.references, base_state=base_state, map_fn=mapper, log=prepare_log)
-
-
-class _BaseJob:
-    """The dense base as one Ray task (on the task's GPU when it has one); picklable."""
-
-    def __init__(self, suite, model_spec: dict, spec):
-        self.suite, self.model_spec, self.spec = suite, model_spec, spec
-
-    def __call__(self, _item):
-        import ray
-        import torch
-
-        from mtl_models.artifacts import train_base
-
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        return train_base(self.suite, self.model_spec, self.spec, device=device)
-
-
-def _train_base_as_task(cfg: SearchConfig, suite, spec, cache: str, log) -> bool:
-    """Train the base in a Ray task into the cache layout `artifacts.prepare` reads
-    (CACHE/<key>/base.pt + meta.json); False when the cache has it already."""
-    from pathlib import Path
-
-    import torch
-
-    from mtl_models import artifacts
-    from spaces.files import atomic_write_text
-
-    from .cluster import ray_map
-
-    key = artifacts.cache_key({"name": suite.name, **suite.options}, cfg.model, spec, "trained")
-    folder = Path(cache) / key
-    base_file, meta_file = folder / "base.pt", folder / "meta.json"
-    if base_file.exists() and meta_file.exists():
-        return False
-    log("training the dense base model as a Ray task ...")
-    [(base, dense)] = ray_map(_BaseJob(suite, cfg.model, spec), [None], num_cpus=cfg.cpus_per_trial,
-                              num_gpus=cfg.gpus_per_trial)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "base.pt.tmp"
-    torch.save(base, tmp)
-    tmp.replace(base_file)
-    atomic_write_text(meta_file, json.dumps({"dense_metrics": dense}, indent=1))
-    return True
-
-
-def measure_dense(cfg: SearchConfig, suite, art) -> dict:
-    """The dense base measured like any trial: the report's reference point."""
-    import torch
-
-    from mtl_models.pipeline import MeasureSpec, measure_model
-
-    model = suite.build_model(**cfg.model)
-    model.load_state_dict(art.base)
-    torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
-    dense = measure_model(model, suite, art, MeasureSpec(**cfg.measure))
-    dense["dense_val"] = art.dense_metrics["val"]
-    if art.references:
-        dense["references"] = art.references
-    return dense
 
 
 # Tune's experiment snapshot (trial states + searcher), uploaded to the storage: how often.
@@ -290,7 +160,7 @@ def study_url(cfg: SearchConfig) -> str:
     if url:
         return url
     if is_uri(cfg.storage):
-        return "sqlite:///" + os.path.join(_artifact_cache(cfg), f"{cfg.name}.db")
+        return "sqlite:///" + os.path.join(artifact_cache(cfg), f"{cfg.name}.db")
     return "sqlite:///" + os.path.abspath(join(cfg.path, STUDY_DB))
 
 

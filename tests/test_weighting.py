@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_models.weighting import KNOBS, METHODS, make_weighter
+from mtl_models.suites.base import Split, TaskSuite
+from mtl_models.train import train
+from mtl_models.weighting import KNOBS, METHODS, UNCERTAINTY_LR, make_weighter
 from spaces.errors import PrunefuseError
 from spaces.knobs import Knob
 
@@ -60,12 +62,20 @@ def test_registry_and_knobs():
     assert set(KNOBS) == set(METHODS)
     assert KNOBS["dwa"] == {"temperature": Knob(0.5, 5.0, default=2.0)}
     assert KNOBS["gradnorm"] == {"alpha": Knob(0.0, 3.0, default=1.5)}
-    assert all(KNOBS[m] == {} for m in ("equal", "static", "uncertainty", "rlw"))
+    assert KNOBS["uncertainty"] == {"lr": Knob(1e-3, 0.1, log=True, default=UNCERTAINTY_LR)}
+    assert all(KNOBS[m] == {} for m in ("equal", "static", "rlw"))
+
+
+def test_param_lr():
+    assert all(make_weighter(_spec(m, TASKS), TASKS).param_lr is None for m in METHODS if m != "uncertainty")
+    assert make_weighter({"method": "uncertainty"}, TASKS).param_lr == UNCERTAINTY_LR
+    assert make_weighter({"method": "uncertainty", "lr": 0.01}, TASKS).param_lr == 0.01
+    assert UNCERTAINTY_LR > 1e-3  # faster than the models' Adam lr: the point of the knob
 
 
 def test_uncertainty_drives_variance_to_loss():
-    w = make_weighter({"method": "uncertainty"}, TASKS)
-    losses = {"a": torch.tensor(4.0), "b": torch.tensor(0.25)}
+    w = make_weighter({"method": "uncertainty", "init": "zero"}, TASKS)
+    losses = {"a": torch.tensor(4.0, requires_grad=True), "b": torch.tensor(0.25, requires_grad=True)}
     opt = torch.optim.Adam(w.parameters(), lr=0.05)
     for _ in range(400):
         opt.zero_grad()
@@ -75,6 +85,24 @@ def test_uncertainty_drives_variance_to_loss():
     assert var.tolist() == pytest.approx([4.0, 0.25], rel=0.02)
     # The effective weight 1/(2σ²) is then 1/(2L): the noisier task is down-weighted.
     assert w.weights()["a"] < w.weights()["b"]
+
+
+def test_uncertainty_first_loss_init():
+    losses = {"a": torch.tensor(4.0), "b": torch.tensor(0.25)}
+    w = make_weighter({"method": "uncertainty"}, TASKS)
+    assert w.init == "first_loss"
+    with torch.no_grad():  # outside training (e.g. validation): no init
+        w.combine(losses)
+    assert w.parameters()[0].tolist() == [0.0, 0.0]
+    live = {t: v.clone().requires_grad_() for t, v in losses.items()}
+    w.combine(live)
+    assert torch.exp(w.parameters()[0].detach()).tolist() == pytest.approx([4.0, 0.25])
+    assert w.weights() == pytest.approx({"a": 1 / 8, "b": 2.0})
+    w.combine({"a": torch.tensor(9.0, requires_grad=True), "b": torch.tensor(1.0, requires_grad=True)})
+    assert torch.exp(w.parameters()[0].detach()).tolist() == pytest.approx([4.0, 0.25])  # only once
+    zero = make_weighter({"method": "uncertainty", "init": "zero"}, TASKS)
+    zero.combine(live)
+    assert zero.parameters()[0].tolist() == [0.0, 0.0]
 
 
 def test_dwa_weights():
@@ -131,14 +159,17 @@ def test_one_task_reduces_to_its_loss(name):
     assert w.weights() == pytest.approx({"a": 1.0})
 
 
-def test_one_task_uncertainty_keeps_gradient_direction():
-    # At init (s = 0) uncertainty's loss is L/2 + 0: not L, but the same descent direction.
+@pytest.mark.parametrize("init", ["zero", "first_loss"])
+def test_one_task_uncertainty_keeps_gradient_direction(init):
+    # s = 0: the loss is L/2 + 0; s = log L (first_loss): 1/2 + log(L)/2. Not L, but the
+    # same descent direction for the model.
     torch.manual_seed(0)
     model, (x, y) = TwoTask(["a"]), _data(["a"])
-    w = make_weighter({"method": "uncertainty"}, ["a"])
+    w = make_weighter({"method": "uncertainty", "init": init}, ["a"])
     losses = _losses(model, x, y)
     total = w.combine(losses)
-    assert float(total.detach()) == pytest.approx(losses["a"].item() / 2)
+    L = losses["a"].item()
+    assert float(total.detach()) == pytest.approx(L / 2 if init == "zero" else 0.5 + math.log(L) / 2, rel=1e-6)
     g_total = torch.autograd.grad(total, list(model.parameters()), retain_graph=True)
     g_plain = torch.autograd.grad(losses["a"], list(model.parameters()))
     flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
@@ -237,6 +268,9 @@ def test_static_normalisation():
     ({"method": "dwa", "temperature": 0.0}, "temperature"),
     ({"method": "gradnorm", "alpha": -1.0}, "alpha"),
     ({"method": "rlw", "seed": 1.5}, "seed"),
+    ({"method": "uncertainty", "lr": 0.0}, "uncertainty lr"),
+    ({"method": "uncertainty", "lr": -1.0}, "uncertainty lr"),
+    ({"method": "uncertainty", "init": "ones"}, "uncertainty init"),
 ])
 def test_bad_specs(spec, match):
     with pytest.raises(PrunefuseError, match=match):
@@ -252,3 +286,64 @@ def test_non_finite_loss(name, bad):
     w = make_weighter(SPECS[name], TASKS)
     with pytest.raises(FloatingPointError, match=f"loss of task 'b' is {bad}"):
         w.combine(losses, shared_params=_shared(model))
+
+
+def _train_capturing(monkeypatch, weighting, **kw):
+    """Run the real training loop on a tiny synthetic suite (task b's labels x10); return
+    the weighter it built and the param groups of the Adam it built."""
+    from mtl_models import suites
+    from mtl_models import weighting as weighting_mod
+
+    seen = {}
+    real_make, real_adam = weighting_mod.make_weighter, torch.optim.Adam
+
+    def make(spec, tasks):
+        seen["weighter"] = real_make(spec, tasks)
+        return seen["weighter"]
+
+    def adam(params, **kwargs):
+        seen["opt"] = real_adam(params, **kwargs)
+        return seen["opt"]
+
+    monkeypatch.setattr(weighting_mod, "make_weighter", make)
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    suite = suites.get("synthetic", tasks=2, correlation=1.0, dim=8, label_scale=[1.0, 10.0], seed=0,
+                       train_samples=512, val_samples=16, test_samples=16)
+    torch.manual_seed(0)
+    model = suite.build_model("mlp", width=16, depth=2)
+    train(model, suite, epochs=1.0, lr=1e-3, batch_size=16, weighting=weighting, **kw)  # 32 steps
+    return model, seen["weighter"], seen["opt"]
+
+
+def test_train_puts_weighter_params_in_their_own_group(monkeypatch):
+    model, w, opt = _train_capturing(monkeypatch, {"method": "uncertainty", "lr": 0.02}, weight_decay=1e-4)
+    assert len(opt.param_groups) == 2
+    trunk_and_heads, own = opt.param_groups
+    assert trunk_and_heads["lr"] == 1e-3 and own["lr"] == 0.02
+    assert {id(p) for p in trunk_and_heads["params"]} == {id(p) for p in model.parameters()}
+    assert [id(p) for p in own["params"]] == [id(p) for p in w.parameters()]
+    assert trunk_and_heads["weight_decay"] == own["weight_decay"] == 1e-4  # otherwise unchanged
+    _, _, opt = _train_capturing(monkeypatch, {"method": "equal"})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == 1e-3  # no weighter params, one group
+
+
+def test_uncertainty_default_lr_moves_log_variances_within_one_epoch(monkeypatch):
+    # 32 Adam steps; the losses start at ~9.5 and ~890 (s* = log L ≈ 2.3 and 6.8). At the
+    # model's lr (1e-3) Adam moves s_t by at most ~32 * 1e-3 ≈ 0.03: the weights stay equal.
+    # At the default lr both log-variances climb measurably towards log L_t within the epoch.
+    _, slow, _ = _train_capturing(monkeypatch, {"method": "uncertainty", "lr": 1e-3, "init": "zero"})
+    s_slow = slow.parameters()[0].detach()
+    assert s_slow.abs().max() < 0.05
+    _, fast, opt = _train_capturing(monkeypatch, {"method": "uncertainty", "init": "zero"})
+    assert opt.param_groups[1]["lr"] == UNCERTAINTY_LR
+    s = fast.parameters()[0].detach()
+    assert s.min() > 0.5  # > 15x what the model's lr allows
+
+
+def test_uncertainty_default_starts_at_first_losses_in_training(monkeypatch):
+    # The default init sets s_t = log L_t at the first step: the x10 task (loss ~100x the
+    # other's) is down-weighted from the start, and s keeps tracking log L_t afterwards.
+    _, w, _ = _train_capturing(monkeypatch, {"method": "uncertainty"})
+    s = w.parameters()[0].detach()
+    assert s[1] - s[0] > 3.0  # log(890 / 9.5) ≈ 4.5
+    assert w.weights()["task1"] > 20 * w.weights()["task2"]

@@ -1,0 +1,91 @@
+"""What a search trains once, on Ray: the dense base, task experts, single-task references.
+
+`mtl_models.artifacts` knows how to train and cache them; this module decides where they
+run (Ray tasks with the trials' resources, or here) and measures the dense base the way a
+trial measures its model, as the report's reference point.
+"""
+from __future__ import annotations
+
+import os
+
+from spaces import SearchSpace
+from spaces.errors import PrunefuseError
+
+from .config import SearchConfig, is_uri
+
+
+def artifact_cache(cfg: SearchConfig) -> str:
+    # Artifacts are cached beside the experiments when storage is a local folder (all local
+    # searches share them); with a URI storage they stay on the driver's disk.
+    if is_uri(cfg.storage):
+        return os.path.join(os.path.expanduser("~"), ".cache", "prunefuse", "artifacts")
+    return os.path.join(cfg.storage, "_artifacts")
+
+
+def load_base_checkpoint(path: str, model):
+    import torch
+
+    from mtl_models.artifacts import load_checked
+
+    if not os.path.isfile(path):
+        raise PrunefuseError(f"base checkpoint {path!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PrunefuseError(_unreadable_checkpoint(path, exc)) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PrunefuseError(f"base checkpoint {path!r} holds a {type(state).__name__}, expected a state dict")
+    load_checked(model, state, source=f"base checkpoint {path}")
+    return state
+
+
+def _unreadable_checkpoint(path: str, exc: Exception) -> str:
+    """One line for a file torch.load(weights_only=True) refuses: pickled objects, or not torch at all."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return (f"base checkpoint {path!r} pickles Python objects ({pickled.group(1)}), not just weights; "
+                f"save a state dict instead: torch.save(model.state_dict(), {path!r})")
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"base checkpoint {path!r} is not a torch state dict file (torch.load(weights_only=True): {reason})"
+
+
+def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, log):
+    """Base, experts and references, trained once and cached by content hash (or reused).
+
+    Experts and references fan out as Ray tasks with the trials' resources. The base is a Ray
+    task too when the search runs on a cluster or on GPUs; on an embedded CPU-only Ray it
+    trains here, on all of this machine's cores (a task would only add a worker start).
+    """
+    from mtl_models import artifacts
+
+    from .cluster import ray_map
+
+    def mapper(fn, items):
+        return ray_map(fn, list(items), num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
+
+    on_ray = cfg.address is not None or cfg.gpus_per_trial > 0
+    return artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=artifact_cache(cfg),
+                             experts=space.fuses, references=cfg.references, base_state=base_state,
+                             map_fn=mapper, base_map_fn=mapper if on_ray else None, log=log)
+
+
+def measure_dense(cfg: SearchConfig, suite, art) -> dict:
+    """The dense base measured like any trial: the report's reference point."""
+    import torch
+
+    from mtl_models.pipeline import MeasureSpec, measure_model
+
+    model = suite.build_model(**cfg.model)
+    model.load_state_dict(art.base)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
+    dense = measure_model(model, suite, art, MeasureSpec(**cfg.measure))
+    dense["dense_val"] = art.dense_metrics["val"]
+    if art.references:
+        dense["references"] = art.references
+    return dense
