@@ -29,8 +29,16 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes (a missing -o, an unknown flag) in the same one-line form as ours."""
+
+    def error(self, message):
+        verb = self.prog.removeprefix("prunefuse").strip()
+        self.exit(2, f"prunefuse: error: {verb + ': ' if verb else ''}{message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunefuse", description="Search prune / fuse policies for multi-task models.")
+    p = _Parser(prog="prunefuse", description="Search prune / fuse policies for multi-task models.")
     sub = p.add_subparsers(dest="verb", required=True)
 
     s = sub.add_parser("search", help="run a search (the default: multidigits, embedded local Ray)")
@@ -91,13 +99,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_search(args) -> int:
-    from .config import SearchConfig, parse_objectives
+    from .config import SearchConfig, join, parse_objectives
     from .tuner import run_search
 
     if args.resume:
-        from .config import SearchConfig as _C, join
-
-        cfg = _C.load(join(args.storage, args.resume))
+        cfg = SearchConfig.load(join(args.storage, args.resume))
         if args.address:
             cfg.address = args.address
         path = run_search(cfg, resume=True)

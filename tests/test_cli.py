@@ -162,3 +162,12 @@ def test_report_remeasure_times_the_front_alone(experiment, tmp_path):
     assert (df.set_index("trial_id").loc[list(timings), "latency_ms"].to_numpy() == list(timings.values())).all()
     assert "re-measured one model at a time" in (tmp_path / "r.html").read_text()
     (exp / "remeasured.json").unlink()  # leave the shared experiment as the search wrote it
+
+
+@pytest.mark.parametrize("args, words", [
+    (["export", "runs/x"], "export: the following arguments are required: -o/--output"),
+    (["search", "--trials", "many"], "search: argument --trials: invalid int value"),
+    (["search", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_argument_mistakes_are_one_line_too(tmp_path, args, words):
+    assert words in _one_line_error(*run_cli(*args, cwd=tmp_path)[::2])
