@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from spaces.errors import PrunefuseError
+from spaces.knobs import coerce_number
 
 from .train import evaluate, train
 
@@ -33,11 +35,16 @@ class TrainSpec:
     seed: int = 0
 
     def __post_init__(self):
-        # 3 and 3.0 epochs must give one cache key (CLI ints vs a policy's floats).
-        for name, cast in (("epochs", float), ("lr", float), ("batch_size", int), ("expert_epochs", float), ("seed", int)):
-            object.__setattr__(self, name, cast(getattr(self, name)))
+        # Typed and checked here, so a CLI's `epochs=2` and a policy's `epochs: 2.0` share one
+        # cache key, and `epochs=abc` is one clear line.
+        rules = {"epochs": (float, 0.0, False), "lr": (float, 0.0, True), "batch_size": (int, 1, False),
+                 "expert_epochs": (float, 0.0, False), "seed": (int, None, False)}
+        for name, (cast, low, low_open) in rules.items():
+            value = coerce_number("training", name, getattr(self, name), cast, low=low, low_open=low_open)
+            object.__setattr__(self, name, value)
         if self.expert_lr is not None:
-            object.__setattr__(self, "expert_lr", float(self.expert_lr))
+            object.__setattr__(self, "expert_lr",
+                               coerce_number("training", "expert_lr", self.expert_lr, float, low=0.0, low_open=True))
 
 
 @dataclass
@@ -128,7 +135,7 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
 
     base_file, meta_file = folder / "base.pt", folder / "meta.json"
     if base_file.exists() and meta_file.exists():
-        base = torch.load(base_file, weights_only=True)
+        base = _load(base_file)
         meta = json.loads(meta_file.read_text())
         log(f"reusing the dense base from {folder}")
     else:
@@ -153,7 +160,7 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
             fn = _ExpertJob(suite, model_spec, spec, base)
             for task, state in zip(todo, map_fn(fn, todo)):
                 _save(state, folder / f"expert_{task}.pt")
-        art.experts = {t: torch.load(folder / f"expert_{t}.pt", weights_only=True) for t in suite.task_names}
+        art.experts = {t: _load(folder / f"expert_{t}.pt") for t in suite.task_names}
 
     if references:
         ref_file = folder / "references.json"
@@ -213,9 +220,25 @@ def _state_digest(state) -> str:
 
 
 def _save(state, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    # A unique temporary name: two searches sharing the cache never write into each other's file.
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise PrunefuseError(f"cached artifact {str(path)!r} is unreadable ({str(exc).splitlines()[0][:120]}); "
+                             f"delete its folder to retrain it") from None
 
 
 def _write_json(path: Path, data) -> None:

@@ -24,7 +24,10 @@ _DIMS = {nn.Linear: ("out_features", "in_features"), nn.Conv2d: ("out_channels",
 
 def save(model, policy: Policy, metrics: dict, out_dir) -> Path:
     """Write model.pt + policy.yaml + metrics.json into `out_dir`, replacing it only when complete."""
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    if out.exists() and (not out.is_dir() or not _replaceable(out)):
+        raise PrunefuseError(f"{str(out_dir)!r} exists and is not a saved prunefuse model; "
+                             f"choose a new or empty folder for -o")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -43,6 +46,12 @@ def save(model, policy: Policy, metrics: dict, out_dir) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _replaceable(folder: Path) -> bool:
+    """Only an empty folder or an earlier `save` may be replaced: never a user's other files."""
+    names = {p.name for p in folder.iterdir()}
+    return not names or names <= {"model.pt", "policy.yaml", "metrics.json"} and "model.pt" in names
 
 
 def resize_to(model, state: dict) -> None:

@@ -94,7 +94,7 @@ def _stream_seed(seed: int, task: str, key: str) -> int:
 
 
 def _int_seed(seed) -> int:
-    """An int seed; a whole float (3.0) counts, since a Policy stores fusion params as floats."""
+    """An int seed; a whole float (3.0), as hand-written YAML or JSON may give, counts."""
     if isinstance(seed, float) and seed.is_integer():
         return int(seed)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -144,7 +144,9 @@ def dare_ties(deltas: Mapping[str, Tensor], key: str, *, drop_rate: float = 0.5,
 
 # --- entry point ---------------------------------------------------------------
 
-def _check_params(method: str, fn: Callable, params: Mapping) -> None:
+def check_params(method: str, params: Mapping) -> None:
+    """Each of `params` is a knob `method` takes (its keyword-only arguments)."""
+    fn = METHODS[method]
     valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     for name in params:
         if name not in valid:
@@ -196,7 +198,7 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
     if method not in METHODS:
         raise unknown_name("fusion method", method, METHODS)
     fn = METHODS[method]
-    _check_params(method, fn, method_params)
+    check_params(method, method_params)
     _check_state(base, experts)
     _check_coefficients(base, experts, coefficients)
     out: dict[str, Tensor] = {}

@@ -51,6 +51,17 @@ def cnn_trunk(input_shape, *, channels=(32, 64, 128), fc: int = 128) -> tuple[nn
 TRUNKS = {"mlp": ("width", "depth"), "cnn": ("channels", "fc")}
 
 
+def _checked_size(trunk: str, key: str, value):
+    """Widths, depth, channels: whole numbers >= 1 (a list of them for channels)."""
+    from spaces.knobs import coerce_number
+
+    if key == "channels":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise PrunefuseError(f"trunk {trunk!r} channels={value!r}: expected a list such as [32, 64, 128]")
+        return [coerce_number(f"trunk {trunk!r}", "channels", c, int, low=1) for c in value]
+    return coerce_number(f"trunk {trunk!r}", key, value, int, low=1)
+
+
 def build_model(suite, *, trunk: str = "mlp", **spec) -> MTLModel:
     """A fresh MTLModel for `suite`; `spec` holds the trunk's own options (width, depth / channels, fc)."""
     if trunk not in TRUNKS:
@@ -58,6 +69,7 @@ def build_model(suite, *, trunk: str = "mlp", **spec) -> MTLModel:
     for key in spec:
         if key not in TRUNKS[trunk]:
             raise PrunefuseError(f"trunk {trunk!r} has no option {key!r}; valid options: {', '.join(TRUNKS[trunk])}")
+    spec = {k: _checked_size(trunk, k, v) for k, v in spec.items()}
     if trunk == "mlp":
         in_features = 1
         for d in suite.input_shape:

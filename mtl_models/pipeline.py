@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spaces.errors import PrunefuseError
+from spaces.errors import PrunefuseError, unknown_name
+from spaces.knobs import coerce_number
 from spaces.policy import Policy
 
 from . import measure
@@ -28,6 +29,10 @@ class MeasureSpec:
     runs: int = 30
     warmup: int = 5
     device: str = "cpu"
+
+    def __post_init__(self):
+        for name, low in (("latency_batch", 1), ("threads", 1), ("runs", 1), ("warmup", 0)):
+            object.__setattr__(self, name, coerce_number("measure", name, getattr(self, name), int, low=low))
 
 
 def _first_difference(policy_spec: dict, here: dict) -> tuple[str, str]:
@@ -61,10 +66,26 @@ def check_fits(suite, policy: Policy, artifacts: Artifacts | None = None, *, mod
                         ("fusion.coefficients", policy.fusion.coefficients if policy.fusion else {})):
         if names and set(names) != tasks:
             raise PrunefuseError(f"policy {what} names tasks {sorted(names)}; suite {suite.name!r} has {sorted(tasks)}")
+    check_method_names(policy, suite.task_names)
     if model is not None:
         from .pruning import check_sparsity
 
         check_sparsity(model, dict(policy.pruning.sparsity))
+
+
+def check_method_names(policy: Policy, tasks: list[str]) -> None:
+    """Every method a policy names, and its knobs, exist: a typo fails before any training."""
+    from . import fusion, pruning
+    from .weighting import make_weighter
+
+    make_weighter(weighting_spec(policy), tasks)
+    if policy.pruning.importance not in pruning.IMPORTANCES:
+        raise unknown_name("importance", policy.pruning.importance, pruning.IMPORTANCES)
+    if policy.fusion is not None:
+        method = policy.fusion.method
+        if method not in fusion.METHODS:
+            raise unknown_name("fusion method", method, fusion.METHODS)
+        fusion.check_params(method, policy.fusion.params)
 
 
 def weighting_spec(policy: Policy) -> dict:

@@ -35,7 +35,10 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
     data: Split = suite.train
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(data) / batch_size)
-    total_steps = max(1, round(epochs * steps_per_epoch))
+    total_steps = round(epochs * steps_per_epoch)
+    if total_steps <= 0:  # epochs=0 (or too few to make one step) trains nothing
+        model.eval()
+        return []
     history, sums, count, step = [], {t: 0.0 for t in tasks}, 0, 0
     model.to(device).train()
     while step < total_steps:

@@ -220,7 +220,7 @@ class RLW(Weighter):
     def __init__(self, tasks, *, seed=0):
         super().__init__(tasks)
         if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)  # a Policy stores weighting params as floats: 3 comes back as 3.0
+            seed = int(seed)  # a whole float (3.0) from a hand-written YAML or JSON counts as 3
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise PrunefuseError(f"rlw seed must be an integer, got {seed!r}")
         self.generator = torch.Generator().manual_seed(seed)

@@ -49,13 +49,20 @@ def _local(path: str) -> str:
     return target
 
 
+def _read_json(f: Path):
+    try:
+        return json.loads(f.read_text())
+    except ValueError as exc:
+        raise PrunefuseError(f"{f} is not valid JSON ({exc}); is this a prunefuse experiment?") from None
+
+
 def load_config(path) -> dict:
-    return json.loads((experiment_dir(path) / CONFIG_FILE).read_text())
+    return _read_json(experiment_dir(path) / CONFIG_FILE)
 
 
 def load_dense(path) -> dict | None:
     f = experiment_dir(path) / DENSE_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+    return _read_json(f) if f.is_file() else None
 
 
 def _last_result(trial_dir: Path) -> dict | None:
@@ -94,7 +101,10 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
     params = trial_dir / "params.json"
     if not params.is_file():
         return None
-    config = json.loads(params.read_text())
+    try:
+        config = json.loads(params.read_text())
+    except ValueError:  # being written or synced right now: the next read will have it
+        return None
     result = _last_result(trial_dir) or {}
     error = _error_reason(trial_dir)
     if result.get("final"):
@@ -137,7 +147,7 @@ def _overlay_remeasured(df: pd.DataFrame, exp: Path) -> pd.DataFrame:
     f = exp / REMEASURED_FILE
     if not f.is_file() or "latency_ms" not in df:
         return df
-    timings = json.loads(f.read_text())
+    timings = _read_json(f)
     df["latency_ms_search"] = df["latency_ms"]
     hit = df["trial_id"].isin(timings)
     df.loc[hit, "latency_ms"] = df.loc[hit, "trial_id"].map(timings)

@@ -6,22 +6,32 @@ import torch
 from spaces import Policy
 
 
-def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print):
-    from mtl_models import artifacts, checkpoint, suites
-    from mtl_models.pipeline import MeasureSpec, apply_policy, check_fits
+def rebuild(policy: Policy, *, cache: str, log=print):
+    """(suite, artifacts) a policy starts from: its suite, and the base (trained, reused from
+    `cache`, or the user's checkpoint) with experts when it fuses. Checks fit before training."""
+    from mtl_models import artifacts, suites
+    from mtl_models.pipeline import check_fits
 
     from .shared_artifacts import load_base_checkpoint
 
-    torch.set_num_threads(threads)
     options = {k: v for k, v in policy.suite.items() if k != "name"}
     suite = suites.get(policy.suite["name"], **options)
     model = suite.build_model(**policy.model)  # checks the model spec against the suite
-    check_fits(suite, policy, model=model)  # another suite, tasks or layers: fail before any training
+    check_fits(suite, policy, model=model)  # another suite, tasks, layers or method: fail before training
     base = policy.base.model_dump()
     checkpoint_path = base.pop("checkpoint")
     base_state = load_base_checkpoint(checkpoint_path, model) if checkpoint_path else None
     art = artifacts.prepare(suite, policy.model, artifacts.TrainSpec(**base), cache_dir=cache,
                             experts=policy.fusion is not None, base_state=base_state, log=log)
+    return suite, art
+
+
+def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print):
+    from mtl_models import checkpoint
+    from mtl_models.pipeline import MeasureSpec, apply_policy
+
+    torch.set_num_threads(threads)
+    suite, art = rebuild(policy, cache=cache, log=log)
     measured = (policy.provenance or {}).get("metrics", {})
     spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads)
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)

@@ -103,6 +103,7 @@ def cmd_search(args) -> int:
     from .tuner import run_search
 
     if args.resume:
+        _only_resume_flags(args)
         cfg = SearchConfig.load(join(args.storage, args.resume))
         if args.address:
             cfg.address = args.address
@@ -126,6 +127,17 @@ def cmd_search(args) -> int:
     if not args.no_report:
         _report_and_export(path)
     return 0
+
+
+def _only_resume_flags(args) -> None:
+    """A resumed search keeps what it was asked; a flag that would change it is refused, not dropped."""
+    defaults = vars(_parser().parse_args(["search"]))
+    allowed = {"resume", "storage", "address", "no_report", "verb"}
+    changed = sorted(k for k, v in vars(args).items() if k not in allowed and v != defaults.get(k))
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise PrunefuseError(f"--resume continues the search as it was asked; {flags} cannot change it "
+                             f"(only --storage, --address and --no-report go with --resume)")
 
 
 def _suite_options(args) -> dict:
@@ -157,6 +169,7 @@ def _checked(values: dict, what: str) -> dict:
     for key in values:
         if key not in valid:
             raise PrunefuseError(f"--{what}-option {key!r} is not known; valid: {', '.join(valid)}")
+    cls(**values)  # types and ranges, checked before anything is written
     return values
 
 
@@ -167,17 +180,26 @@ def _check_numbers(cfg) -> None:
         raise PrunefuseError(f"--time-budget {cfg.time_budget_s}: expected seconds > 0")
     if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
         raise PrunefuseError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-    if cfg.sampler not in ("tpe", "nsga2", "random"):
-        raise PrunefuseError(f"unknown sampler {cfg.sampler!r}; expected one of: nsga2, random, tpe")
+    from spaces.errors import unknown_name
+
+    from .config import SAMPLERS
+
+    if cfg.sampler not in SAMPLERS:
+        raise unknown_name("sampler", cfg.sampler, SAMPLERS)
     if cfg.retries < 0:
         raise PrunefuseError(f"--retries {cfg.retries}: expected 0 or more")
 
 
 def _report_and_export(path) -> None:
+    """The end of a search: report.html and the knee's policy.yaml inside the experiment
+    (written through `config.write_text`, so a URI storage gets them too)."""
     from reports import experiment, select
-    from reports.html import write_report
+    from reports.html import build_report
 
-    report = write_report(path)
+    from .config import join, write_text
+
+    report = join(path, "report.html")
+    write_text(report, build_report(path))
     print(f"report: {report}")
     df = experiment.load_experiment(path)
     objectives = experiment.objectives(path)
@@ -186,11 +208,11 @@ def _report_and_export(path) -> None:
     except PrunefuseError as exc:
         print(f"no policy exported: {exc}")
         return
-    out = os.path.join(path, "policy.yaml")
-    select.policy_of(row, path, objectives).to_yaml(out)
+    out = join(path, "policy.yaml")
+    write_text(out, select.policy_of(row, path, objectives).to_yaml())
     print(f"knee policy (trial {row['trial_id']}: accuracy {row['accuracy']:.4f}, {int(row['params']):,} params, "
           f"{row['latency_ms']:.3f} ms): {out}")
-    print(f"next: prunefuse apply {out} -o {os.path.join(path, 'model')}")
+    print(f"next: prunefuse apply {out} -o {join(path, 'model')}")
 
 
 def cmd_report(args) -> int:
@@ -210,12 +232,20 @@ def cmd_export(args) -> int:
 
     df = experiment.load_experiment(args.experiment)
     objectives = experiment.objectives(args.experiment)
+    floors = {}
+    for task, value in _key_values(args.min_task, "--min-task").items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PrunefuseError(f"--min-task {task}={value!r}: expected a number, e.g. {task}=0.9")
+        floors[task] = float(value)
     constraints = dict(max_params=args.max_params, max_latency_ms=args.max_latency_ms,
-                       min_accuracy=args.min_accuracy,
-                       task_floors={k: float(v) for k, v in _key_values(args.min_task, "--min-task").items()})
+                       min_accuracy=args.min_accuracy, task_floors=floors or None)
+    limited = any(v is not None for v in constraints.values())
+    if limited and (args.trial or args.knee):
+        raise PrunefuseError("choose one way: --trial ID, --knee, or constraints (--max-params, --max-latency-ms, "
+                             "--min-accuracy, --min-task), not several")
     if args.trial:
         row = select.by_trial(df, args.trial)
-    elif any(v for v in constraints.values()):
+    elif limited:
         row = select.by_constraints(df, objectives, args.experiment, **constraints)
     elif args.knee:
         row = select.by_knee(df, objectives, args.experiment)
@@ -230,6 +260,9 @@ def cmd_export(args) -> int:
 
 def cmd_apply(args) -> int:
     from spaces import Policy
+
+    if args.threads < 1:
+        raise PrunefuseError(f"--threads {args.threads}: expected 1 or more")
 
     policy = Policy.from_yaml(args.policy)
     from .apply import apply_and_save

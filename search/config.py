@@ -14,7 +14,7 @@ from spaces.files import atomic_write_text
 
 CONFIG_FILE = "prunefuse.json"
 OBJECTIVE_NAMES = ("accuracy", "test_accuracy", "delta_m", "params", "nonzero_params", "bytes", "macs", "latency_ms")
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random")  # the names `--sampler` takes
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:
@@ -66,9 +66,13 @@ class SearchConfig:
     @classmethod
     def load(cls, experiment: str) -> "SearchConfig":
         text = read_text(join(experiment, CONFIG_FILE), what="experiment")
-        data = json.loads(text)
-        data["objectives"] = [tuple(o) for o in data["objectives"]]
-        cfg = cls(**data)
+        try:
+            data = json.loads(text)
+            data["objectives"] = [tuple(o) for o in data["objectives"]]
+            cfg = cls(**data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise PrunefuseError(f"{join(experiment, CONFIG_FILE)} is not a prunefuse experiment file "
+                                 f"({str(exc).splitlines()[0][:120]})") from None
         # Where it was found now wins over where it was first written (a moved folder, or a
         # relative --storage resumed from another working directory).
         where = str(experiment).rstrip("/")

@@ -8,6 +8,8 @@ from ray.tune.search.optuna import OptunaSearch
 from spaces import SearchSpace
 from spaces.errors import unknown_name
 
+from .config import SAMPLERS
+
 CONSTRAINTS_ATTR = "constraints"
 
 
@@ -73,7 +75,7 @@ def make_sampler(name: str, *, seed: int, trials: int | None, floors: TaskFloors
                                              population_size=max(8, min(50, (trials or 40) // 4)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise unknown_name("sampler", name, ["tpe", "nsga2", "random"])
+    raise unknown_name("sampler", name, SAMPLERS)
 
 
 def make_searcher(space: SearchSpace, *, objectives, sampler: str, seed: int, trials, storage_url: str,

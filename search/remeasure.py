@@ -8,10 +8,8 @@ loader overlays on `latency_ms` (keeping the search's value as `latency_ms_searc
 from __future__ import annotations
 
 import json
-import os
 
 from spaces import Policy
-from spaces.files import atomic_write_text
 
 REMEASURED_FILE = "remeasured.json"
 
@@ -19,31 +17,26 @@ REMEASURED_FILE = "remeasured.json"
 def remeasure_front(experiment, *, log=print) -> str:
     import torch
 
-    from mtl_models import artifacts, suites
     from mtl_models.pipeline import MeasureSpec, apply_policy, measure_model
     from reports import experiment as exp_io
     from reports import select
 
-    from .config import SearchConfig
+    from .apply import rebuild
+    from .config import SearchConfig, join, write_text
+    from .shared_artifacts import artifact_cache
 
     cfg = SearchConfig.load(str(experiment))
     df = exp_io.load_experiment(experiment)
     front = select.front(df, exp_io.objectives(experiment), experiment)
     spec = MeasureSpec(**cfg.measure)
     torch.set_num_threads(spec.threads)
-    cache = os.path.join(os.path.dirname(os.path.abspath(str(experiment))), "_artifacts")
     timings = {}
     for row in front.itertuples():
         policy = Policy.from_dict(row.policy, source=f"trial {row.trial_id}")
-        options = {k: v for k, v in policy.suite.items() if k != "name"}
-        suite = suites.get(policy.suite["name"], **options)
-        base = policy.base.model_dump()
-        base.pop("checkpoint")
-        art = artifacts.prepare(suite, policy.model, artifacts.TrainSpec(**base), cache_dir=cache,
-                                experts=policy.fusion is not None, log=lambda *a: None)
+        suite, art = rebuild(policy, cache=artifact_cache(cfg), log=lambda *a: None)
         model, _ = apply_policy(suite, policy, art, measure_spec=MeasureSpec(**{**cfg.measure, "runs": 1}))
         timings[row.trial_id] = measure_model(model, suite, art, spec)["latency_ms"]
         log(f"  {row.trial_id}: {row.latency_ms:.3f} ms in the search, {timings[row.trial_id]:.3f} ms alone")
-    atomic_write_text(os.path.join(str(experiment), REMEASURED_FILE), json.dumps(timings, indent=1))
+    write_text(join(str(experiment), REMEASURED_FILE), json.dumps(timings, indent=1))
     return (f"front re-measured one model at a time ({spec.threads} thread(s), batch {spec.latency_batch}, "
             f"median of {spec.runs}); other trials: measured during the search")

@@ -24,7 +24,7 @@ FINISHED_FILE = "finished.json"  # written when fit() returns; absent while runn
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
     from mtl_models import fusion, weighting
-    from mtl_models.pruning import prunable_layers
+    from mtl_models.pruning import IMPORTANCES, prunable_layers
 
     spec = SpaceSpec.model_validate(cfg.space)
     trunk_groups = sorted({fusion.layer_group(k) for k, v in model.state_dict().items()
@@ -32,7 +32,7 @@ def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
     return SearchSpace(spec, layers=prunable_layers(model), tasks=suite.task_names,
                        suite={"name": suite.name, **suite.options}, model=cfg.model,
                        fusion_knobs=fusion.KNOBS, weighting_knobs=weighting.KNOBS,
-                       merge_groups=trunk_groups, base=base_spec(cfg), seed=cfg.seed)
+                       merge_groups=trunk_groups, base=base_spec(cfg), importances=list(IMPORTANCES), seed=cfg.seed)
 
 
 def base_spec(cfg: SearchConfig) -> dict:

@@ -22,8 +22,20 @@ class Knob:
             return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(name, self.low, self.high, log=self.log)
 
-    def check(self, name: str, value) -> None:
-        from .errors import PrunefuseError
 
-        if not (self.low <= value <= self.high):
-            raise PrunefuseError(f"{name}={value} is out of range; expected {self.low} <= {name} <= {self.high}")
+def coerce_number(owner: str, name: str, value, cast, *, low=None, high=None, low_open: bool = False):
+    """`cast(value)` within bounds, or a PrunefuseError naming `owner.name`, what came and what fits."""
+    from .errors import PrunefuseError
+
+    bounds = " ".join(filter(None, [f"{'>' if low_open else '>='} {low}" if low is not None else "",
+                                    f"<= {high}" if high is not None else ""]))
+    try:
+        if isinstance(value, bool) or (cast is int and float(value) != int(float(value))):
+            raise ValueError
+        out = cast(value) if cast is float else int(float(value))
+    except (TypeError, ValueError):
+        raise PrunefuseError(f"{owner} {name}={value!r}: expected {'a whole number' if cast is int else 'a number'}"
+                             f"{' ' + bounds if bounds else ''}") from None
+    if (low is not None and (out <= low if low_open else out < low)) or (high is not None and out > high):
+        raise PrunefuseError(f"{owner} {name}={value!r} is out of range; expected {bounds}")
+    return out

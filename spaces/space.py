@@ -75,15 +75,63 @@ class SpaceSpec(_Strict):
             raise PrunefuseError(validation_message(str(path), exc)) from None
 
 
+# Knobs drawn as whole numbers when given as a range.
+INTEGER_KNOBS = {"pruning.steps", "finetune.batch_size"}
+
+
 def _suggest(trial, name: str, choice: Choice):
     """Turn one spec entry into a value: fixed, categorical, or a float/int range."""
     if isinstance(choice, Range):
-        integer = float(choice.low).is_integer() and float(choice.high).is_integer() and name.endswith("steps")
-        return Knob(choice.low, choice.high, log=choice.log, integer=integer).suggest(trial, name)
+        return Knob(choice.low, choice.high, log=choice.log, integer=name in INTEGER_KNOBS).suggest(trial, name)
     if isinstance(choice, list):
         return choice[0] if len(choice) == 1 else trial.suggest_categorical(name, choice)
     return choice
 
+
+
+def _corners(choice: Choice) -> list:
+    """The values an entry can take at its edges: a range's ends, a list's items, a scalar."""
+    if isinstance(choice, Range):
+        return [choice.low, choice.high]
+    return list(choice) if isinstance(choice, list) else [choice]
+
+
+# What each entry may hold, checked before a search starts (a bad draw would otherwise fail
+# trials one by one, after the base was trained).
+_ALLOWED = {
+    "pruning.mode": ("structured", "unstructured"), "pruning.aggregate": ("mean", "min", "max", "vote"),
+    "pruning.scope": ("layerwise", "global"),
+}
+_BOUNDS = {  # entry -> (low, high), inclusive
+    "pruning.steps": (1, 50), "pruning.sparsity": (0.0, MAX_SPARSITY), "weighting.weight": (0.0, float("inf")),
+    "fusion.coefficient": (-10.0, 10.0), "fusion.finetune_epochs": (0.0, 100.0),
+    "finetune.epochs": (0.0, 100.0), "finetune.lr": (1e-12, 1.0), "finetune.batch_size": (1, 1 << 20),
+}
+
+
+def _check_entry(where: str, choice: Choice) -> None:
+    if isinstance(choice, Range):
+        if choice.low > choice.high:
+            raise PrunefuseError(f"space: {where} has low {choice.low} > high {choice.high}")
+        if choice.log and choice.low <= 0:
+            raise PrunefuseError(f"space: {where} is a log range, so low must be > 0 (got {choice.low})")
+        if where in INTEGER_KNOBS and not (float(choice.low).is_integer() and float(choice.high).is_integer()):
+            raise PrunefuseError(f"space: {where} takes whole numbers; got {choice.low}..{choice.high}")
+    if isinstance(choice, list) and not choice:
+        raise PrunefuseError(f"space: {where} is an empty list; give at least one value")
+    for value in _corners(choice):
+        if where in _ALLOWED and value not in _ALLOWED[where]:
+            raise PrunefuseError(f"space: {where} {value!r} is not one of: {', '.join(_ALLOWED[where])}")
+        if where in _BOUNDS:
+            low, high = _BOUNDS[where]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PrunefuseError(f"space: {where} takes numbers; got {value!r}")
+            if not low <= value <= high:
+                reach = f"reaches {value}" if value > high else f"goes down to {value}"
+                raise PrunefuseError(f"space: {where} {reach}; expected {low} <= value <= {high}")
+        if where in ("pruning.importance", "weighting.method", "fusion.method") and \
+                value is not None and not isinstance(value, str):
+            raise PrunefuseError(f"space: {where} takes names; got {value!r}")
 
 
 class SearchSpace:
@@ -91,17 +139,20 @@ class SearchSpace:
 
     suite / model: the specs copied into every policy (they rebuild the suite and model).
     fusion_knobs / weighting_knobs: method name -> {knob: Knob} (mtl_models.fusion.KNOBS, ...).
+    importances: the pruning criteria's names (mtl_models.pruning.IMPORTANCES).
     """
 
     def __init__(self, spec: SpaceSpec, *, layers: list[str], tasks: list[str], suite: dict,
                  model: dict, fusion_knobs: Optional[dict] = None, weighting_knobs: Optional[dict] = None,
-                 merge_groups: Optional[list[str]] = None, base: Optional[dict] = None, seed: int = 0):
+                 merge_groups: Optional[list[str]] = None, base: Optional[dict] = None,
+                 importances: Optional[list[str]] = None, seed: int = 0):
         self.spec, self.layers, self.tasks = spec, list(layers), list(tasks)
         self.suite, self.model, self.seed = dict(suite), dict(model), seed
         self.base = dict(base or {})
         self.fusion_knobs = fusion_knobs or {}
         self.weighting_knobs = weighting_knobs or {}
         self.merge_groups = list(merge_groups or [])
+        self.importances = list(importances or [])
         self._check()
 
     def _check(self):
@@ -111,10 +162,19 @@ class SearchSpace:
             for option in options:
                 if option not in (None, "none") and knobs and option not in knobs:
                     raise PrunefuseError(f"space: unknown {name} {option!r}; expected one of: {', '.join(sorted(knobs))}")
-        s = self.spec.pruning.sparsity
-        high = s.high if isinstance(s, Range) else max(s) if isinstance(s, list) else s
-        if high is not None and high > MAX_SPARSITY:
-            raise PrunefuseError(f"space: pruning.sparsity reaches {high}; expected at most {MAX_SPARSITY}")
+        for where, choice in self._entries():
+            _check_entry(where, choice)
+        for value in _corners(self.spec.pruning.importance):
+            if self.importances and value not in self.importances:
+                raise PrunefuseError(f"space: unknown pruning importance {value!r}; expected one of: "
+                                     f"{', '.join(self.importances)}")
+
+    def _entries(self):
+        for section in ("pruning", "weighting", "fusion", "finetune"):
+            part = getattr(self.spec, section)
+            for field in type(part).model_fields:
+                if field != "layerwise":
+                    yield f"{section}.{field}", getattr(part, field)
 
     @property
     def fuses(self) -> bool:

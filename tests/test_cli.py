@@ -106,6 +106,10 @@ def _one_line_error(code, err):
     (["search", "--sampler", "grid"], "unknown sampler 'grid'"),
     (["search", "--train-option", "epoch=3"], "'epoch' is not known"),
     (["search", "--trials", "0"], "--trials 0"),
+    (["search", "--suite-option", "seed=abc"], "cannot be built with options"),
+    (["search", "--model-option", "width=0"], "width=0 is out of range"),
+    (["search", "--train-option", "epochs=abc"], "training epochs='abc'"),
+    (["search", "--measure-option", "runs=0"], "measure runs=0 is out of range"),
     (["report", "runs/does-not-exist"], "not found"),
     (["export", "runs/does-not-exist", "--knee", "-o", "x.yaml"], "not found"),
     (["apply", "missing.yaml", "-o", "out"], "policy file 'missing.yaml' not found"),
@@ -171,3 +175,21 @@ def test_report_remeasure_times_the_front_alone(experiment, tmp_path):
 ])
 def test_argument_mistakes_are_one_line_too(tmp_path, args, words):
     assert words in _one_line_error(*run_cli(*args, cwd=tmp_path)[::2])
+
+
+def test_export_refuses_mixed_selectors_and_bad_floors(experiment, tmp_path):
+    root, exp, _ = experiment
+    line = _one_line_error(*run_cli("export", exp, "--knee", "--max-params", 0, "-o", tmp_path / "a.yaml")[::2])
+    assert "choose one way" in line
+    line = _one_line_error(*run_cli("export", exp, "--min-task", "left=abc", "-o", tmp_path / "a.yaml")[::2])
+    assert "--min-task left='abc'" in line
+    assert not (tmp_path / "a.yaml").exists()
+
+
+def test_a_malformed_experiment_file_is_one_line(tmp_path):
+    exp = tmp_path / "runs" / "broken"
+    exp.mkdir(parents=True)
+    (exp / "prunefuse.json").write_text("{not json")
+    assert "not valid JSON" in _one_line_error(*run_cli("export", exp, "--knee", "-o", tmp_path / "p.yaml")[::2])
+    assert "not a prunefuse experiment file" in _one_line_error(
+        *run_cli("search", "--resume", "broken", "--storage", tmp_path / "runs")[::2])

@@ -127,3 +127,39 @@ def test_measured_costs_are_consistent(tiny_suite, tiny_artifacts):
     assert m["macs"] > 0 and m["latency_ms"] > 0
     assert m["latency_batch"] == 32 and m["device"] == "cpu"
     assert m["accuracy"] == pytest.approx(sum(m[f"metric/{t}"] for t in tiny_suite.task_names) / 3)
+
+
+def test_save_never_replaces_a_folder_with_other_files(tiny_suite, tiny_artifacts, tmp_path):
+    from spaces import PrunefuseError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    model = tiny_suite.build_model(trunk="mlp", width=64, depth=2)
+    with pytest.raises(PrunefuseError, match="not a saved prunefuse model"):
+        checkpoint.save(model, tiny_policy(tiny_suite), {}, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    checkpoint.save(model, tiny_policy(tiny_suite), {}, tmp_path / "fresh")
+    checkpoint.save(model, tiny_policy(tiny_suite), {}, tmp_path / "fresh")  # an earlier save may be replaced
+
+
+def test_zero_epochs_trains_nothing(tiny_suite):
+    from mtl_models.train import train
+
+    model = tiny_suite.build_model(trunk="mlp", width=16, depth=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert train(model, tiny_suite, epochs=0, lr=1.0) == []
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_a_method_typo_fails_before_any_training(tiny_suite, tmp_path):
+    from mtl_models.pipeline import check_fits
+
+    for change, words in [({"weighting": {"method": "uncertainity"}}, "unknown weighting method"),
+                          ({"fusion": {"method": "tiez", "coefficients": {t: 1.0 for t in tiny_suite.task_names}}},
+                           "unknown fusion method 'tiez'"),
+                          ({"fusion": {"method": "ties", "coefficients": {t: 1.0 for t in tiny_suite.task_names},
+                                       "params": {"densty": 0.2}}}, "unknown parameter 'densty'")]:
+        with pytest.raises(PrunefuseError, match=words):
+            check_fits(tiny_suite, tiny_policy(tiny_suite, **change))

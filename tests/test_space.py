@@ -88,3 +88,24 @@ def test_space_yaml_rejects_unknown_keys(tmp_path):
     f.write_text("pruning: [\n")
     with pytest.raises(PrunefuseError, match="malformed YAML"):
         SpaceSpec.from_yaml(f)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"pruning": {"sparsity": [0.1, "a"]}}, "pruning.sparsity takes numbers"),
+    ({"pruning": {"sparsity": {"low": 0.5, "high": 0.1}}}, "low 0.5 > high 0.1"),
+    ({"pruning": {"sparsity": {"low": -0.2, "high": 0.5}}}, "goes down to -0.2"),
+    ({"finetune": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, "log range, so low must be > 0"),
+    ({"pruning": {"steps": {"low": 1.5, "high": 3}}}, "takes whole numbers"),
+    ({"pruning": {"mode": ["structured", "sparse"]}}, "'sparse' is not one of"),
+    ({"pruning": {"importance": ["l2", "hessian"]}}, "unknown pruning importance 'hessian'"),
+    ({"finetune": {"epochs": []}}, "empty list"),
+])
+def test_every_entry_is_checked_before_the_search(spec, words):
+    with pytest.raises(PrunefuseError, match=words):
+        _space(spec, importances=["l1", "l2", "taylor", "multitask_taylor"])
+
+
+def test_integer_ranges_draw_whole_numbers():
+    spec = {"finetune": {"batch_size": {"low": 64, "high": 512}}, "fusion": {"method": None}}
+    for _, p in _policies(_space(spec), n=10):
+        assert isinstance(p.finetune.batch_size, int) and 64 <= p.finetune.batch_size <= 512

@@ -68,7 +68,14 @@ def get(name: str, **options) -> TaskSuite:
     else:
         raise unknown_name("suite", name, list(SUITES) + ["<package.module:function>"])
     _check_options(name, factory, options)
-    suite = factory(**options)
+    try:
+        suite = factory(**options)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, PrunefuseError):
+            raise
+        # A built-in suite handed a wrong type (seed=abc) fails deep in numpy; say which suite.
+        raise PrunefuseError(f"suite {name!r} cannot be built with options {options}: "
+                             f"{str(exc).splitlines()[0][:160]}") from None
     if not isinstance(suite, TaskSuite):
         raise PrunefuseError(f"suite {name!r} returned {type(suite).__name__}, expected a TaskSuite")
     if ":" in name:
