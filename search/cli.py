@@ -212,7 +212,12 @@ def _report_and_export(path) -> None:
     write_text(out, select.policy_of(row, path, objectives).to_yaml())
     print(f"knee policy (trial {row['trial_id']}: accuracy {row['accuracy']:.4f}, {int(row['params']):,} params, "
           f"{row['latency_ms']:.3f} ms): {out}")
-    print(f"next: prunefuse apply {out} -o {join(path, 'model')}")
+    from .config import SearchConfig
+    from .shared_artifacts import artifact_cache
+
+    cache = artifact_cache(SearchConfig.load(path))
+    hint = "" if os.path.abspath(cache) == os.path.abspath(os.path.join("runs", "_artifacts")) else f" --cache {cache}"
+    print(f"next: prunefuse apply {out} -o {join(path, 'model')}{hint}")
 
 
 def cmd_report(args) -> int:

@@ -31,6 +31,8 @@ def test_search_leaves_experiment_report_and_policy(experiment):
     trials = sorted(exp.glob("trial_*"))
     assert len(trials) == 8 and all((t / "policy.yaml").is_file() for t in trials)
     assert "knee policy" in out and "next: prunefuse apply" in out
+    # the search ran from `root` with storage root/runs, i.e. ./runs: apply's default cache fits
+    assert "--cache" not in [line for line in out.splitlines() if line.startswith("next:")][0]
     html = (exp / "report.html").read_text()
     assert "<script src=\"http" not in html and len(html) > 1_000_000  # plotly.js inlined
 
