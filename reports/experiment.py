@@ -14,8 +14,7 @@ import pandas as pd
 
 from spaces.errors import PrunefuseError
 
-CONFIG_FILE, DENSE_FILE, FINISHED_FILE = "prunefuse.json", "dense.json", "finished.json"
-REMEASURED_FILE = "remeasured.json"
+from .layout import CONFIG_FILE, DENSE_FILE, FINISHED_FILE, REMEASURED_FILE
 STATUS = ("finished", "failed", "stopped", "running")
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 from spaces.errors import PrunefuseError
 from spaces.files import atomic_write_text
 
-CONFIG_FILE = "prunefuse.json"
+from reports.layout import CONFIG_FILE
 OBJECTIVE_NAMES = ("accuracy", "test_accuracy", "delta_m", "params", "nonzero_params", "bytes", "macs", "latency_ms")
 SAMPLERS = ("tpe", "nsga2", "random")  # the names `--sampler` takes
 

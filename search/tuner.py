@@ -14,12 +14,12 @@ from dataclasses import asdict
 from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
 
+from reports.layout import DENSE_FILE, FINISHED_FILE
+
 from .config import SearchConfig, is_uri, join, write_text
 from .shared_artifacts import artifact_cache, load_base_checkpoint, measure_dense, train_artifacts
 
 STUDY_DB = "optuna.db"
-DENSE_FILE = "dense.json"
-FINISHED_FILE = "finished.json"  # written when fit() returns; absent while running or after a crash
 
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:

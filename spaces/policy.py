@@ -19,7 +19,6 @@ from .files import atomic_write_text, read_yaml, validation_message
 SCHEMA = "prunefuse.policy/1"
 MAX_SPARSITY = 0.95  # the same bound as mtl_models.pruning: no layer pruned to zero width
 
-Fraction = float
 # A method's knobs: whole numbers stay ints (a DARE or RLW seed), the rest are floats.
 Knobs = dict[str, Union[StrictInt, float]]
 Sparsity = Field(ge=0.0, le=MAX_SPARSITY)
@@ -57,8 +56,8 @@ class Pruning(_Strict):
     importance: str = "l2"
     aggregate: Literal["mean", "min", "max", "vote"] = "max"  # multitask_taylor only
     steps: int = Field(1, ge=1, le=50)        # 1 = one-shot; n = cubic train-prune cycles
-    global_sparsity: Optional[Fraction] = Field(None, ge=0.0, le=MAX_SPARSITY)
-    sparsity: dict[str, Fraction] = {}        # layer name -> fraction of units (or weights) removed
+    global_sparsity: Optional[float] = Field(None, ge=0.0, le=MAX_SPARSITY)
+    sparsity: dict[str, float] = {}        # layer name -> fraction of units (or weights) removed
 
     @field_validator("sparsity")
     @classmethod

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from .errors import PrunefuseError
 from .files import read_yaml, validation_message
 from .knobs import Knob
-from .policy import MAX_SPARSITY, Policy
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from .policy import MAX_SPARSITY, Policy, _Strict
 
 
 class Range(_Strict):
