@@ -285,13 +285,16 @@ def main(argv=None) -> None:
     ap.add_argument("--expert-epochs", type=float, default=3.0, help="per-task expert fine-tune epochs")
     ap.add_argument("--lr", type=float, default=3e-4,
                     help="Adam lr of the base and the experts (TrainSpec has one lr; see the module docstring)")
+    ap.add_argument("--expert-lr", type=float, default=None,
+                    help="Adam lr of the expert fine-tunes (default: TrainSpec's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None, help="artifact cache (default: a fresh temp dir)")
     args = ap.parse_args(argv)
     setup_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="prunefuse-fusion-")
-    train_spec = {"epochs": args.epochs, "expert_epochs": args.expert_epochs, "lr": args.lr, "batch_size": 256}
+    train_spec = {"epochs": args.epochs, "expert_epochs": args.expert_epochs, "lr": args.lr, "batch_size": 256,
+                  "expert_lr": args.expert_lr}
 
     print("## Fusion benchmark: pure merging (no post-merge fine-tune, no pruning)\n")
     print(f"model {MODEL}; base {args.epochs:g} epochs, experts {args.expert_epochs:g} epochs, Adam lr {args.lr:g}, "

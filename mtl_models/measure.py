@@ -2,6 +2,10 @@
 
 Latency is always measured on the device the model runs on, never derived from
 sparsity: unstructured zeros cost the same time as any other weight on dense kernels.
+It is the latency of the model's *inference form* (`inference_form`): what a deployment
+runs, with BatchNorm folded into the layer before it and image activations channels-last.
+Dense and pruned models are timed in that same form, so ratios compare like with like;
+size and MACs are counted on the model as trained and stored.
 """
 from __future__ import annotations
 
@@ -71,6 +75,52 @@ def count_macs(model, example_inputs: torch.Tensor) -> int:
     return int(macs)
 
 
+_FOLDABLE = ((torch.nn.Conv1d, torch.nn.BatchNorm1d), (torch.nn.Conv2d, torch.nn.BatchNorm2d),
+             (torch.nn.Linear, torch.nn.BatchNorm1d))
+
+
+def inference_form(model):
+    """An eval-mode copy of `model` as it would be deployed, computing the same function.
+
+    Every BatchNorm that directly follows a conv or linear layer in a `Sequential` is folded
+    into that layer's weights and bias (eval-mode BN is an affine map per channel), so
+    inference skips a full pass over the activations. Models with 2-D convolutions are put
+    in channels-last memory format, which oneDNN's CPU convolutions and pooling run without
+    reordering; `latency_ms` feeds them channels-last inputs. Live pruning masks are folded
+    in first. The trained model is untouched."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    from .pruning import without_masks
+
+    stored = without_masks(model)
+    form = copy.deepcopy(stored).eval()
+    for seq in [m for m in form.modules() if isinstance(m, torch.nn.Sequential)]:
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            layer, norm = seq._modules[first], seq._modules[second]
+            pair = next((p for p in _FOLDABLE if type(layer) is p[0] and type(norm) is p[1]), None)
+            if pair is None or not norm.track_running_stats or norm.running_mean is None:
+                continue
+            fuse = fuse_linear_bn_eval if pair[0] is torch.nn.Linear else fuse_conv_bn_eval
+            seq._modules[first] = fuse(layer, norm)
+            seq._modules[second] = torch.nn.Identity()
+    if _has_conv2d(form):
+        form = form.to(memory_format=torch.channels_last)
+    return form
+
+
+def _has_conv2d(model) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def _inference_inputs(model, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 4 and _has_conv2d(model):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 @contextlib.contextmanager
 def pinned_threads(threads: int):
     before = torch.get_num_threads()
@@ -83,30 +133,35 @@ def pinned_threads(threads: int):
 
 @torch.no_grad()
 def latency_ms(model, example_inputs: torch.Tensor, *, threads: int = 1, warmup: int = 5,
-               runs: int = 30, device: str = "cpu") -> float:
-    """Median wall time of one forward pass (in eval mode) in ms, after `warmup` untimed passes."""
-    was_training = model.training
-    model = model.to(device).eval()
-    x = example_inputs.to(device)
+               runs: int = 30, device: str = "cpu", as_trained: bool = False) -> float:
+    """Median wall time of one forward pass in ms, after `warmup` untimed passes, of the
+    model's `inference_form` (or, with `as_trained`, of the model itself in eval mode)."""
+    if as_trained:
+        was_training = model.training
+        timed = model.to(device).eval()
+    else:
+        timed = inference_form(model).to(device)
+    x = _inference_inputs(timed, example_inputs.to(device))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     try:
         with pinned_threads(threads):
             for _ in range(warmup):
-                model(x)
+                timed(x)
             sync()
             for _ in range(runs):
                 start = time.perf_counter()
-                model(x)
+                timed(x)
                 sync()
                 times.append((time.perf_counter() - start) * 1e3)
     finally:
-        model.train(was_training)
+        if as_trained:
+            model.train(was_training)
     return statistics.median(times)
 
 
 def interleaved_latency_ms(models: dict, example_inputs: torch.Tensor, *, rounds: int = 7, threads: int = 1,
-                           warmup: int = 3, runs: int = 10, device: str = "cpu") -> dict:
+                           warmup: int = 3, runs: int = 10, device: str = "cpu", as_trained: bool = False) -> dict:
     """name -> median over `rounds` of `latency_ms`, the models timed in turn within each
     round (starting one further along each round, so none is always first or last), so that
     machine-wide slow phases hit every model alike: timings on a shared CPU swing by tens of
@@ -117,7 +172,7 @@ def interleaved_latency_ms(models: dict, example_inputs: torch.Tensor, *, rounds
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             samples[name].append(latency_ms(models[name], example_inputs, threads=threads, warmup=warmup,
-                                            runs=runs, device=device))
+                                            runs=runs, device=device, as_trained=as_trained))
     return {name: statistics.median(samples[name]) for name in names}
 
 

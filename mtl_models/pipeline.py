@@ -177,5 +177,6 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     model.to(device)
     model = prune(model, dict(p.sparsity), mode=p.mode, importance=p.importance,
                   example_inputs=suite.example_inputs(2).to(device), task_losses=task_losses, steps=p.steps,
-                  global_sparsity=p.global_sparsity, aggregate=p.aggregate, after_step=after_step)
+                  global_sparsity=p.global_sparsity, aggregate=p.aggregate, after_step=after_step,
+                  round_to=p.round_to)
     return model, metrics

@@ -64,14 +64,30 @@ def cubic_schedule(final: float, steps: int) -> list[float]:
     return values
 
 
-def kept_units(width: int, sparsity: float) -> int:
-    """Units a layer of `width` keeps at `sparsity`: ⌊width·(1 − s)⌋, but never fewer than one."""
-    return max(1, min(width, math.floor(width * (1.0 - sparsity) + 1e-6)))
+def kept_units(width: int, sparsity: float, round_to: int = 1) -> int:
+    """Units a layer of `width` keeps at `sparsity`: ⌊width·(1 − s)⌋, but never fewer than one;
+    with `round_to` > 1, rounded to a multiple of it (see `round_units`)."""
+    return round_units(max(1, min(width, math.floor(width * (1.0 - sparsity) + 1e-6))), width, round_to)
+
+
+def round_units(kept: int, width: int, round_to: int) -> int:
+    """`kept` rounded to the nearest multiple of `round_to`, never below `min_kept(width)`
+    (the next multiple up where rounding down would cross it) and never above `width`.
+
+    Why: CPU and GPU kernels work on channels in blocks (oneDNN blocks fp32 channels by 8
+    with AVX2 and by 16 with AVX-512; tensor cores by 8), so 45 kept channels run at the
+    cost of 48 and 22 at the cost of 32. Rounding the kept width to the block size turns
+    removed MACs into removed time. A layer asked to keep everything, or no wider than
+    `round_to`, is not rounded."""
+    if round_to <= 1 or width <= round_to or kept >= width:
+        return kept
+    floor = -(-min_kept(width) // round_to) * round_to
+    return min(width, max(floor, round_to * round(kept / round_to)))
 
 
 def min_kept(width: int) -> int:
     """The fewest units MAX_SPARSITY lets a layer keep (global pruning's per-layer cap)."""
-    return kept_units(width, MAX_SPARSITY)
+    return max(1, min(width, math.floor(width * (1.0 - MAX_SPARSITY) + 1e-6)))
 
 
 # --- aggregation of per-task scores: (tasks, units) -> (units) ---
@@ -309,7 +325,8 @@ def check_sparsity(model, sparsity: dict[str, float]) -> None:
 
 def prune(model, sparsity: dict[str, float], *, mode: str = "structured", importance: str = "l2",
           example_inputs: torch.Tensor, task_losses=None, steps: int = 1,
-          global_sparsity: float | None = None, aggregate: str = "max", after_step=None) -> nn.Module:
+          global_sparsity: float | None = None, aggregate: str = "max", after_step=None,
+          round_to: int = 1) -> nn.Module:
     """Prune `model`'s trunk to the per-layer `sparsity` (fraction of units / weights removed).
 
     task_losses: model -> {task: loss} on calibration data; needed by the gradient criteria
@@ -318,6 +335,8 @@ def prune(model, sparsity: dict[str, float], *, mode: str = "structured", import
       units (weights, when unstructured) overall, no layer beyond MAX_SPARSITY (per-layer
       values are then ignored).
     after_step(step, model): called after each of the `steps` steps (fine-tune, report).
+    round_to: structured only; each layer's kept width is rounded to a multiple of it
+      (`round_units`), so that the kernels' channel blocks are full.
     Returns the pruned model (structured pruning edits `model` in place).
     """
     if mode not in MODES:
@@ -333,9 +352,14 @@ def prune(model, sparsity: dict[str, float], *, mode: str = "structured", import
     check_sparsity(model, sparsity)
     if global_sparsity is not None and not 0.0 <= global_sparsity <= MAX_SPARSITY:
         raise PrunefuseError(f"global sparsity {global_sparsity}; expected 0 <= sparsity <= {MAX_SPARSITY}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PrunefuseError(f"pruning round_to={round_to!r}; expected an integer >= 1")
     if mode == "structured":
         return _prune_structured(model, sparsity, importance, example_inputs, task_losses, steps,
-                                 global_sparsity, aggregate, after_step)
+                                 global_sparsity, aggregate, after_step, round_to)
+    if round_to != 1:
+        raise PrunefuseError(f"pruning round_to={round_to} rounds kept channels, so it needs mode 'structured' "
+                             "(unstructured pruning keeps every channel)")
     return _prune_unstructured(model, sparsity, importance, task_losses, steps,
                                global_sparsity, aggregate, after_step)
 
@@ -369,7 +393,7 @@ def _allocate_global(scores: dict, current: dict, initial: dict, target: float) 
 
 
 def _prune_structured(model, sparsity, importance, example_inputs, task_losses, steps,
-                      global_sparsity, aggregate, after_step):
+                      global_sparsity, aggregate, after_step, round_to=1):
     modules = dict(model.named_modules())
     listed = prunable_layers(model) if global_sparsity is not None else [n for n in sparsity]
     initial = {n: _width(modules[n]) for n in listed}
@@ -389,17 +413,18 @@ def _prune_structured(model, sparsity, importance, example_inputs, task_losses, 
             # Gradient criteria re-score the model between rounds of one step.
             now = {k: after[k] if r == rounds else before[k] + (after[k] - before[k]) * r / rounds for k in after}
             _structured_round(model, modules, listed, initial, criterion, example_inputs, task_losses,
-                              None if global_sparsity is not None else now, now.get(None))
+                              None if global_sparsity is not None else now, now.get(None), round_to)
         model.zero_grad(set_to_none=True)
         if after_step:
             after_step(step, model)
     return model
 
 
-def _structured_round(model, modules, listed, initial, criterion, example_inputs, task_losses, fractions, global_fraction):
+def _structured_round(model, modules, listed, initial, criterion, example_inputs, task_losses, fractions,
+                      global_fraction, round_to=1):
     model.eval()
     current = {n: _width(modules[n]) for n in listed}
-    targets = None if fractions is None else {n: kept_units(initial[n], fractions[n]) for n in listed}
+    targets = None if fractions is None else {n: kept_units(initial[n], fractions[n], round_to) for n in listed}
     todo = listed if targets is None else [n for n in listed if targets[n] < current[n]]
     if not todo:
         return
@@ -410,6 +435,7 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
     if targets is None:
         targets = _allocate_global(scores, {n: current[n] for n in groups}, {n: initial[n] for n in groups},
                                    global_fraction)
+        targets = {n: min(current[n], round_units(k, initial[n], round_to)) for n, k in targets.items()}
     changed = False
     for name, s in scores.items():
         n_drop = _width(modules[name]) - targets[name]

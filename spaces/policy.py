@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import PrunefuseError
 from .files import atomic_write_text, read_yaml, validation_message
@@ -58,6 +58,7 @@ class Pruning(_Strict):
     steps: int = Field(1, ge=1, le=50)        # 1 = one-shot; n = cubic train-prune cycles
     global_sparsity: Optional[float] = Field(None, ge=0.0, le=MAX_SPARSITY)
     sparsity: dict[str, float] = {}        # layer name -> fraction of units (or weights) removed
+    round_to: int = Field(1, ge=1, le=1024)  # structured: kept widths rounded to a multiple (kernel blocks)
 
     @field_validator("sparsity")
     @classmethod
@@ -66,6 +67,12 @@ class Pruning(_Strict):
             if not 0.0 <= s <= MAX_SPARSITY:
                 raise ValueError(f"sparsity of {layer} is {s}; expected 0 <= sparsity <= {MAX_SPARSITY}")
         return v
+
+    @model_validator(mode="after")
+    def _round_to_needs_channels(self):
+        if self.round_to != 1 and self.mode != "structured":
+            raise ValueError(f"round_to={self.round_to} rounds kept channels; it needs mode 'structured'")
+        return self
 
 
 class Finetune(_Strict):

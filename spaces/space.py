@@ -35,6 +35,7 @@ class PruningSpace(_Strict):
     steps: Choice = 1
     scope: Choice = "layerwise"            # layerwise: one sparsity per layer; global: one ranking
     sparsity: Choice = Range(low=0.0, high=0.9)
+    round_to: Choice = 1                   # structured: kept widths rounded to a multiple of this
 
 
 class WeightingSpace(_Strict):
@@ -72,7 +73,7 @@ class SpaceSpec(_Strict):
 
 
 # Knobs drawn as whole numbers when given as a range.
-INTEGER_KNOBS = {"pruning.steps", "finetune.batch_size"}
+INTEGER_KNOBS = {"pruning.steps", "pruning.round_to", "finetune.batch_size"}
 
 
 def _suggest(trial, name: str, choice: Choice):
@@ -99,7 +100,7 @@ _ALLOWED = {
     "pruning.scope": ("layerwise", "global"),
 }
 _BOUNDS = {  # entry -> (low, high), inclusive
-    "pruning.steps": (1, 50), "pruning.sparsity": (0.0, MAX_SPARSITY), "weighting.weight": (0.0, float("inf")),
+    "pruning.steps": (1, 50), "pruning.round_to": (1, 1024), "pruning.sparsity": (0.0, MAX_SPARSITY), "weighting.weight": (0.0, float("inf")),
     "fusion.coefficient": (-10.0, 10.0), "fusion.finetune_epochs": (0.0, 100.0),
     "finetune.epochs": (0.0, 100.0), "finetune.lr": (1e-12, 1.0), "finetune.batch_size": (1, 1 << 20),
 }
@@ -122,6 +123,8 @@ def _check_entry(where: str, choice: Choice) -> None:
             low, high = _BOUNDS[where]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise PrunefuseError(f"space: {where} takes numbers; got {value!r}")
+            if where in INTEGER_KNOBS and not isinstance(choice, Range) and not isinstance(value, int):
+                raise PrunefuseError(f"space: {where} takes whole numbers; got {value!r}")
             if not low <= value <= high:
                 reach = f"reaches {value}" if value > high else f"goes down to {value}"
                 raise PrunefuseError(f"space: {where} {reach}; expected {low} <= value <= {high}")
@@ -190,6 +193,8 @@ class SearchSpace:
         out = {k: _suggest(trial, f"pruning.{k}", getattr(p, k)) for k in ("mode", "importance", "steps")}
         if out["importance"] == "multitask_taylor":
             out["aggregate"] = _suggest(trial, "pruning.aggregate", p.aggregate)
+        if out["mode"] == "structured":
+            out["round_to"] = _suggest(trial, "pruning.round_to", p.round_to)
         if _suggest(trial, "pruning.scope", p.scope) == "global":
             out["global_sparsity"] = _suggest(trial, "pruning.global_sparsity", p.sparsity)
         else:

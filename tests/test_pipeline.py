@@ -28,6 +28,13 @@ def test_reports_after_every_pruning_step(tiny_suite, tiny_artifacts):
     assert seen[0][2] > seen[1][2] > seen[2][2] == final["params"]  # the cubic ramp removes more each step
 
 
+def test_policy_round_to_reaches_the_pruner(tiny_suite, tiny_artifacts):
+    policy = tiny_policy(tiny_suite, pruning={"round_to": 16, "sparsity": {"trunk.fc1": 0.3, "trunk.fc2": 0.55}})
+    model, _ = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST)
+    # 64 units: ⌊44.8⌋ = 44 → 48 and ⌊28.8⌋ = 28 → 32 (multiples of 16), not 44 and 28.
+    assert (model.trunk.fc1.out_features, model.trunk.fc2.out_features) == (48, 32)
+
+
 @pytest.mark.parametrize("method", ["average", "ties", "dare_linear"])
 def test_fused_then_pruned(tiny_suite, tiny_artifacts, method):
     coefficients = {t: 0.8 for t in tiny_suite.task_names}

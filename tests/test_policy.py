@@ -42,6 +42,8 @@ def test_policy_is_frozen():
     ({"weighting": {"method": "static", "weights": {"left": -1}}}, "weights must be >= 0"),
     ({"schema": "prunefuse.policy/9"}, "expected 'prunefuse.policy/1'"),
     ({"model": {"width": 3}}, "model needs a 'trunk'"),
+    ({"pruning": {"mode": "unstructured", "round_to": 8}}, "round_to=8 rounds kept channels; it needs mode 'structured'"),
+    ({"pruning": {"round_to": 0}}, "pruning.round_to"),
 ])
 def test_bad_policies_name_the_problem(change, words):
     with pytest.raises(PrunefuseError, match=words.replace("(", r"\(").replace(".", r"\.")) as info:

@@ -237,6 +237,37 @@ def test_global_pruning_caps_every_layer(suite, importance):
     assert all(w1[n] >= min_kept(w0[n]) for n in w0)
 
 
+# --- channel rounding (round_to) ---
+
+@pytest.mark.parametrize("width, sparsity, round_to, kept", [
+    (64, 0.3, 8, 48),    # ⌊44.8⌋ = 44 → the nearest multiple of 8 is 48 (44/8 = 5.5 rounds to 6)
+    (64, 0.4, 8, 40),    # 38 → 40
+    (64, 0.0, 8, 64),    # asked to keep everything: nothing goes
+    (100, 0.0, 16, 100),  # ... even where 100 is no multiple of 16
+    (100, 0.1, 16, 96),
+    (512, 0.95, 16, 32),  # min_kept(512) = 25: rounding down to 16 would cross it, so up to 32
+    (12, 0.5, 16, 6),    # no wider than round_to: not rounded
+    (64, 0.3, 1, 44),
+])
+def test_kept_units_round_to_a_multiple(width, sparsity, round_to, kept):
+    assert kept_units(width, sparsity, round_to) == kept
+
+
+@pytest.mark.parametrize("trunk, scope", [("mlp", "layerwise"), ("cnn", "layerwise"), ("mlp", "global")])
+def test_structured_round_to_keeps_multiples(suite, trunk, scope):
+    spec = {"width": 64, "depth": 3} if trunk == "mlp" else {"channels": [32, 32], "fc": 32}
+    model = fresh(suite, trunk, **spec)
+    layers = prunable_layers(model)
+    kw = {"global_sparsity": 0.5} if scope == "global" else {}
+    sparsity = {} if scope == "global" else {n: s for n, s in zip(layers, (0.3, 0.45, 0.6))}
+    run(suite, model, sparsity, round_to=8, **kw)
+    w = widths(model)
+    assert all(v % 8 == 0 and v > 0 for v in w.values()), w
+    assert sum(w.values()) < (64 * 3 if trunk == "mlp" else 96)  # really pruned
+    out = model(suite.example_inputs(4))
+    assert set(out) == set(suite.task_names)
+
+
 # --- bad requests ---
 
 @pytest.mark.parametrize("sparsity, kw, words", [
@@ -250,6 +281,8 @@ def test_global_pruning_caps_every_layer(suite, importance):
     ({"trunk.fc1": 0.5}, {"importance": "multitask_taylor", "aggregate": "median"},
      r"unknown importance aggregate 'median'; expected one of: max, mean, min, vote"),
     ({"trunk.fc1": 0.5}, {"steps": 0}, r"pruning steps=0; expected an integer >= 1"),
+    ({"trunk.fc1": 0.5}, {"round_to": 0}, r"pruning round_to=0; expected an integer >= 1"),
+    ({"trunk.fc1": 0.5}, {"mode": "unstructured", "round_to": 8}, r"round_to=8 rounds kept channels.*'structured'"),
 ])
 def test_bad_requests_name_the_valid_options(suite, sparsity, kw, words):
     model = fresh(suite)

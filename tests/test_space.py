@@ -99,6 +99,8 @@ def test_space_yaml_rejects_unknown_keys(tmp_path):
     ({"pruning": {"mode": ["structured", "sparse"]}}, "'sparse' is not one of"),
     ({"pruning": {"importance": ["l2", "hessian"]}}, "unknown pruning importance 'hessian'"),
     ({"finetune": {"epochs": []}}, "empty list"),
+    ({"pruning": {"round_to": [8, 12.5]}}, "pruning.round_to takes whole numbers; got 12.5"),
+    ({"pruning": {"round_to": 0}}, "pruning.round_to goes down to 0"),
 ])
 def test_every_entry_is_checked_before_the_search(spec, words):
     with pytest.raises(PrunefuseError, match=words):
@@ -109,3 +111,14 @@ def test_integer_ranges_draw_whole_numbers():
     spec = {"finetune": {"batch_size": {"low": 64, "high": 512}}, "fusion": {"method": None}}
     for _, p in _policies(_space(spec), n=10):
         assert isinstance(p.finetune.batch_size, int) and 64 <= p.finetune.batch_size <= 512
+
+
+def test_round_to_is_drawn_for_structured_pruning_only():
+    spec = {"pruning": {"mode": ["structured", "unstructured"], "round_to": [1, 8, 16]}, "fusion": {"method": None}}
+    seen = set()
+    for trial, p in _policies(_space(spec), n=40):
+        assert ("pruning.round_to" in trial.params) == (p.pruning.mode == "structured")
+        if p.pruning.mode == "unstructured":
+            assert p.pruning.round_to == 1
+        seen.add((p.pruning.mode, p.pruning.round_to))
+    assert {("structured", 8), ("structured", 16), ("unstructured", 1)} <= seen
