@@ -5,15 +5,19 @@
 (b) `search.tuner.run_search` on an embedded Ray (all CPUs here, 1 CPU per trial);
 (c) `run_search` against a 2-node local cluster (1 CPU a node, started here and stopped).
 
-Same trials: the default search (multidigits, MLP trunk, default space) with Optuna's
-RandomSampler and one seed, so every variant evaluates the same N policies in the same
-order. The shared artifacts are trained (or reused from --cache) before any timing.
+Same trials: the default search (multidigits, MLP trunk, default space; 48 trials, as
+`prunefuse search` runs) with Optuna's RandomSampler and one seed, so every variant
+evaluates the same N policies in the same order. The shared artifacts are trained into a
+cache before any timing, and every variant reuses them.
 
-Columns: wall = the variant from its first step (Ray start included) to its last trial;
-median / mean overhead = a trial's wall time on the driver (start → complete for Tune, ask
-→ tell for the loop) minus the time inside the cycle (`cycle_s`); all-in overhead =
-(wall × parallel slots − Σ cycle_s) / N, which also counts Ray start-up, scheduling and
-idle slots. Run: `.venv/bin/python benchmarks/overhead.py [--trials 16] [--tiny]`.
+Each variant runs in a fresh Python process, as a user would start it, and its wall time
+runs from that process's launch to its last trial's result: imports, suite, artifacts from
+the cache and (b) Ray's start-up all count. (c)'s cluster is started before its clock.
+
+Columns: wall; median / mean overhead = a trial's wall time on the driver (start → complete
+for Tune, ask → tell for the loop) minus the time inside the cycle (`cycle_s`); all-in
+overhead = (wall × parallel slots − Σ cycle_s) / N, which also counts start-up, scheduling
+and idle slots. Run: `.venv/bin/python benchmarks/overhead.py [--trials 48] [--tiny]`.
 """
 from __future__ import annotations
 
@@ -48,32 +52,33 @@ def make_config(args, name: str, storage: str, address=None):
 
 def prepare(cfg):
     """Suite, space and artifacts, trained into the cache once (not timed)."""
-    from search.tuner import _artifact_cache, prepare_inputs
     from mtl_models import artifacts
+    from search.shared_artifacts import artifact_cache
+    from search.tuner import prepare_inputs
 
     suite, space, _ = prepare_inputs(cfg)
-    art = artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=_artifact_cache(cfg),
+    art = artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=artifact_cache(cfg),
                             experts=space.fuses, log=lambda m: print(f"  {m}", file=sys.stderr))
     return suite, space, art
 
 
-def plain_loop(args, storage):
+def plain_loop(args, storage, launched):
     """(a): ask → apply_policy → tell, in this process."""
     import optuna
     import torch
 
-    from mtl_models.pipeline import MeasureSpec, apply_policy
-    from search.tuner import _artifact_cache, build_space
     from mtl_models import artifacts, suites
+    from mtl_models.pipeline import MeasureSpec, apply_policy
+    from search.shared_artifacts import artifact_cache
+    from search.tuner import build_space
 
     cfg = make_config(args, "plain", storage)
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = time.perf_counter()
     options = {k: v for k, v in cfg.suite.items() if k != "name"}
     suite = suites.get(cfg.suite["name"], **options)
     space = build_space(cfg, suite, suite.build_model(**cfg.model))
-    art = artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=_artifact_cache(cfg),
+    art = artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=artifact_cache(cfg),
                             experts=space.fuses, log=lambda m: None)
     study = optuna.create_study(directions=["maximize" if s == "max" else "minimize" for _, s in cfg.objectives],
                                 sampler=optuna.samplers.RandomSampler(seed=cfg.seed))
@@ -87,22 +92,18 @@ def plain_loop(args, storage):
         cycles.append(time.perf_counter() - c0)
         study.tell(trial, [metrics[m] for m, _ in cfg.objectives])
         walls.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - started
+    wall = time.time() - launched
     return dict(wall=wall, slots=1, walls=walls, cycles=cycles)
 
 
-def through_prunefuse(args, storage, name, address=None, slots=2):
+def through_prunefuse(args, storage, launched, name, address=None, slots=2):
     """(b) / (c): the search as the CLI runs it; per-trial times from finished.json + result.json."""
-    import ray
-
     from search.tuner import run_search
 
     cfg = make_config(args, name, storage, address)
-    started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the per-trial lines; stdout keeps the table
         path = run_search(cfg, log=lambda m: print(f"  {m}", file=sys.stderr))
-    wall = time.perf_counter() - started
-    ray.shutdown()
+    wall = time.time() - launched
     done = json.loads(Path(path, "finished.json").read_text())
     walls, cycles = [], []
     for trial_id, trial_wall in done["trial_wall_s"].items():
@@ -112,6 +113,23 @@ def through_prunefuse(args, storage, name, address=None, slots=2):
             walls.append(trial_wall)
             cycles.append(final[-1]["cycle_s"])
     return dict(wall=wall, slots=slots, walls=walls, cycles=cycles)
+
+
+def in_fresh_process(args, variant: str, storage: str, name: str | None = None, address: str | None = None) -> dict:
+    """Run one variant in a new Python process; its clock starts here, before the launch."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-variant", variant, "--cache", storage,
+           "--trials", str(args.trials), "--seed", str(args.seed), "--launched", repr(time.time())]
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--name", name] if name else []
+    cmd += ["--address", address] if address else []
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if address:
+        env["RAY_AUTH_MODE"] = "token"  # the local cluster below takes the default token
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=True).stdout
+    line = next(x for x in reversed(out.splitlines()) if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
 
 
 class LocalCluster:
@@ -127,8 +145,7 @@ class LocalCluster:
             self.port = s.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        # The default token (~/.ray/auth_token): this process's Ray client caches the token it
-        # first used (the embedded run's), so the cluster must take the same one.
+        # Token auth with the default token (~/.ray/auth_token), which the variant's driver also reads.
         self.env.update(RAY_AUTH_MODE="token")
         ray_cli = str(Path(sys.executable).parent / "ray")
         self.procs = []
@@ -187,13 +204,25 @@ def row(label: str, r: dict, n: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--trials", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a tiny suite and model (a quick smoke run)")
     p.add_argument("--variants", default="a,b,c", help="which of a,b,c to run")
     p.add_argument("--cache", default=None, help="storage folder whose _artifacts to reuse (default: a temp folder)")
+    # Internal: run one variant in this (fresh) process and print its result as JSON.
+    p.add_argument("--run-variant", choices=["a", "b", "c"], help=argparse.SUPPRESS)
+    p.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--name", help=argparse.SUPPRESS)
+    p.add_argument("--address", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.chdir(ROOT)
+    if args.run_variant:
+        if args.run_variant == "a":
+            result = plain_loop(args, args.cache, args.launched)
+        else:
+            result = through_prunefuse(args, args.cache, args.launched, args.name, address=args.address)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
     storage = args.cache or tempfile.mkdtemp(prefix="pf-overhead-")
     stamp = time.strftime("%H%M%S")
     print(f"preparing the shared artifacts in {storage}/_artifacts ...", file=sys.stderr)
@@ -202,15 +231,15 @@ def main(argv=None) -> int:
     variants = args.variants.split(",")
     if "a" in variants:
         print("(a) plain Optuna loop ...", file=sys.stderr)
-        results["a"] = plain_loop(args, storage)
+        results["a"] = in_fresh_process(args, "a", storage)
     if "b" in variants:
         print("(b) prunefuse on an embedded Ray ...", file=sys.stderr)
-        results["b"] = through_prunefuse(args, storage, f"embedded-{stamp}")
+        results["b"] = in_fresh_process(args, "b", storage, name=f"embedded-{stamp}")
     if "c" in variants:
         print("(c) prunefuse on a 2-node local cluster ...", file=sys.stderr)
         cluster = LocalCluster()
         try:
-            results["c"] = through_prunefuse(args, storage, f"cluster-{stamp}", address=cluster.address)
+            results["c"] = in_fresh_process(args, "c", storage, name=f"cluster-{stamp}", address=cluster.address)
         finally:
             cluster.stop()
     labels = {"a": "(a) plain Optuna loop, in-process", "b": "(b) prunefuse, embedded Ray (2 CPUs)",
