@@ -248,6 +248,13 @@ def report_suite(label: str, per_seed: dict[int, dict], trials: int) -> list[tup
                       ", ".join(x.get("choice", "") for x in r if x.get("choice"))])
     print(markdown_table(["variant", "mean test", "mean val", "‖θ−θ0‖ / average's", "λ chosen per seed"], trows))
 
+    print(f"\n{label}: per task, test, mean over seeds (where TIES gains or loses against averaging)\n")
+    tasks = per_seed[seeds[0]]["tasks"]
+    prow = []
+    for n in ("average", "ties (defaults)", "task_arithmetic tuned", "joint MTL (base, upper bound)"):
+        prow.append([n, *(fmt(mean(per_seed[s]["rows"][n]["test_tasks"][t] for s in seeds), 4) for t in tasks)])
+    print(markdown_table(["method", *tasks], prow))
+
     wins, evid = 0, []
     for s in seeds:
         r = per_seed[s]["rows"]
