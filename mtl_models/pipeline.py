@@ -5,6 +5,7 @@ exported policy reproduces the model its trial measured (same machine, same seed
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from spaces.errors import PrunefuseError, unknown_name
 from spaces.knobs import coerce_number
 from spaces.policy import Policy
 
-from . import measure
+from . import fusion, measure
 from .artifacts import Artifacts
 from .fusion import merge
 from .pruning import prune, without_masks
@@ -75,7 +76,7 @@ def check_fits(suite, policy: Policy, artifacts: Artifacts | None = None, *, mod
 
 def check_method_names(policy: Policy, tasks: list[str]) -> None:
     """Every method a policy names, and its knobs, exist: a typo fails before any training."""
-    from . import fusion, pruning
+    from . import pruning
     from .weighting import make_weighter
 
     make_weighter(weighting_spec(policy), tasks)
@@ -89,10 +90,24 @@ def check_method_names(policy: Policy, tasks: list[str]) -> None:
 
 
 def weighting_spec(policy: Policy) -> dict:
+    from .weighting import METHODS as WEIGHTING_METHODS
+
     spec = {"method": policy.weighting.method, **policy.weighting.params}
     if policy.weighting.weights is not None:
         spec["weights"] = dict(policy.weighting.weights)
+    method = WEIGHTING_METHODS.get(policy.weighting.method)
+    if method is not None and "seed" in method.KEYS:
+        spec.setdefault("seed", policy.seed)  # a seeded method (RLW) follows the policy's seed
     return spec
+
+
+def fusion_params(policy: Policy) -> dict:
+    """The merge method's knobs; a seeded method (DARE's drop masks) follows the policy's seed."""
+    params = dict(policy.fusion.params)
+    method = fusion.METHODS.get(policy.fusion.method)
+    if method is not None and "seed" in inspect.signature(method).parameters:
+        params.setdefault("seed", policy.seed)
+    return params
 
 
 def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str):
@@ -107,7 +122,7 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str):
     trunk = {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
     experts = {t: {k: artifacts.experts[t][k] for k in trunk} for t in suite.task_names}
     # Merging happens here: only the shared trunk is merged; each head comes from its own expert.
-    merged = merge(trunk, experts, policy.fusion.method, dict(policy.fusion.coefficients), **policy.fusion.params)
+    merged = merge(trunk, experts, policy.fusion.method, dict(policy.fusion.coefficients), **fusion_params(policy))
     state = dict(artifacts.base)
     state.update(merged)
     for t in suite.task_names:

@@ -44,6 +44,32 @@ def test_fused_then_pruned(tiny_suite, tiny_artifacts, method):
     assert set(model(tiny_suite.example_inputs(2))) == set(tiny_suite.task_names)
 
 
+def test_dare_masks_follow_the_policy_seed(tiny_suite, tiny_artifacts):
+    """DARE's drop masks come from the policy's seed (not a fixed 0); an explicit knob wins."""
+    from mtl_models.pipeline import start_model
+
+    coefficients = {t: 0.8 for t in tiny_suite.task_names}
+
+    def trunk(policy_seed, **params):
+        fusion = {"method": "dare_linear", "coefficients": coefficients, "params": {"drop_rate": 0.5, **params}}
+        policy = tiny_policy(tiny_suite, seed=policy_seed, fusion=fusion)
+        model = start_model(tiny_suite, policy, tiny_artifacts, device="cpu")
+        return torch.cat([v.flatten() for k, v in model.state_dict().items() if k.startswith("trunk.")])
+
+    assert torch.equal(trunk(1), trunk(1))
+    assert not torch.equal(trunk(1), trunk(2))
+    assert torch.equal(trunk(1, seed=5), trunk(2, seed=5))
+
+
+def test_rlw_follows_the_policy_seed(tiny_suite):
+    from mtl_models.pipeline import weighting_spec
+
+    assert weighting_spec(tiny_policy(tiny_suite, seed=7, weighting={"method": "rlw"}))["seed"] == 7
+    explicit = tiny_policy(tiny_suite, seed=7, weighting={"method": "rlw", "params": {"seed": 3}})
+    assert weighting_spec(explicit)["seed"] == 3
+    assert "seed" not in weighting_spec(tiny_policy(tiny_suite, seed=7, weighting={"method": "equal"}))
+
+
 def test_fusion_changes_the_starting_trunk(tiny_suite, tiny_artifacts):
     from mtl_models.pipeline import start_model
 
