@@ -200,13 +200,17 @@ class _ReferenceJob:
 
 
 def job_device() -> str:
-    """CUDA inside a Ray task that was given a GPU (it sees only its own), else the CPU."""
-    try:
-        import ray
+    """CUDA inside a Ray task that was given a GPU (it sees only its own), else the CPU.
 
-        if ray.is_initialized() and ray.get_gpu_ids():
+    Ray is looked up, never imported: a Ray worker has imported it already, and
+    `mtl_models` used on its own (apply, notebooks) should not pay for importing it."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
             return "cuda"
-    except Exception:  # outside a Ray worker
+    except Exception:  # ray imported, but this is not a worker
         pass
     return "cpu"
 
