@@ -196,3 +196,14 @@ def test_a_method_typo_fails_before_any_training(tiny_suite, tmp_path):
                                        "params": {"densty": 0.2}}}, "unknown parameter 'densty'")]:
         with pytest.raises(PrunefuseError, match=words):
             check_fits(tiny_suite, tiny_policy(tiny_suite, **change))
+
+
+def test_the_model_side_runs_without_importing_ray(tiny_suite):
+    """`apply` and notebooks use mtl_models alone; Ray is only for searches."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl_models.pipeline, mtl_models.artifacts as a; d = a.job_device(); "
+            "print(d, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["cpu", "False"]
