@@ -32,13 +32,18 @@ class TrainSpec:
     # Experts fine-tune from a converged base; a smaller lr keeps their task vectors small
     # enough to merge (None: the base's lr).
     expert_lr: float | None = None
+    # While an expert fine-tunes on its task, this weighs a loss that keeps the other tasks'
+    # predictions where the base had them (0: a plain fine-tune). Such experts' task vectors
+    # add up instead of interfering: merging them works (benchmarks/fusion.py).
+    expert_preserve: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
         # Typed and checked here, so a CLI's `epochs=2` and a policy's `epochs: 2.0` share one
         # cache key, and `epochs=abc` is one clear line.
         rules = {"epochs": (float, 0.0, False), "lr": (float, 0.0, True), "batch_size": (int, 1, False),
-                 "expert_epochs": (float, 0.0, False), "seed": (int, None, False)}
+                 "expert_epochs": (float, 0.0, False), "expert_preserve": (float, 0.0, False),
+                 "seed": (int, None, False)}
         for name, (cast, low, low_open) in rules.items():
             value = coerce_number("training", name, getattr(self, name), cast, low=low, low_open=low_open)
             object.__setattr__(self, name, value)
@@ -82,12 +87,24 @@ def train_base(suite, model_spec: dict, spec: TrainSpec, *, device: str = "cpu",
 
 
 def train_expert(suite, model_spec, spec: TrainSpec, base: dict, task: str, *, device: str = "cpu"):
-    """Fine-tune the whole base on one task's loss: that task's expert (trunk + its head)."""
+    """Fine-tune the base on one task's loss: that task's expert (trunk + its head).
+
+    With `expert_preserve` > 0 the other heads stay frozen and the other tasks' predictions
+    are anchored to the base's, so the trunk changes only in ways this task needs: task
+    vectors that add up when merged, rather than each costing the other tasks."""
+    from .train import predict
+
     torch.manual_seed(spec.seed)
     model = suite.build_model(**model_spec)
     model.load_state_dict(base)
+    anchor = None
+    if spec.expert_preserve > 0:
+        others = [t for t in suite.task_names if t != task]
+        anchor = {t: y for t, y in predict(model, suite.train.x, device=device).items() if t in others}
+        for t in others:
+            model.heads[t].requires_grad_(False)
     train(model, suite, epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed + 1, device=device)
+          tasks=[task], seed=spec.seed + 1, device=device, anchor=anchor, anchor_weight=spec.expert_preserve)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 

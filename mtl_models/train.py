@@ -15,12 +15,15 @@ class Diverged(FloatingPointError):
 
 def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int = 256,
           weighting: dict | None = None, tasks: list[str] | None = None, seed: int = 0,
-          device: str = "cpu", weight_decay: float = 0.0, on_epoch=None) -> list[dict[str, float]]:
+          device: str = "cpu", weight_decay: float = 0.0, on_epoch=None,
+          anchor: dict[str, torch.Tensor] | None = None, anchor_weight: float = 0.0) -> list[dict[str, float]]:
     """Train `model` in place on `suite.train` with Adam; returns each epoch's mean task losses.
 
     `tasks` restricts the loss to some tasks (an expert or a single-task reference);
     `weighting` is a weighting spec for `mtl_models.weighting.make_weighter`.
     `epochs` may be fractional (0.5 = half an epoch) so fine-tunes can be short.
+    `anchor` maps other tasks to outputs on the training split (a reference model's); each
+    adds `anchor_weight` × its mean squared deviation from them, over their variance.
     """
     from .weighting import make_weighter
 
@@ -39,6 +42,10 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
     if total_steps <= 0:  # epochs=0 (or too few to make one step) trains nothing
         model.eval()
         return []
+    anchor = {t: y.to(device) for t, y in (anchor or {}).items() if anchor_weight > 0}
+    # Each anchored output's deviation is measured in units of its own spread, so a regression
+    # head in raw units and a classifier's logits weigh alike.
+    anchor_scale = {t: float(y.var()) + 1e-8 for t, y in anchor.items()}
     history, sums, count, step = [], {t: 0.0 for t in tasks}, 0, 0
     model.to(device).train()
     while step < total_steps:
@@ -49,6 +56,8 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
             out = model(x)
             losses = {t: task_loss(suite.task(t), out[t], data.y[t][idx].to(device)) for t in tasks}
             total = weighter.combine(losses, shared_params=shared)
+            for t, target in anchor.items():
+                total = total + anchor_weight * ((out[t] - target[idx.to(device)]) ** 2).mean() / anchor_scale[t]
             if not torch.isfinite(total):
                 raise Diverged(f"training loss became {total.item()} at step {step}")
             opt.zero_grad(set_to_none=True)

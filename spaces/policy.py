@@ -88,6 +88,7 @@ class Base(_Strict):
     batch_size: int = Field(256, ge=1)
     expert_epochs: float = Field(3.0, ge=0.0)
     expert_lr: Optional[float] = Field(None, gt=0.0)  # None: the base's lr
+    expert_preserve: float = Field(1.0, ge=0.0)       # keeps the other tasks' predictions (0: plain)
     seed: int = 0
     checkpoint: Optional[str] = None          # a user's trained base (--base-checkpoint) instead of training
 

@@ -346,3 +346,40 @@ def test_dare_linear_entries_are_dropped_or_rescaled(p, lam, seed):
     assert_close(out[kept], lam * delta[kept] / (1 - p))
     if p == 0 and bool((lam * delta != 0).all()):  # lam * delta, not lam: a tiny lam underflows in float32
         assert kept.all()
+
+
+# --- experts that preserve the other tasks (artifacts.train_expert) ---
+
+def test_preserving_experts_keep_the_other_tasks_predictions(tiny_suite, tiny_artifacts):
+    """With expert_preserve, an expert moves the other tasks' outputs far less than a plain
+    fine-tune does, and leaves their heads exactly as the base had them."""
+    from mtl_models import artifacts
+    from mtl_models.train import predict
+
+    base, task = tiny_artifacts.base, tiny_suite.task_names[0]
+    others = tiny_suite.task_names[1:]
+    spec = {"epochs": 4, "expert_epochs": 2, "lr": 3e-3}
+    model = tiny_suite.build_model(**tiny_artifacts.model)
+    model.load_state_dict(base)
+    before = predict(model, tiny_suite.val.x)
+
+    def drift(preserve):
+        state = artifacts.train_expert(tiny_suite, tiny_artifacts.model,
+                                       artifacts.TrainSpec(**spec, expert_preserve=preserve), base, task)
+        model.load_state_dict(state)
+        after = predict(model, tiny_suite.val.x)
+        heads_kept = all(torch.equal(state[k], base[k]) for k in base if k.startswith(tuple(f"heads.{t}." for t in others)))
+        return sum(float(((after[t] - before[t]) ** 2).mean() / before[t].var()) for t in others), heads_kept
+
+    plain, _ = drift(0.0)
+    preserved, heads_kept = drift(3.0)
+    assert heads_kept
+    assert preserved < 0.5 * plain, (preserved, plain)
+
+
+def test_expert_preserve_is_part_of_the_cache_key():
+    from mtl_models.artifacts import TrainSpec, cache_key
+
+    keys = {cache_key({"name": "s"}, {"trunk": "mlp"}, TrainSpec(expert_preserve=p), "trained") for p in (0, 1.0, 2)}
+    assert len(keys) == 3
+    assert cache_key({"name": "s"}, {"trunk": "mlp"}, TrainSpec(expert_preserve=1), "trained") in keys  # 1 == 1.0
