@@ -135,31 +135,13 @@ def pinned_threads(threads: int):
 def latency_ms(model, example_inputs: torch.Tensor, *, threads: int = 1, warmup: int = 5,
                runs: int = 30, device: str = "cpu", as_trained: bool = False) -> float:
     """Median wall time of one forward pass in ms, after `warmup` untimed passes, of the
-    model's `inference_form` (or, with `as_trained`, of the model itself in eval mode)."""
-    if as_trained:
-        was_training = model.training
-        timed = model.to(device).eval()
-    else:
-        timed = inference_form(model).to(device)
-    x = _inference_inputs(timed, example_inputs.to(device))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
-    try:
-        with pinned_threads(threads):
-            for _ in range(warmup):
-                timed(x)
-            sync()
-            for _ in range(runs):
-                start = time.perf_counter()
-                timed(x)
-                sync()
-                times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        if as_trained:
-            model.train(was_training)
-    return statistics.median(times)
+    model's `inference_form` (or, with `as_trained`, of the model itself in eval mode, NCHW)."""
+    with _timed_forms({"model": model}, example_inputs, device, as_trained) as forms:
+        timed, x = forms["model"]
+        return _median_forward_ms(timed, x, threads=threads, warmup=warmup, runs=runs, device=device)
 
 
+@torch.no_grad()
 def interleaved_latency_ms(models: dict, example_inputs: torch.Tensor, *, rounds: int = 7, threads: int = 1,
                            warmup: int = 3, runs: int = 10, device: str = "cpu", as_trained: bool = False) -> dict:
     """name -> median over `rounds` of `latency_ms`, the models timed in turn within each
@@ -168,12 +150,46 @@ def interleaved_latency_ms(models: dict, example_inputs: torch.Tensor, *, rounds
     percent between rounds, a ratio of interleaved medians much less."""
     names = list(models)
     samples = {name: [] for name in names}
-    for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            samples[name].append(latency_ms(models[name], example_inputs, threads=threads, warmup=warmup,
-                                            runs=runs, device=device, as_trained=as_trained))
+    with _timed_forms(models, example_inputs, device, as_trained) as forms:  # built once, timed every round
+        for r in range(rounds):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                samples[name].append(_median_forward_ms(*forms[name], threads=threads, warmup=warmup, runs=runs,
+                                                        device=device))
     return {name: statistics.median(samples[name]) for name in names}
+
+
+@contextlib.contextmanager
+def _timed_forms(models: dict, example_inputs: torch.Tensor, device: str, as_trained: bool):
+    """name -> (module to time, its input): each model's inference form with channels-last
+    inputs where it has 2-D convolutions, or (as_trained) the model itself in eval mode, whose
+    training mode is given back afterwards."""
+    x = example_inputs.to(device)
+    if not as_trained:
+        forms = {name: inference_form(m).to(device) for name, m in models.items()}
+        yield {name: (form, _inference_inputs(form, x)) for name, form in forms.items()}
+        return
+    modes = {name: m.training for name, m in models.items()}
+    try:
+        yield {name: (m.to(device).eval(), x) for name, m in models.items()}
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+
+
+def _median_forward_ms(timed, x: torch.Tensor, *, threads: int, warmup: int, runs: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    with pinned_threads(threads):
+        for _ in range(warmup):
+            timed(x)
+        sync()
+        for _ in range(runs):
+            start = time.perf_counter()
+            timed(x)
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def delta_m(metrics: dict[str, float], reference: dict[str, float], higher_is_better: dict[str, bool]) -> float:
