@@ -325,7 +325,7 @@ def test_max_keeps_a_unit_only_one_task_needs(suite):
 def test_min_drops_a_unit_the_other_tasks_do_not_need(suite):
     import torch_pruning as tp
 
-    from mtl_models.pruning import _full_group
+    from mtl_models.pruning.structured import _full_group
 
     model, losses = one_task_unit(suite)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=suite.example_inputs(2))
@@ -343,7 +343,7 @@ def test_taylor_estimates_the_loss_change_of_removing_a_unit(suite):
     """The second-order estimate against the real loss change, unit by unit."""
     import torch_pruning as tp
 
-    from mtl_models.pruning import _full_group
+    from mtl_models.pruning.structured import _full_group
 
     model = fresh(suite, width=16)
     losses = distill_losses(suite, model)

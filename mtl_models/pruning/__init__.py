@@ -1,0 +1,106 @@
+"""Pruning a multi-task model's trunk: structured (really smaller) or unstructured (masks).
+
+structured: whole neurons / channels are removed through torch-pruning's dependency graph
+  (`tp.DependencyGraph`, `get_pruning_group`, `Group.prune`), so the coupled BatchNorm, the
+  next layer's inputs and the heads' in-features shrink with them and the model runs on
+  smaller dense kernels. Head output layers are never pruned.
+unstructured: masks through `torch.nn.utils.prune`; the zeros count as non-zero-parameter
+  and sparse-storage savings, and honestly give no latency gain (latency is always measured
+  by `mtl_models.measure`, never derived from sparsity).
+
+Which units go is decided here, not inside torch-pruning: every step scores all listed
+layers with one criterion, turns the schedule into a number of units to keep per layer
+(layerwise: each layer's own sparsity; global: one ranking over all layers, each layer
+capped at MAX_SPARSITY) and prunes the lowest-scoring units. Every layer keeps at least
+one unit, and at least (1 − MAX_SPARSITY) of its units.
+
+Criteria (`IMPORTANCES`):
+  l1, l2            group magnitude (torch-pruning's GroupMagnitudeImportance: the unit's
+                    weights, its BatchNorm scale and the next layer's input weights).
+  taylor            second-order (Gauss-Newton) Taylor estimate of how much the sum of the
+                    task losses rises when the unit is removed (see `MultiTaskTaylor`).
+  multitask_taylor  the same estimate per task, each task normalised, then aggregated over
+                    tasks by `AGGREGATES` (DiSparse-style: "max" keeps what any task needs).
+  Unstructured masks use |w| (l1, l2) or per-task |w·∂L_t/∂w| (taylor, multitask_taylor).
+With calibration losses given, BatchNorm statistics are re-estimated on the calibration
+batch after every structured round (the layers reading pruned channels see new inputs).
+
+Schedules: `steps=1` is one-shot; `steps=n` follows Zhu & Gupta (2017)'s cubic ramp
+s_t = s_f + (s_i − s_f)(1 − t/n)^3 with s_i = 0, re-scores the model before every step and
+calls `after_step(step, model)` after each (the caller fine-tunes and reports: train-prune
+cycles). Unstructured masks are live during `after_step` (a fine-tune there keeps the zeros)
+and folded into the weights when `prune` returns.
+
+Modules, one job each: `layers` (what is prunable), `importance` (criteria, aggregates),
+`allocation` (kept units, schedules, global allocation), `structured` and `unstructured`
+(the two engines). This module is the public face: the entry point `prune` and its checks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spaces.errors import PrunefuseError, unknown_name
+
+from .allocation import MAX_SPARSITY, cubic_schedule, kept_units, min_kept, round_units
+from .importance import AGGREGATES, IMPORTANCES, NEEDS_GRADS, MultiTaskTaylor, task_gradients
+from .layers import PRUNABLE_TYPES, prunable_layers
+from .structured import prune_structured, recalibrate_batchnorm
+from .unstructured import prune_unstructured, without_masks
+
+MODES = ("structured", "unstructured")
+
+__all__ = ["AGGREGATES", "IMPORTANCES", "MAX_SPARSITY", "MODES", "NEEDS_GRADS", "PRUNABLE_TYPES", "MultiTaskTaylor",
+           "check_sparsity", "cubic_schedule", "kept_units", "min_kept", "prunable_layers", "prune",
+           "recalibrate_batchnorm", "round_units", "task_gradients", "without_masks"]
+
+
+def check_sparsity(model, sparsity: dict[str, float]) -> None:
+    layers = prunable_layers(model)
+    for name, value in sparsity.items():
+        if name not in layers:
+            raise PrunefuseError(f"policy prunes layer {name!r}, which this model does not have; "
+                                 f"prunable layers: {', '.join(layers)}")
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_SPARSITY:
+            raise PrunefuseError(f"sparsity of {name} is {value}; expected 0 <= sparsity <= {MAX_SPARSITY}")
+
+
+def prune(model, sparsity: dict[str, float], *, mode: str = "structured", importance: str = "l2",
+          example_inputs: torch.Tensor, task_losses=None, steps: int = 1,
+          global_sparsity: float | None = None, aggregate: str = "max", after_step=None,
+          round_to: int = 1) -> nn.Module:
+    """Prune `model`'s trunk to the per-layer `sparsity` (fraction of units / weights removed).
+
+    task_losses: model -> {task: loss} on calibration data; needed by the gradient criteria
+      (the model is scored in eval mode: BatchNorm uses its running statistics).
+    global_sparsity: rank all prunable trunk layers together to remove that fraction of their
+      units (weights, when unstructured) overall, no layer beyond MAX_SPARSITY (per-layer
+      values are then ignored).
+    after_step(step, model): called after each of the `steps` steps (fine-tune, report).
+    round_to: structured only; each layer's kept width is rounded to a multiple of it
+      (`round_units`), so that the kernels' channel blocks are full.
+    Returns the pruned model (structured pruning edits `model` in place).
+    """
+    if mode not in MODES:
+        raise unknown_name("pruning mode", mode, MODES)
+    if importance not in IMPORTANCES:
+        raise unknown_name("importance", importance, IMPORTANCES)
+    if aggregate not in AGGREGATES:
+        raise unknown_name("importance aggregate", aggregate, AGGREGATES)
+    if importance in NEEDS_GRADS and task_losses is None:
+        raise PrunefuseError(f"importance {importance!r} needs task_losses (calibration losses per task)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PrunefuseError(f"pruning steps={steps}; expected an integer >= 1")
+    check_sparsity(model, sparsity)
+    if global_sparsity is not None and not 0.0 <= global_sparsity <= MAX_SPARSITY:
+        raise PrunefuseError(f"global sparsity {global_sparsity}; expected 0 <= sparsity <= {MAX_SPARSITY}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PrunefuseError(f"pruning round_to={round_to!r}; expected an integer >= 1")
+    if mode == "structured":
+        return prune_structured(model, sparsity, importance, example_inputs, task_losses, steps,
+                                 global_sparsity, aggregate, after_step, round_to)
+    if round_to != 1:
+        raise PrunefuseError(f"pruning round_to={round_to} rounds kept channels, so it needs mode 'structured' "
+                             "(unstructured pruning keeps every channel)")
+    return prune_unstructured(model, sparsity, importance, task_losses, steps,
+                               global_sparsity, aggregate, after_step)

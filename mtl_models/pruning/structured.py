@@ -1,0 +1,111 @@
+"""The structured engine: whole units removed through torch-pruning's dependency graph, so
+coupled layers, BatchNorms, the next layers' inputs and the heads' in-features shrink with them."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .allocation import allocate_global, cubic_schedule, kept_units, round_units
+from .importance import IMPORTANCES
+from .layers import PRUNABLE_TYPES, prunable_layers
+from .layers import width as _width
+
+
+def prune_structured(model, sparsity, importance, example_inputs, task_losses, steps,
+                     global_sparsity, aggregate, after_step, round_to=1):
+    modules = dict(model.named_modules())
+    listed = prunable_layers(model) if global_sparsity is not None else [n for n in sparsity]
+    initial = {n: _width(modules[n]) for n in listed}
+    criterion = IMPORTANCES[importance](aggregate)
+    for step in range(1, steps + 1):
+        # Fractions of each layer's initial units removed before and after this step.
+        if global_sparsity is not None:
+            before = {None: cubic_schedule(global_sparsity, steps)[step - 1]}
+            after = {None: cubic_schedule(global_sparsity, steps)[step]}
+        else:
+            before = {n: cubic_schedule(sparsity[n], steps)[step - 1] for n in listed}
+            after = {n: cubic_schedule(sparsity[n], steps)[step] for n in listed}
+        chunk = getattr(criterion, "round_fraction", None)
+        largest = max([after[k] - before[k] for k in after], default=0.0)
+        rounds = max(1, math.ceil(largest / chunk - 1e-9)) if chunk else 1
+        for r in range(1, rounds + 1):
+            # Gradient criteria re-score the model between rounds of one step.
+            now = {k: after[k] if r == rounds else before[k] + (after[k] - before[k]) * r / rounds for k in after}
+            _structured_round(model, modules, listed, initial, criterion, example_inputs, task_losses,
+                              None if global_sparsity is not None else now, now.get(None), round_to)
+        model.zero_grad(set_to_none=True)
+        if after_step:
+            after_step(step, model)
+    return model
+
+
+def _structured_round(model, modules, listed, initial, criterion, example_inputs, task_losses, fractions,
+                      global_fraction, round_to=1):
+    model.eval()
+    current = {n: _width(modules[n]) for n in listed}
+    targets = None if fractions is None else {n: kept_units(initial[n], fractions[n], round_to) for n in listed}
+    todo = listed if targets is None else [n for n in listed if targets[n] < current[n]]
+    if not todo:
+        return
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    groups = {n: _full_group(graph, modules[n], current[n]) for n in todo}
+    groups = {n: g for n, g in groups.items() if _safe(g, modules, set(listed))}
+    scores = criterion.scores(model, groups, task_losses)
+    if targets is None:
+        targets = allocate_global(scores, {n: current[n] for n in groups}, {n: initial[n] for n in groups},
+                                   global_fraction)
+        targets = {n: min(current[n], round_units(k, initial[n], round_to)) for n, k in targets.items()}
+    changed = False
+    for name, s in scores.items():
+        n_drop = _width(modules[name]) - targets[name]
+        if n_drop <= 0 or _width(modules[name]) != len(s):
+            continue  # nothing to do, or already resized through a coupled layer
+        drop = torch.sort(s, stable=True).indices[:n_drop].tolist()
+        group = graph.get_pruning_group(modules[name], _out_fn(graph, modules[name]), sorted(drop))
+        if graph.check_pruning_group(group):
+            group.prune()
+            changed = True
+    if changed and task_losses is not None:
+        recalibrate_batchnorm(model, task_losses)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, task_losses) -> None:
+    """Re-estimate BatchNorm running statistics on the calibration batch (after pruning, the
+    statistics of the layers that read pruned channels are stale; Li et al. 2020, EagleEye)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    saved = [(m, m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: exactly the calibration batch's statistics
+        m.train()
+    try:
+        task_losses(model)
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+
+
+def _out_fn(graph, module):
+    return graph.get_pruner_of_module(module).prune_out_channels
+
+
+def _full_group(graph, module, width):
+    return graph.get_pruning_group(module, _out_fn(graph, module), list(range(width)))
+
+
+def _safe(group, modules, listed: set) -> bool:
+    """False if pruning this group would cut the outputs of a layer that is not listed (a head)."""
+    names = {m: n for n, m in modules.items()}
+    for item in group.items:
+        module, fn = item.dep.target.module, item.dep.handler
+        if isinstance(module, PRUNABLE_TYPES) and names.get(module) not in listed and \
+                getattr(fn, "__name__", "") == "prune_out_channels":
+            return False
+    return True

@@ -1,0 +1,74 @@
+"""The unstructured engine: masks through `torch.nn.utils.prune`, folded into the weights
+when pruning ends (`without_masks` folds a copy while masks are live)."""
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import prune as torch_prune
+
+from .allocation import cubic_schedule, global_counts
+from .importance import weight_scores
+from .layers import PRUNABLE_TYPES, prunable_layers
+
+
+def _mask_lowest(scores, k):
+    """A 0/1 mask with exactly the k lowest-scoring entries zeroed (ties broken by position)."""
+    mask = torch.ones_like(scores)
+    if k > 0:
+        mask.view(-1)[scores.flatten().argsort(stable=True)[:k]] = 0.0
+    return mask
+
+
+def prune_unstructured(model, sparsity, importance, task_losses, steps, global_sparsity, aggregate, after_step):
+    modules = dict(model.named_modules())
+    layers = prunable_layers(model) if global_sparsity is not None else list(sparsity)
+    masks = {}
+    for step in range(1, steps + 1):
+        model.eval()
+        _make_masks_permanent(modules, layers)  # so `weight` is a Parameter again for scoring
+        scores = weight_scores(model, layers, importance, task_losses, aggregate)
+        # Once pruned, always pruned: earlier zeros rank below everything.
+        scores = {n: s.masked_fill(masks[n] == 0, -1.0) if n in masks else s for n, s in scores.items()}
+        if global_sparsity is not None:
+            counts = global_counts(scores, cubic_schedule(global_sparsity, steps)[step])
+        else:
+            counts = {n: int(cubic_schedule(sparsity[n], steps)[step] * s.numel() + 1e-6) for n, s in scores.items()}
+        for n, s in scores.items():
+            masks[n] = _mask_lowest(s, counts[n])
+            # custom_from_mask keeps the zeros in place through fine-tuning.
+            torch_prune.custom_from_mask(modules[n], "weight", masks[n])
+        model.zero_grad(set_to_none=True)
+        if after_step:
+            after_step(step, model)
+    _make_masks_permanent(modules, layers)
+    return model
+
+
+def without_masks(model):
+    """The model as it will be stored: a copy with the masks folded into the weights, or the
+    model itself if it has no live masks. The original keeps its masks and its parameter
+    objects (an optimizer holding them keeps working)."""
+    import copy
+
+    masked = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES) and torch_prune.is_pruned(m)]
+    if not masked:
+        return model
+    # A live mask makes `weight` a computed (non-leaf) tensor, which deepcopy refuses: copy
+    # with a detached stand-in, then fold the masks into the copy only.
+    live = {m: m.weight for m in masked}
+    try:
+        for m in masked:
+            m.weight = live[m].detach()
+        clone = copy.deepcopy(model)
+    finally:
+        for m in masked:
+            m.weight = live[m]
+    for m in clone.modules():
+        if isinstance(m, PRUNABLE_TYPES) and torch_prune.is_pruned(m):
+            torch_prune.remove(m, "weight")
+    return clone
+
+
+def _make_masks_permanent(modules, layers):
+    for n in layers:
+        if isinstance(modules[n], PRUNABLE_TYPES) and torch_prune.is_pruned(modules[n]):
+            torch_prune.remove(modules[n], "weight")
