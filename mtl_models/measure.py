@@ -71,7 +71,11 @@ def count_macs(model, example_inputs: torch.Tensor) -> int:
 
     from .pruning import without_masks
 
-    macs, _ = tp.utils.count_ops_and_params(without_masks(model), example_inputs[:1])
+    # torch-pruning counts on its own deep copy; the sample goes to the model's device, so the
+    # model is neither moved nor changed.
+    stored = without_masks(model)
+    device = next((t.device for t in [*stored.parameters(), *stored.buffers()]), torch.device("cpu"))
+    macs, _ = tp.utils.count_ops_and_params(stored, example_inputs[:1].to(device))
     return int(macs)
 
 

@@ -136,12 +136,30 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str):
 
 
 def measure_model(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
-    """Every metric a trial reports: per-task quality, mean, Δm, size, MACs, latency."""
+    """Every metric a trial reports: per-task quality, mean, Δm, size, MACs, latency.
+
+    The model is neither moved nor changed: it is evaluated where it is (a copy goes to
+    `spec.device` when it lives elsewhere), MACs and latency are taken on copies, and its
+    training mode is given back."""
+    modes = [(m, m.training) for m in model.modules()]  # evaluation switches to eval mode
+    try:
+        return _measure(model, suite, artifacts, spec)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
+    placed = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    if placed and placed != {torch.device(spec.device).type}:
+        import copy
+
+        stored = without_masks(model)
+        model = (stored if stored is not model else copy.deepcopy(model)).to(spec.device)
     val, test = evaluate(model, suite, "val", device=spec.device), evaluate(model, suite, "test", device=spec.device)
     reference = artifacts.references.get("val") or artifacts.dense_metrics["val"]
     higher = {t.name: t.higher_is_better for t in suite.tasks}
     example = suite.example_inputs(spec.latency_batch)
-    model.to(spec.device)
     out = {
         "accuracy": sum(val.values()) / len(val),
         "test_accuracy": sum(test.values()) / len(test),
@@ -149,7 +167,7 @@ def measure_model(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict
         "params": measure.stored_params(model),
         "nonzero_params": measure.nonzero_params(model),
         "bytes": measure.storage_bytes(model),
-        "macs": measure.count_macs(model.cpu(), example[:1]),
+        "macs": measure.count_macs(model, example[:1]),
         "latency_ms": measure.latency_ms(model, example, threads=spec.threads, runs=spec.runs,
                                          warmup=spec.warmup, device=spec.device),
         "latency_batch": spec.latency_batch,

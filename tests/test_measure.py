@@ -87,3 +87,28 @@ def test_latency_as_trained_leaves_the_training_mode_alone(suite):
     for as_trained in (False, True):
         assert measure.latency_ms(model, suite.example_inputs(4), runs=2, warmup=1, as_trained=as_trained) > 0
         assert model.training
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_measure_model_leaves_the_model_as_it_was(suite, tiny_artifacts, masked):
+    """Measuring neither moves, retrains, swaps nor switches the mode of the model it is given."""
+    from mtl_models.pipeline import MeasureSpec, measure_model
+
+    torch.manual_seed(0)
+    model = suite.build_model(trunk="cnn", channels=[8, 16], fc=32)
+    if masked:
+        prune(model, {n: 0.5 for n in prunable_layers(model)}, mode="unstructured", importance="l1",
+              example_inputs=suite.example_inputs(2))
+    model.train()
+    params = [id(p) for p in model.parameters()]
+    modules = [id(m) for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = measure_model(model, suite, tiny_artifacts, MeasureSpec(latency_batch=8, runs=2, warmup=1))
+    assert metrics["macs"] > 0 and metrics["latency_ms"] > 0
+    assert model.training and all(m.training for m in model.modules())
+    assert [id(p) for p in model.parameters()] == params and [id(m) for m in model.modules()] == modules
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
