@@ -45,16 +45,12 @@ def goals_table(goals: list[tuple[str, bool, str]]) -> str:
                           [[g, "met" if ok else "**not met**", ev] for g, ok, ev in goals])
 
 
-def suite_spec(suite) -> dict:
-    return {"name": suite.name, **suite.options}
-
-
 def policy_for(suite, artifacts, *, fusion=None, weighting=None, seed: int = 0):
     """A policy that only starts a model: no pruning (empty sparsity), no fine-tune."""
     from spaces import Policy
 
     return Policy.from_dict({
-        "schema": "prunefuse.policy/1", "suite": suite_spec(suite), "model": dict(artifacts.model),
+        "schema": "prunefuse.policy/1", "suite": suite.spec, "model": dict(artifacts.model),
         "weighting": weighting or {"method": "equal"}, "fusion": fusion,
         "pruning": {"sparsity": {}}, "finetune": {"epochs": 0.0}, "seed": seed,
     }, source="benchmark policy")

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-from _common import fmt, goals_table, markdown_table, mean, policy_for, setup_threads, stopwatch, suite_spec  # noqa: E402
+from _common import fmt, goals_table, markdown_table, mean, policy_for, setup_threads, stopwatch  # noqa: E402
 from mtl_models import artifacts as artifacts_mod  # noqa: E402
 from mtl_models import fusion, pipeline, pruning, suites, weighting  # noqa: E402
 from mtl_models.train import evaluate  # noqa: E402
@@ -160,7 +160,7 @@ def searched(merger: Merger, trials: int, seed: int) -> dict:
     })
     model = suite.build_model(**art.model)
     space = SearchSpace(spec, layers=pruning.prunable_layers(model), tasks=suite.task_names,
-                        suite=suite_spec(suite), model=art.model, fusion_knobs=fusion.KNOBS,
+                        suite=suite.spec, model=art.model, fusion_knobs=fusion.KNOBS,
                         weighting_knobs=weighting.KNOBS, seed=seed)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     for params in defaults_as_trials(suite.task_names):

@@ -75,8 +75,7 @@ def plain_loop(args, storage, launched):
     cfg = make_config(args, "plain", storage)
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    options = {k: v for k, v in cfg.suite.items() if k != "name"}
-    suite = suites.get(cfg.suite["name"], **options)
+    suite = suites.from_spec(cfg.suite)
     space = build_space(cfg, suite, suite.build_model(**cfg.model))
     art = artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=artifact_cache(cfg),
                             experts=space.fuses, log=lambda m: None)

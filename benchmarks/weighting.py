@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-from _common import fmt, goals_table, markdown_table, mean, setup_threads, stdev, stopwatch, suite_spec  # noqa: E402
+from _common import fmt, goals_table, markdown_table, mean, setup_threads, stdev, stopwatch  # noqa: E402
 from mtl_models import artifacts, measure, pipeline, pruning, suites  # noqa: E402
 from mtl_models import weighting as weighting_mod  # noqa: E402
 from mtl_models.train import evaluate, train  # noqa: E402
@@ -101,7 +101,7 @@ def static_space(suite) -> SearchSpace:
         "finetune": {"epochs": 0.0},
     })
     layers = pruning.prunable_layers(suite.build_model(**MODEL))
-    return SearchSpace(spec, layers=layers, tasks=suite.task_names, suite=suite_spec(suite), model=MODEL,
+    return SearchSpace(spec, layers=layers, tasks=suite.task_names, suite=suite.spec, model=MODEL,
                        weighting_knobs=weighting_mod.KNOBS)
 
 

@@ -19,6 +19,7 @@ import torch
 from spaces.errors import PrunefuseError
 from spaces.knobs import coerce_number
 
+from .device import PRECISIONS, job_device
 from .train import evaluate, train
 
 
@@ -37,6 +38,7 @@ class TrainSpec:
     # add up instead of interfering: merging them works (benchmarks/fusion.py).
     expert_preserve: float = 1.0
     seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast while training (mtl_models.device)
 
     def __post_init__(self):
         # Typed and checked here, so a CLI's `epochs=2` and a policy's `epochs: 2.0` share one
@@ -47,6 +49,8 @@ class TrainSpec:
         for name, (cast, low, low_open) in rules.items():
             value = coerce_number("training", name, getattr(self, name), cast, low=low, low_open=low_open)
             object.__setattr__(self, name, value)
+        if self.precision not in PRECISIONS:
+            raise PrunefuseError(f"training precision {self.precision!r} is not one of: {', '.join(PRECISIONS)}")
         if self.expert_lr is not None:
             object.__setattr__(self, "expert_lr",
                                coerce_number("training", "expert_lr", self.expert_lr, float, low=0.0, low_open=True))
@@ -65,7 +69,10 @@ class Artifacts:
 
 def cache_key(suite_spec: dict, model_spec: dict, spec: TrainSpec, kind: str) -> str:
     # TrainSpec normalises its types, so a CLI's `epochs=2` and a policy's `epochs: 2.0` share a key.
-    blob = json.dumps({"suite": suite_spec, "model": model_spec, "train": spec.__dict__, "kind": kind},
+    train_spec = dict(spec.__dict__)
+    if train_spec["precision"] == "fp32":
+        del train_spec["precision"]  # fp32 is how every base was trained before precision was a choice
+    blob = json.dumps({"suite": suite_spec, "model": model_spec, "train": train_spec, "kind": kind},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -81,7 +88,8 @@ def train_base(suite, model_spec: dict, spec: TrainSpec, *, device: str = "cpu",
     if base_state is not None:
         load_checked(model, base_state, source="base checkpoint")
     else:
-        train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed, device=device)
+        train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed, device=device,
+              precision=spec.precision)
     model.cpu()
     return {k: v.clone() for k, v in model.state_dict().items()}, _metrics(model, suite)
 
@@ -104,7 +112,8 @@ def train_expert(suite, model_spec, spec: TrainSpec, base: dict, task: str, *, d
         for t in others:
             model.heads[t].requires_grad_(False)
     train(model, suite, epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed + 1, device=device, anchor=anchor, anchor_weight=spec.expert_preserve)
+          tasks=[task], seed=spec.seed + 1, device=device, anchor=anchor, anchor_weight=spec.expert_preserve,
+          precision=spec.precision)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -113,7 +122,7 @@ def train_reference(suite, model_spec, spec: TrainSpec, task: str, *, device: st
     torch.manual_seed(spec.seed)
     model = suite.build_model(**model_spec)
     train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed, device=device)
+          tasks=[task], seed=spec.seed, device=device, precision=spec.precision)
     return {split: evaluate(model, suite, split)[task] for split in ("val", "test")}
 
 
@@ -144,7 +153,7 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
     given, runs the base's training the same way (a Ray task on a cluster or a GPU);
     otherwise the base trains here, on `device`.
     """
-    suite_spec = {"name": suite.name, **suite.options}
+    suite_spec = suite.spec
     base_kind = "checkpoint:" + _state_digest(base_state) if base_state is not None else "trained"
     key = cache_key(suite_spec, model_spec, spec, base_kind)
     folder = Path(cache_dir) / key
@@ -214,22 +223,6 @@ class _ReferenceJob:
 
     def __call__(self, task):
         return train_reference(self.suite, self.model_spec, self.spec, task, device=job_device())
-
-
-def job_device() -> str:
-    """CUDA inside a Ray task that was given a GPU (it sees only its own), else the CPU.
-
-    Ray is looked up, never imported: a Ray worker has imported it already, and
-    `mtl_models` used on its own (apply, notebooks) should not pay for importing it."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    try:
-        if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
-            return "cuda"
-    except Exception:  # ray imported, but this is not a worker
-        pass
-    return "cpu"
 
 
 def _state_digest(state) -> str:

@@ -89,8 +89,7 @@ def load(out_dir):
     if not (folder / "model.pt").is_file() or not (folder / "policy.yaml").is_file():
         raise PrunefuseError(f"{str(folder)!r} is not a saved prunefuse model (needs model.pt and policy.yaml)")
     policy = Policy.from_yaml(folder / "policy.yaml")
-    options = {k: v for k, v in policy.suite.items() if k != "name"}
-    suite = suites.get(policy.suite["name"], **options)
+    suite = suites.from_spec(policy.suite)
     model = suite.build_model(**policy.model)
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     resize_to(model, state)

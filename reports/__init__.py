@@ -1,7 +1,6 @@
 """Reading experiments, Pareto analysis, the HTML report and choosing a policy. No torch.
 
-`load_experiment` is resolved on first use, so `reports.layout` (file names, imported by
-trials) costs no pandas import.
+`load_experiment` is resolved on first use, so importing `reports` costs no pandas import.
 """
 
 __all__ = ["load_experiment"]

@@ -14,7 +14,7 @@ import pandas as pd
 
 from spaces.errors import PrunefuseError
 
-from .layout import CONFIG_FILE, DENSE_FILE, FINISHED_FILE, REMEASURED_FILE
+from spaces.vocabulary import CONFIG_FILE, DENSE_FILE, FINISHED_FILE, REMEASURED_FILE, is_recorded_metric
 STATUS = ("finished", "failed", "stopped", "running")
 
 
@@ -117,8 +117,7 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
            "node_id": result.get("node_id"), "device": result.get("device"),
            "started": params.stat().st_mtime, "step": result.get("step"), "steps": result.get("steps")}
     for key, value in result.items():
-        if key in ("accuracy", "test_accuracy", "delta_m", "params", "nonzero_params", "bytes", "macs",
-                   "latency_ms", "latency_batch", "threads") or key.startswith(("metric/", "test/")):
+        if is_recorded_metric(key):
             row[key] = value
     row["policy"] = config.get("policy")
     _flatten("policy", config.get("policy", {}), row)

@@ -24,6 +24,7 @@ from plotly.subplots import make_subplots
 
 from spaces.errors import PrunefuseError
 from spaces.files import atomic_write_text
+from spaces.vocabulary import REPORT_FILE
 
 from . import pareto, select
 from .experiment import FINISHED_FILE, STATUS, experiment_dir, load_config, load_dense, load_experiment
@@ -415,6 +416,6 @@ def build_report(experiment, *, latency_source: str | None = None) -> str:
 
 def write_report(experiment, out_path=None, *, latency_source: str | None = None) -> Path:
     """Write the report (default EXPERIMENT/report.html) whole or not at all; returns its path."""
-    out = Path(out_path) if out_path is not None else experiment_dir(experiment) / "report.html"
+    out = Path(out_path) if out_path is not None else experiment_dir(experiment) / REPORT_FILE
     atomic_write_text(out, build_report(experiment, latency_source=latency_source))
     return out

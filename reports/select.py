@@ -12,6 +12,7 @@ import pandas as pd
 
 from spaces.errors import PrunefuseError
 from spaces.policy import Policy
+from spaces.vocabulary import is_recorded_metric
 
 from . import pareto
 from .experiment import load_config, load_dense
@@ -111,9 +112,7 @@ def by_constraints(df: pd.DataFrame, objectives, experiment, *, max_params=None,
 def policy_of(row: pd.Series, experiment, objectives) -> Policy:
     """The trial's policy with provenance: where it came from and what it measured."""
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()
-               if k in ("accuracy", "test_accuracy", "delta_m", "params", "nonzero_params", "bytes", "macs",
-                        "latency_ms", "latency_batch", "threads", "device")
-               or str(k).startswith(("metric/", "test/"))}
+               if is_recorded_metric(k)}
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
     provenance = {"experiment": str(experiment), "trial": row["trial_id"], "metrics": metrics}
     return Policy.from_dict({**row["policy"], "provenance": provenance}, source=f"trial {row['trial_id']}")

@@ -14,8 +14,7 @@ def rebuild(policy: Policy, *, cache: str, log=print):
 
     from .shared_artifacts import load_base_checkpoint
 
-    options = {k: v for k, v in policy.suite.items() if k != "name"}
-    suite = suites.get(policy.suite["name"], **options)
+    suite = suites.from_spec(policy.suite)
     model = suite.build_model(**policy.model)  # checks the model spec against the suite
     check_fits(suite, policy, model=model)  # another suite, tasks, layers or method: fail before training
     base = policy.base.model_dump()

@@ -13,6 +13,7 @@ import time
 import yaml
 
 from spaces.errors import PrunefuseError
+from spaces.vocabulary import POLICY_FILE, REPORT_FILE, suite_spec
 
 
 def _key_values(pairs: list[str] | None, flag: str) -> dict:
@@ -111,7 +112,7 @@ def cmd_search(args) -> int:
     else:
         cfg = SearchConfig(
             name=args.name or f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage=args.storage, suite={"name": args.suite, **_suite_options(args)},
+            storage=args.storage, suite=suite_spec(args.suite, _suite_options(args)),
             model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
             space=_space(args.space), objectives=parse_objectives(args.objectives),
             trials=args.trials if args.trials is not None else (None if args.time_budget else 48),
@@ -198,7 +199,7 @@ def _report_and_export(path) -> None:
 
     from .config import join, write_text
 
-    report = join(path, "report.html")
+    report = join(path, REPORT_FILE)
     write_text(report, build_report(path))
     print(f"report: {report}")
     df = experiment.load_experiment(path)
@@ -208,7 +209,7 @@ def _report_and_export(path) -> None:
     except PrunefuseError as exc:
         print(f"no policy exported: {exc}")
         return
-    out = join(path, "policy.yaml")
+    out = join(path, POLICY_FILE)
     write_text(out, select.policy_of(row, path, objectives).to_yaml())
     print(f"knee policy (trial {row['trial_id']}: accuracy {row['accuracy']:.4f}, {int(row['params']):,} params, "
           f"{row['latency_ms']:.3f} ms): {out}")

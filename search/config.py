@@ -5,15 +5,18 @@ Saving it lets `--resume`, `report` and `export` work from the experiment direct
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Literal, Optional
 
-from spaces.errors import PrunefuseError
-from spaces.files import atomic_write_text
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
-from reports.layout import CONFIG_FILE
-OBJECTIVE_NAMES = ("accuracy", "test_accuracy", "delta_m", "params", "nonzero_params", "bytes", "macs", "latency_ms")
+from spaces.errors import PrunefuseError, unknown_name
+from spaces.files import atomic_write_text, check_plain_name
+from spaces.policy import _Strict
+
+from spaces.vocabulary import CONFIG_FILE, SCALAR_METRICS, TASK_METRIC
+
+OBJECTIVE_NAMES = tuple(SCALAR_METRICS)
 SAMPLERS = ("tpe", "nsga2", "random")  # the names `--sampler` takes
 
 
@@ -22,7 +25,7 @@ def parse_objectives(text: str) -> list[tuple[str, str]]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, sense = part.partition(":")
-        if name not in OBJECTIVE_NAMES and not name.startswith("metric/"):
+        if name not in OBJECTIVE_NAMES and not name.startswith(TASK_METRIC):
             raise PrunefuseError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} or metric/<task>")
         if sense not in ("max", "min"):
             raise PrunefuseError(f"objective {part!r} needs a sense: {name}:max or {name}:min")
@@ -32,54 +35,164 @@ def parse_objectives(text: str) -> list[tuple[str, str]]:
     return out
 
 
-@dataclass
-class SearchConfig:
+# The flag a user sets each field with: errors name what the user typed.
+FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives", "trials": "--trials",
+         "time_budget_s": "--time-budget", "sampler": "--sampler", "seed": "--seed",
+         "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
+         "max_concurrent": "--max-concurrent", "retries": "--retries", "train": "--train-option",
+         "measure": "--measure-option", "max_task_drop": "--max-task-drop", "address": "--address",
+         "base_checkpoint": "--base-checkpoint", "suite": "--suite", "model": "--model-option", "space": "--space"}
+
+
+class SearchConfig(_Strict):
+    """What a search was asked to do. Frozen and validated where it is built, so the CLI and
+    `run_search` called from Python get the same checks; change one with `replace`."""
     name: str
     storage: str = "runs"
-    suite: dict = field(default_factory=lambda: {"name": "multidigits"})   # name + options
-    model: dict = field(default_factory=lambda: {"trunk": "mlp"})
-    space: dict = field(default_factory=dict)               # a SpaceSpec as plain data
-    objectives: list = field(default_factory=lambda: [("accuracy", "max"), ("params", "min"), ("latency_ms", "min")])
-    trials: Optional[int] = 48
-    time_budget_s: Optional[float] = None
+    suite: dict[str, Any] = {"name": "multidigits"}          # name + options
+    model: dict[str, Any] = {"trunk": "mlp"}
+    space: dict[str, Any] = {}                                # a SpaceSpec as plain data
+    objectives: list[tuple[str, Literal["max", "min"]]] = [("accuracy", "max"), ("params", "min"),
+                                                          ("latency_ms", "min")]
+    trials: Optional[StrictInt] = Field(48, ge=1)
+    time_budget_s: Optional[float] = Field(None, gt=0)      # finite: NaN would mean "forever"
     sampler: str = "tpe"
-    seed: int = 0
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: Optional[int] = None
-    retries: int = 0                                         # a failing trial is retried this many times
-    train: dict = field(default_factory=dict)               # mtl_models.artifacts.TrainSpec fields
-    measure: dict = field(default_factory=dict)             # mtl_models.pipeline.MeasureSpec fields
-    references: bool = False                                 # train single-task references for Δm
-    max_task_drop: Optional[float] = None                    # points vs dense base; infeasible trials kept off the front
-    asha: bool = False                                       # early-stop bad trials on accuracy
+    seed: StrictInt = 0
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent: Optional[StrictInt] = Field(None, ge=1)
+    retries: StrictInt = Field(0, ge=0)                      # a failing trial is retried this many times
+    train: dict[str, Any] = {}                                # mtl_models.artifacts.TrainSpec fields
+    measure: dict[str, Any] = {}                              # mtl_models.pipeline.MeasureSpec fields
+    references: bool = False                                  # train single-task references for Δm
+    max_task_drop: Optional[float] = Field(None, ge=0)       # points vs dense base; infeasible trials kept off the front
+    asha: bool = False                                        # early-stop bad trials on accuracy
     address: Optional[str] = None
     base_checkpoint: Optional[str] = None
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise PrunefuseError(_message(exc)) from None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        return check_plain_name(v)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_given(cls, v):
+        if not v.strip():
+            raise ValueError("expected a folder or URI")
+        return v
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_named(cls, v):
+        if not isinstance(v.get("name"), str) or not v["name"]:
+            raise ValueError("the suite needs a 'name'")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v):
+        if not v:
+            raise ValueError("needs at least one NAME:max|min")
+        names = [name for name, _ in v]
+        for name in names:
+            if name not in OBJECTIVE_NAMES and not (name.startswith(TASK_METRIC) and len(name) > len(TASK_METRIC)):
+                raise ValueError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} "
+                                 f"or metric/<task>")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given more than once; each objective once")
+        return v
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v):
+        if v not in SAMPLERS:
+            raise ValueError(str(unknown_name("sampler", v, SAMPLERS)))
+        return v
+
+    @field_validator("train", "measure")
+    @classmethod
+    def _spec_options(cls, v, info):
+        _check_spec_options(v, info.field_name)
+        return v
+
+    @model_validator(mode="after")
+    def _ends(self):
+        if self.trials is None and self.time_budget_s is None:
+            raise ValueError("a search needs --trials N or --time-budget S (it would never end)")
+        return self
 
     @property
     def path(self) -> str:
         return join(self.storage, self.name)
 
+    def replace(self, **changes) -> "SearchConfig":
+        """A copy with `changes`, validated like a new one."""
+        return SearchConfig(**{**self.model_dump(), **changes})
+
     def save(self) -> None:
-        write_text(join(self.path, CONFIG_FILE), json.dumps(asdict(self), indent=1))
+        write_text(join(self.path, CONFIG_FILE), json.dumps(self.model_dump(mode="json"), indent=1))
 
     @classmethod
     def load(cls, experiment: str) -> "SearchConfig":
-        text = read_text(join(experiment, CONFIG_FILE), what="experiment")
+        source = join(experiment, CONFIG_FILE)
+        text = read_text(source, what="experiment")
         try:
             data = json.loads(text)
-            data["objectives"] = [tuple(o) for o in data["objectives"]]
-            cfg = cls(**data)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise PrunefuseError(f"{join(experiment, CONFIG_FILE)} is not a prunefuse experiment file "
-                                 f"({str(exc).splitlines()[0][:120]})") from None
-        # Where it was found now wins over where it was first written (a moved folder, or a
-        # relative --storage resumed from another working directory).
-        where = str(experiment).rstrip("/")
-        parent, _, base = where.rpartition("/") if is_uri(where) else (str(Path(where).parent), "", Path(where).name)
-        if base == cfg.name and parent:
-            cfg.storage = parent
-        return cfg
+            if not isinstance(data, dict):
+                raise ValueError(f"a {type(data).__name__}, not a mapping")
+            # Where it was found now wins over where it was first written (a moved folder, or a
+            # relative --storage resumed from another working directory).
+            where = str(experiment).rstrip("/")
+            parent, _, base = where.rpartition("/") if is_uri(where) else (str(Path(where).parent), "", Path(where).name)
+            if base == data.get("name") and parent:
+                data["storage"] = parent
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise PrunefuseError(f"{source} is not a prunefuse experiment file "
+                                 f"({str(exc).splitlines()[0][:160]})") from None
+
+
+def _check_spec_options(values: dict, what: str) -> None:
+    """--train-option / --measure-option: known keys, types and ranges (TrainSpec / MeasureSpec)."""
+    from dataclasses import fields
+
+    from mtl_models.artifacts import TrainSpec
+    from mtl_models.pipeline import MeasureSpec
+
+    spec = TrainSpec if what == "train" else MeasureSpec
+    valid = [f.name for f in fields(spec) if f.name != "device"]
+    for key in values:
+        if key not in valid:
+            raise PrunefuseError(f"--{what}-option {key!r} is not known; valid: {', '.join(valid)}")
+    spec(**values)
+
+
+def _message(exc: ValidationError) -> str:
+    """One line from SearchConfig's first problem, named by the flag that sets the field."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"search config: {field!r} is not a setting (check its spelling)"
+    if not field:
+        return msg
+    if first["type"] == "value_error" and field in ("train", "measure", "sampler", "objectives") and \
+            not msg.startswith("needs"):
+        return msg
+    flag = FLAGS.get(field, field)
+    value = first.get("input")
+    shown = f" {value!r}" if not isinstance(value, (dict, list)) else ""
+    if first["type"] == "finite_number":
+        msg = "expected a finite number"
+    return f"{flag}{shown}: {msg}"
 
 
 # --- paths that may be local folders or pyarrow filesystem URIs (s3://, gs://, ...) ---

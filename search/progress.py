@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from spaces.vocabulary import POLICY_FILE
+
 
 def error_reason(trial) -> str:
     """The last line of the trial's error.txt (the exception, which carries the reason)."""
@@ -41,7 +43,7 @@ class ProgressPrinter(Callback):
         from .config import join, write_text
 
         try:
-            write_text(join(trial.local_path, "policy.yaml"), Policy.from_dict(trial.config["policy"]).to_yaml())
+            write_text(join(trial.local_path, POLICY_FILE), Policy.from_dict(trial.config["policy"]).to_yaml())
         except Exception as exc:  # never let a side file stop the search
             print(f"  trial {trial.trial_id}: could not write policy.yaml ({exc})", flush=True)
 

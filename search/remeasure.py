@@ -11,7 +11,7 @@ import json
 
 from spaces import Policy
 
-from reports.layout import REMEASURED_FILE
+from spaces.vocabulary import REMEASURED_FILE
 
 
 def remeasure_front(experiment, *, log=print) -> str:

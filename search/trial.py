@@ -13,8 +13,8 @@ import os
 import time
 
 from spaces.policy import Policy
+from spaces.vocabulary import FINAL_FILE
 
-FINAL_FILE = "final.json"
 
 
 @functools.lru_cache(maxsize=4)
@@ -23,8 +23,7 @@ def _suite(spec_json: str):
     # trials (actors are reused).
     from mtl_models import suites
 
-    spec = json.loads(spec_json)
-    return suites.get(spec.pop("name"), **spec)
+    return suites.from_spec(json.loads(spec_json))
 
 
 def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment: str | None = None,
@@ -53,7 +52,7 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     policy = Policy.from_dict(config["policy"], source="trial config")
-    if suite is None or {"name": suite.name, **suite.options} != policy.suite:
+    if suite is None or suite.spec != policy.suite:
         # The search hands its suite over through the object store (no rebuild, no data files
         # needed on this node); rebuilt only for a policy of another suite.
         suite = _suite(json.dumps(policy.suite, sort_keys=True))

@@ -14,12 +14,11 @@ from dataclasses import asdict
 from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
 
-from reports.layout import DENSE_FILE, FINISHED_FILE
+from spaces.vocabulary import DENSE_FILE, FINISHED_FILE, STUDY_DB
 
 from .config import SearchConfig, is_uri, join, write_text
 from .shared_artifacts import artifact_cache, load_base_checkpoint, measure_dense, train_artifacts
 
-STUDY_DB = "optuna.db"
 
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
@@ -30,7 +29,7 @@ def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
     trunk_groups = sorted({fusion.layer_group(k) for k, v in model.state_dict().items()
                            if k.startswith("trunk.") and v.is_floating_point()})
     return SearchSpace(spec, layers=prunable_layers(model), tasks=suite.task_names,
-                       suite={"name": suite.name, **suite.options}, model=cfg.model,
+                       suite=suite.spec, model=cfg.model,
                        fusion_knobs=fusion.KNOBS, weighting_knobs=weighting.KNOBS,
                        merge_groups=trunk_groups, base=base_spec(cfg), importances=list(IMPORTANCES), seed=cfg.seed)
 
@@ -49,8 +48,7 @@ def prepare_inputs(cfg: SearchConfig):
     """Everything that can be wrong with the user's request is found here, before any write."""
     from mtl_models import suites
 
-    options = {k: v for k, v in cfg.suite.items() if k != "name"}
-    suite = suites.get(cfg.suite["name"], **options)
+    suite = suites.from_spec(cfg.suite)
     model = suite.build_model(**cfg.model)
     space = build_space(cfg, suite, model)
     base_state = None

@@ -35,7 +35,7 @@ def tiny_artifacts(tiny_suite, tmp_path_factory):
 def tiny_policy(the_suite, **changes):
     from spaces import Policy
 
-    data = {"schema": "prunefuse.policy/1", "suite": {"name": the_suite.name, **the_suite.options},
+    data = {"schema": "prunefuse.policy/1", "suite": the_suite.spec,
             "model": {"trunk": "mlp", "width": 64, "depth": 2}, "base": TINY_TRAIN,
             "pruning": {"sparsity": {"trunk.fc1": 0.5, "trunk.fc2": 0.25}},
             "finetune": {"epochs": 0.5}}

@@ -45,7 +45,7 @@ def art(mixed_suite, cache):
 
 
 def policy(suite, **changes):
-    return Policy.from_dict({"schema": "prunefuse.policy/1", "suite": {"name": suite.name, **suite.options},
+    return Policy.from_dict({"schema": "prunefuse.policy/1", "suite": suite.spec,
                              "model": MODEL, "pruning": {"sparsity": {}}, "finetune": {"epochs": 0.0}, **changes})
 
 

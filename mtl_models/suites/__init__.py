@@ -20,6 +20,7 @@ import re
 import sys
 
 from spaces.errors import PrunefuseError, unknown_name
+from spaces.vocabulary import split_suite_spec
 
 from .base import Split, Task, TaskSuite
 
@@ -30,6 +31,7 @@ SUITES = {
     "multidigits": "mtl_models.suites.multidigits:make_multidigits",
     "synthetic": "mtl_models.suites.synthetic:make_synthetic",
     "tabular": "mtl_models.suites.tabular:make_tabular",
+    "sequences": "mtl_models.suites.sequences:make_sequences",
 }
 
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -84,6 +86,12 @@ def get(name: str, **options) -> TaskSuite:
         if suite.model_factory is not None and not isinstance(suite.model_factory, CheckedModelFactory):
             suite.model_factory = CheckedModelFactory(suite.model_factory, name)
     return suite
+
+
+def from_spec(spec: dict) -> TaskSuite:
+    """The suite a spec (`TaskSuite.spec`, a policy's `suite`) names."""
+    name, options = split_suite_spec(spec)
+    return get(name, **options)
 
 
 def _check_options(name, factory, options):

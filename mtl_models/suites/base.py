@@ -11,29 +11,62 @@ from typing import Callable
 
 import torch
 
+from spaces.vocabulary import suite_spec
+
 
 @dataclass(frozen=True)
 class Task:
     """One task of a suite.
 
-    kind: "classification" (head emits `num_outputs` logits, labels int64 of shape (n,))
-    or "regression" (head emits 1 value, labels float32 of shape (n,)).
-    metric: a name in `mtl_models.tasks.METRICS`; `higher_is_better` tells Δm its sense.
-    unit: regression labels are stored divided by `unit` (to keep losses on one scale);
+    kind (`spaces.vocabulary.TASK_KINDS`; losses and metrics in `mtl_models.tasks.KINDS`):
+      "classification": the head emits `num_outputs` logits; labels int64 (n,)
+      "regression":     1 value per row; labels float32 (n,)
+      "multilabel":     `num_outputs` logits, one per label; labels float32 0/1 (n, K)
+      "segmentation":   `num_outputs` class logits per pixel (n, K, H, W); labels int64 (n, H, W),
+                        IGNORE_INDEX (-1) where unlabelled
+      "depth":          1 value per pixel (n, 1, H, W); labels float32 (n, H, W), 0 where unknown
+      "normals":        3 values per pixel (n, 3, H, W); labels unit vectors float32 (n, 3, H, W),
+                        all-zero where unknown
+    metric: one of the kind's metrics (default: the first). `higher_is_better` is read from
+    the metric's sense in `spaces.vocabulary.TASK_METRICS`; stating it is allowed only if it agrees.
+    unit: regression / depth labels are stored divided by `unit` (to keep losses on one scale);
     metrics are computed after multiplying predictions and labels back.
     """
 
     name: str
     kind: str
     num_outputs: int
-    metric: str = "accuracy"
-    higher_is_better: bool = True
+    metric: str | None = None
+    higher_is_better: bool | None = None
     unit: float = 1.0
+
+    def __post_init__(self):
+        from spaces.errors import PrunefuseError
+        from spaces.vocabulary import TASK_KINDS, TASK_METRICS
+
+        if self.kind not in TASK_KINDS:
+            raise PrunefuseError(f"task {self.name!r} has kind {self.kind!r}; expected one of: {', '.join(TASK_KINDS)}")
+        metric = TASK_KINDS[self.kind][0] if self.metric is None else self.metric
+        if metric not in TASK_KINDS[self.kind]:
+            raise PrunefuseError(f"task {self.name!r} ({self.kind}) has metric {metric!r}; expected one of: "
+                                 f"{', '.join(TASK_KINDS[self.kind])}")
+        higher = TASK_METRICS[metric] == "max"
+        if self.higher_is_better is not None and bool(self.higher_is_better) != higher:
+            raise PrunefuseError(f"task {self.name!r}: higher_is_better={self.higher_is_better} contradicts its "
+                                 f"metric {metric!r}, for which {'higher' if higher else 'lower'} is better; "
+                                 f"leave it out, it follows the metric")
+        object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "higher_is_better", higher)
+
+    @property
+    def sense(self) -> str:
+        """"max" or "min": which way this task's metric is better."""
+        return "max" if self.higher_is_better else "min"
 
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor                 # (n, *input_shape) float32
+    x: torch.Tensor                 # (n, *input_shape) float32, or int64 token ids
     y: dict[str, torch.Tensor]      # task name -> (n,) labels
 
     def __len__(self) -> int:
@@ -53,6 +86,16 @@ class TaskSuite:
     input_shape: tuple[int, ...]
     # model_factory(suite, **model_spec) -> MTLModel; defaults to the built-in trunks.
     model_factory: Callable | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> dict:
+        """{"name": ..., **options}: the plain data that rebuilds this suite (`suites.from_spec`)."""
+        return suite_spec(self.name, self.options)
+
+    @property
+    def senses(self) -> dict[str, str]:
+        """task -> "max" / "min", the sense of its metric."""
+        return {t.name: t.sense for t in self.tasks}
 
     @property
     def task_names(self) -> list[str]:

@@ -1,0 +1,89 @@
+"""The words every package shares: metric names, experiment file names, the suite spec.
+
+One home for each name, so a producer and its readers cannot drift apart. Imports nothing
+(no torch, no ray, no pandas): a trial, the CLI and the report all read it for free.
+"""
+from __future__ import annotations
+
+# --- metrics a measured model reports (mtl_models.pipeline.measure_model produces them) ---
+
+# Scalar metrics and which way is better ("max" / "min"); objectives, constraints, export
+# selectors and the report take their names from here.
+SCALAR_METRICS = {
+    "score": "max",             # mean oriented task score (spaces.scores): 0 = the dense base, higher is better
+    "test_score": "max",        # the same on the test split, against the dense base's test metrics
+    "delta_m": "max",           # Δm% against the reference (higher: better than it)
+    "params": "min",            # parameters as stored
+    "nonzero_params": "min",
+    "bytes": "min",             # storage, dense or sparse, whichever is smaller
+    "macs": "min",
+    "latency_ms": "min",        # the inference form's median latency
+}
+# Names experiments written before `score` existed used for it: readers map them (the old
+# "accuracy" was the plain mean of the task metrics, senses ignored).
+LEGACY_METRICS = {"accuracy": "score", "test_accuracy": "test_score"}
+MEAN_SCORE = "score"            # the default objective, the ASHA metric, export's sort key
+# Facts recorded beside the metrics: how they were measured.
+MEASUREMENT_FACTS = ("latency_batch", "threads", "device")
+TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
+TASK_TEST_METRIC = "test/"      # test/<task>: the same on the test split
+
+
+def is_recorded_metric(key: str) -> bool:
+    """True for every key of a trial's results that the report and export keep."""
+    return (key in SCALAR_METRICS or key in LEGACY_METRICS or key in MEASUREMENT_FACTS
+            or str(key).startswith((TASK_METRIC, TASK_TEST_METRIC)))
+
+
+# --- task metrics and the task kinds that use them ---
+
+# A task's metric name -> which way is better. `mtl_models.tasks` implements each (same
+# names); a `Task` takes its sense from here, so a suite cannot state it wrongly.
+TASK_METRICS = {
+    "accuracy": "max",           # classification: fraction of rows whose argmax is right
+    "rounded_accuracy": "max",   # regression on integer targets: the rounded prediction is right
+    "r2": "max",
+    "mae": "min",
+    "label_accuracy": "max",     # multilabel: mean over labels of the per-label accuracy
+    "macro_f1": "max",           # multilabel: mean over labels of F1
+    "miou": "max",               # segmentation: mean over classes of intersection / union
+    "pixel_accuracy": "max",     # segmentation: fraction of labelled pixels right
+    "abs_err": "min",            # depth: mean |pred − true| over valid pixels (LibMTL's NYUv2)
+    "rel_err": "min",            # depth: mean |pred − true| / true over valid pixels
+    "mean_angle_err": "min",     # normals: mean angle (degrees) between predicted and true normals
+}
+
+# kind -> the metrics a task of that kind may be scored by (the first is its default).
+TASK_KINDS = {
+    "classification": ("accuracy",),
+    "regression": ("r2", "mae", "rounded_accuracy"),
+    "multilabel": ("label_accuracy", "macro_f1"),
+    "segmentation": ("miou", "pixel_accuracy"),
+    "depth": ("abs_err", "rel_err"),
+    "normals": ("mean_angle_err",),
+}
+DENSE_KINDS = ("segmentation", "depth", "normals")   # heads that emit a map per input
+
+
+# --- the files of an experiment folder ---
+
+CONFIG_FILE = "prunefuse.json"        # the SearchConfig: what the search was asked to do
+DENSE_FILE = "dense.json"             # the dense base measured like a trial
+FINISHED_FILE = "finished.json"       # written when fit() returns; absent while running or after a crash
+REMEASURED_FILE = "remeasured.json"   # `report --remeasure`'s latencies of the front
+STUDY_DB = "optuna.db"                # the Optuna study (SQLite)
+FINAL_FILE = "final.json"             # inside trial_<id>/: the trial's final result, written before Tune sees it
+POLICY_FILE = "policy.yaml"           # inside trial_<id>/ (the trial's policy) and the experiment (the knee's)
+REPORT_FILE = "report.html"           # the Pareto report
+
+
+# --- the suite spec: {"name": ..., **options}, which rebuilds a suite ---
+
+def suite_spec(name: str, options: dict) -> dict:
+    """The plain data that rebuilds a suite: `mtl_models.suites.from_spec(spec)`."""
+    return {"name": name, **options}
+
+
+def split_suite_spec(spec: dict) -> tuple[str, dict]:
+    """(name, options) of a suite spec."""
+    return spec["name"], {k: v for k, v in spec.items() if k != "name"}
