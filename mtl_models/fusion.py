@@ -6,7 +6,7 @@ tau_t *before* a method combines them; lambda_t may be one float or, AdaMerging
 style (Yang et al. 2024, "AdaMerging: Adaptive Model Merging for Multi-Task
 Learning"), a dict giving one float per layer group (see `layer_group`).
 
-Methods (registered in `METHODS`, their searchable knobs in `KNOBS`):
+Methods (registered in `METHODS`, a `spaces.registry.Registry`; their searchable knobs in `KNOBS`):
   average          theta_0 + mean_t(lambda_t tau_t); at lambda_t = 1 this is exactly
                    the plain mean of the experts (weight averaging / model soup).
   task_arithmetic  theta_0 + sum_t lambda_t tau_t.
@@ -29,29 +29,21 @@ model rather than silently poisoning the merge.
 from __future__ import annotations
 
 import hashlib
-import inspect
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
 from spaces.errors import PrunefuseError, unknown_name
 from spaces.knobs import Knob
+from spaces.registry import Registry
 
-METHODS: dict[str, Callable] = {}
-KNOBS: dict[str, dict[str, Knob]] = {}
+# name -> method (deltas, key, *, knobs) -> merged delta; knob defaults are the signatures'.
+METHODS = Registry("fusion method")
+register = METHODS.register
 
-_TIES_KNOBS = {"density": Knob(0.05, 1.0, default=0.2), "scale": Knob(0.3, 1.5, default=1.0)}
-_DARE_KNOBS = {"drop_rate": Knob(0.0, 0.95, default=0.5)}
-
-
-def register(name: str, knobs: Mapping[str, Knob] | None = None):
-    """Insert a method (deltas, key, *, params) -> merged delta into the registries."""
-    def insert(fn: Callable) -> Callable:
-        METHODS[name] = fn
-        KNOBS[name] = dict(knobs or {})
-        return fn
-    return insert
+_TIES_KNOBS = {"density": Knob(0.05, 1.0), "scale": Knob(0.3, 1.5)}
+_DARE_KNOBS = {"drop_rate": Knob(0.0, 0.95)}
 
 
 def layer_group(key: str) -> str:
@@ -126,32 +118,30 @@ def task_arithmetic(deltas: Mapping[str, Tensor], key: str) -> Tensor:
     return torch.stack(list(deltas.values())).sum(dim=0)
 
 
-@register("ties", _TIES_KNOBS)
+@register("ties", knobs=_TIES_KNOBS)
 def ties(deltas: Mapping[str, Tensor], key: str, *, density: float = 0.2, scale: float = 1.0) -> Tensor:
     return _ties_combine(list(deltas.values()), density, scale)
 
 
-@register("dare_linear", _DARE_KNOBS)
+@register("dare_linear", knobs=_DARE_KNOBS, needs=("seed",))
 def dare_linear(deltas: Mapping[str, Tensor], key: str, *, drop_rate: float = 0.5, seed: int = 0) -> Tensor:
     return torch.stack(_dare(deltas, key, drop_rate, seed)).sum(dim=0)
 
 
-@register("dare_ties", {**_DARE_KNOBS, **_TIES_KNOBS})
+@register("dare_ties", knobs={**_DARE_KNOBS, **_TIES_KNOBS}, needs=("seed",))
 def dare_ties(deltas: Mapping[str, Tensor], key: str, *, drop_rate: float = 0.5, density: float = 0.2,
               scale: float = 1.0, seed: int = 0) -> Tensor:
     return _ties_combine(_dare(deltas, key, drop_rate, seed), density, scale)
+
+
+KNOBS = METHODS.knobs  # method -> {knob: Knob}, defaults from the signatures
 
 
 # --- entry point ---------------------------------------------------------------
 
 def check_params(method: str, params: Mapping) -> None:
     """Each of `params` is a knob `method` takes (its keyword-only arguments)."""
-    fn = METHODS[method]
-    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    for name in params:
-        if name not in valid:
-            raise PrunefuseError(f"unknown parameter {name!r} for fusion method {method!r}; "
-                                 f"expected one of: {', '.join(valid) or '(none)'}")
+    METHODS.check_params(method, params)
 
 
 def _check_state(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> None:

@@ -5,7 +5,7 @@ exported policy reproduces the model its trial measured (same machine, same seed
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +13,11 @@ import torch
 from spaces.errors import PrunefuseError, unknown_name
 from spaces.knobs import coerce_number
 from spaces.policy import Policy
+from spaces.scores import mean_score
 
 from . import fusion, measure
 from .artifacts import Artifacts
+from .device import check_precision, device_name, half_dtype
 from .fusion import merge
 from .pruning import prune, without_masks
 from .tasks import task_loss
@@ -29,7 +31,8 @@ class MeasureSpec:
     threads: int = 1
     runs: int = 30
     warmup: int = 5
-    device: str = "cpu"
+    device: str = "cpu"        # set per job by mtl_models.device.job_device, not by the user
+    precision: str = "fp32"    # the policy's fine-tune precision: bf16 / fp16 also time latency in it on CUDA
 
     def __post_init__(self):
         for name, low in (("latency_batch", 1), ("threads", 1), ("runs", 1), ("warmup", 0)):
@@ -54,7 +57,7 @@ def check_fits(suite, policy: Policy, artifacts: Artifacts | None = None, *, mod
     Without `artifacts` (before any training) the model spec is not compared; with `model`
     the policy's pruned layer names are checked against it too.
     """
-    suite_spec = {"name": suite.name, **suite.options}
+    suite_spec = suite.spec
     if policy.suite != suite_spec:
         mine, here = _first_difference(policy.suite, suite_spec)
         raise PrunefuseError(f"the policy is for suite {policy.suite['name']!r} with {mine}, "
@@ -71,7 +74,7 @@ def check_fits(suite, policy: Policy, artifacts: Artifacts | None = None, *, mod
     if model is not None:
         from .pruning import check_sparsity
 
-        check_sparsity(model, dict(policy.pruning.sparsity))
+        check_sparsity(model, dict(policy.pruning.sparsity), suite.example_inputs(2))
 
 
 def check_method_names(policy: Policy, tasks: list[str]) -> None:
@@ -80,13 +83,10 @@ def check_method_names(policy: Policy, tasks: list[str]) -> None:
     from .weighting import make_weighter
 
     make_weighter(weighting_spec(policy), tasks)
-    if policy.pruning.importance not in pruning.IMPORTANCES:
-        raise unknown_name("importance", policy.pruning.importance, pruning.IMPORTANCES)
+    pruning.IMPORTANCES.method(policy.pruning.importance)
     if policy.fusion is not None:
         method = policy.fusion.method
-        if method not in fusion.METHODS:
-            raise unknown_name("fusion method", method, fusion.METHODS)
-        fusion.check_params(method, policy.fusion.params)
+        fusion.METHODS.check_params(method, policy.fusion.params)
 
 
 def weighting_spec(policy: Policy) -> dict:
@@ -95,8 +95,7 @@ def weighting_spec(policy: Policy) -> dict:
     spec = {"method": policy.weighting.method, **policy.weighting.params}
     if policy.weighting.weights is not None:
         spec["weights"] = dict(policy.weighting.weights)
-    method = WEIGHTING_METHODS.get(policy.weighting.method)
-    if method is not None and "seed" in method.KEYS:
+    if policy.weighting.method in WEIGHTING_METHODS.needing("seed"):
         spec.setdefault("seed", policy.seed)  # a seeded method (RLW) follows the policy's seed
     return spec
 
@@ -104,8 +103,7 @@ def weighting_spec(policy: Policy) -> dict:
 def fusion_params(policy: Policy) -> dict:
     """The merge method's knobs; a seeded method (DARE's drop masks) follows the policy's seed."""
     params = dict(policy.fusion.params)
-    method = fusion.METHODS.get(policy.fusion.method)
-    if method is not None and "seed" in inspect.signature(method).parameters:
+    if policy.fusion.method in fusion.METHODS.needing("seed"):
         params.setdefault("seed", policy.seed)
     return params
 
@@ -131,7 +129,7 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str):
     if policy.fusion.finetune_epochs > 0:
         train(model, suite, epochs=policy.fusion.finetune_epochs, lr=policy.finetune.lr,
               batch_size=policy.finetune.batch_size, weighting=weighting_spec(policy),
-              seed=policy.seed, device=device)
+              seed=policy.seed, device=device, precision=policy.finetune.precision)
     return model
 
 
@@ -161,8 +159,10 @@ def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
     higher = {t.name: t.higher_is_better for t in suite.tasks}
     example = suite.example_inputs(spec.latency_batch)
     out = {
-        "accuracy": sum(val.values()) / len(val),
-        "test_accuracy": sum(test.values()) / len(test),
+        # The oriented score against the dense base (spaces.scores): every task counts the
+        # right way round, whatever its metric's sense and scale.
+        "score": mean_score(val, artifacts.dense_metrics["val"], suite.senses),
+        "test_score": mean_score(test, artifacts.dense_metrics["test"], suite.senses),
         "delta_m": measure.delta_m(val, reference, higher),
         "params": measure.stored_params(model),
         "nonzero_params": measure.nonzero_params(model),
@@ -173,7 +173,13 @@ def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
         "latency_batch": spec.latency_batch,
         "threads": spec.threads,
         "device": spec.device,
+        "device_name": device_name(spec.device),  # the GPU model a CUDA figure was taken on
     }
+    half = half_dtype(spec.precision, spec.device)
+    if half is not None:
+        out["latency_ms_half"] = measure.latency_ms(model, example, threads=spec.threads, runs=spec.runs,
+                                                    warmup=spec.warmup, device=spec.device, dtype=half)
+        out["half_precision"] = spec.precision
     out.update({f"metric/{t}": v for t, v in val.items()})
     out.update({f"test/{t}": v for t, v in test.items()})
     return out
@@ -188,6 +194,8 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     """
     check_fits(suite, policy, artifacts)
     device = measure_spec.device
+    check_precision(policy.finetune.precision, device)
+    measure_spec = dataclasses.replace(measure_spec, precision=policy.finetune.precision)
     model = start_model(suite, policy, artifacts, device=device)
     calib = suite.train.x[:512]
 
@@ -201,7 +209,8 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     def after_step(step, m):
         if ft.epochs > 0:
             train(m, suite, epochs=ft.epochs / p.steps, lr=ft.lr, batch_size=ft.batch_size,
-                  weighting=weighting_spec(policy), seed=policy.seed + step, device=device)
+                  weighting=weighting_spec(policy), seed=policy.seed + step, device=device,
+                  precision=ft.precision)
         metrics.clear()
         metrics.update(measure_model(without_masks(m), suite, artifacts, measure_spec))
         if on_step:

@@ -18,8 +18,9 @@ import math
 import torch
 from torch import nn
 
-from spaces.errors import PrunefuseError, unknown_name
+from spaces.errors import PrunefuseError
 from spaces.knobs import Knob
+from spaces.registry import Registry
 
 
 def _number(method: str, key: str, value, *, allow_zero: bool) -> float:
@@ -35,7 +36,6 @@ def _number(method: str, key: str, value, *, allow_zero: bool) -> float:
 class Weighter:
     """Shared checks; subclasses implement `_combine(L, shared_params)` on the (K,) loss vector."""
 
-    KEYS: tuple[str, ...] = ()  # spec keys the constructor accepts, besides "method"
     # Learning rate for `parameters()` in the loop's optimizer; None = the model's lr.
     param_lr: float | None = None
 
@@ -83,7 +83,6 @@ class Static(Weighter):
     """Σ_t w_t L_t with fixed w, normalised to Σ w_t = K so equal weights reproduce `equal`
     (and the loss scale, hence the effective learning rate, does not depend on the weights)."""
 
-    KEYS = ("weights",)
 
     def __init__(self, tasks, *, weights=None):
         super().__init__(tasks)
@@ -133,11 +132,10 @@ class Uncertainty(Weighter):
       points the same way as ∇L.
     """
 
-    KEYS = ("lr", "init")
 
-    def __init__(self, tasks, *, lr=None, init="first_loss"):
+    def __init__(self, tasks, *, lr=UNCERTAINTY_LR, init="first_loss"):
         super().__init__(tasks)
-        self.param_lr = UNCERTAINTY_LR if lr is None else _number("uncertainty", "lr", lr, allow_zero=False)
+        self.param_lr = _number("uncertainty", "lr", lr, allow_zero=False)
         if init not in UNCERTAINTY_INITS:
             raise PrunefuseError(f"uncertainty init must be one of {', '.join(UNCERTAINTY_INITS)}; got {init!r}")
         self.init = init
@@ -179,7 +177,6 @@ class DWA(Weighter):
     the first two epochs, when there are not yet two epochs of averages to compare.
     """
 
-    KEYS = ("temperature",)
 
     def __init__(self, tasks, *, temperature=2.0):
         super().__init__(tasks)
@@ -215,7 +212,6 @@ class RLW(Weighter):
     seeded by spec "seed" (default 0), so a trial is reproducible and checkpointable.
     """
 
-    KEYS = ("seed",)
 
     def __init__(self, tasks, *, seed=0):
         super().__init__(tasks)
@@ -257,7 +253,6 @@ class GradNorm(Weighter):
     Outside autograd (torch.no_grad, e.g. validation) it only combines, without a step.
     """
 
-    KEYS = ("alpha", "lr")
 
     def __init__(self, tasks, *, alpha=1.5, lr=0.025):
         super().__init__(tasks)
@@ -321,18 +316,17 @@ class GradNorm(Weighter):
             self._pending_opt = d["optimizer"]
 
 
-METHODS: dict[str, type] = {
-    "equal": Equal, "static": Static, "uncertainty": Uncertainty,
-    "dwa": DWA, "rlw": RLW, "gradnorm": GradNorm,
-}
-
-# Searchable knobs per method; static's per-task weights are the search space's own business.
-KNOBS: dict[str, dict[str, Knob]] = {
-    "equal": {}, "static": {}, "rlw": {},
-    "uncertainty": {"lr": Knob(1e-3, 0.1, log=True, default=UNCERTAINTY_LR)},
-    "dwa": {"temperature": Knob(0.5, 5.0, default=2.0)},
-    "gradnorm": {"alpha": Knob(0.0, 3.0, default=1.5)},
-}
+# name -> Weighter class; the spec keys a method takes are its constructor's keyword-only
+# arguments, and its searchable knobs' defaults are theirs. Static's per-task weights are the
+# search space's own business.
+METHODS = Registry("weighting method")
+METHODS.register("equal")(Equal)
+METHODS.register("static")(Static)
+METHODS.register("uncertainty", knobs={"lr": Knob(1e-3, 0.1, log=True)})(Uncertainty)
+METHODS.register("dwa", knobs={"temperature": Knob(0.5, 5.0)})(DWA)
+METHODS.register("rlw", needs=("seed",))(RLW)
+METHODS.register("gradnorm", knobs={"alpha": Knob(0.0, 3.0)})(GradNorm)
+KNOBS = METHODS.knobs
 
 
 def make_weighter(spec: dict, tasks: list[str]) -> Weighter:
@@ -341,11 +335,9 @@ def make_weighter(spec: dict, tasks: list[str]) -> Weighter:
     if "method" not in spec:
         raise PrunefuseError(f"weighting spec needs a 'method'; expected one of: {', '.join(sorted(METHODS))}")
     name = spec.pop("method")
-    if not isinstance(name, str) or name not in METHODS:
-        raise unknown_name("weighting method", name, METHODS)
-    cls = METHODS[name]
+    method = METHODS.method(name)
     for key in spec:
-        if key not in cls.KEYS:
-            valid = ", ".join(("method",) + cls.KEYS)
+        if key not in method.params:
+            valid = ", ".join(("method",) + method.params)
             raise PrunefuseError(f"unknown key {key!r} for weighting method {name!r}; valid keys: {valid}")
-    return cls(tasks, **spec)
+    return method.fn(tasks, **spec)

@@ -8,6 +8,7 @@ import torch_pruning as tp
 from torch import nn
 
 from spaces.errors import unknown_name
+from spaces.registry import Registry
 
 from .layers import PRUNABLE_TYPES
 
@@ -40,8 +41,6 @@ def _plain(idxs) -> list[int]:
 
 class _Magnitude:
     """Group magnitude (torch-pruning's GroupMagnitudeImportance, mean-normalised per group)."""
-
-    needs_data = False
 
     def __init__(self, p: int):
         self.imp = tp.importance.GroupMagnitudeImportance(p=p)
@@ -78,7 +77,6 @@ class MultiTaskTaylor:
     the estimate for the sum of the task losses: Σ_t ΔL_t, unnormalised.
     """
 
-    needs_data = True
     max_outputs = 32
     # The estimates hold for small removals: a step that removes more than this fraction of
     # a layer's units is split into rounds, re-scored (on recalibrated BatchNorm) between them.
@@ -210,14 +208,14 @@ def _curvature_factors(loss, f):
     return [vectors[:, :, k] * values[:, k:k + 1] for k in range(k_out) if values[:, k].max() > 0]
 
 
-# name -> factory(aggregate) -> criterion with .scores(model, groups, task_losses)
-IMPORTANCES = {
-    "l1": lambda aggregate: _Magnitude(1),
-    "l2": lambda aggregate: _Magnitude(2),
-    "taylor": lambda aggregate: MultiTaskTaylor("mean", summed=True),
-    "multitask_taylor": lambda aggregate: MultiTaskTaylor(aggregate),
-}
-NEEDS_GRADS = {"taylor", "multitask_taylor"}
+# name -> factory(aggregate) -> criterion with .scores(model, groups, task_losses);
+# "grads": the criterion differentiates the calibration losses (`prune` needs task_losses).
+IMPORTANCES = Registry("importance")
+IMPORTANCES.register("l1")(lambda aggregate: _Magnitude(1))
+IMPORTANCES.register("l2")(lambda aggregate: _Magnitude(2))
+IMPORTANCES.register("taylor", needs=("grads",))(lambda aggregate: MultiTaskTaylor("mean", summed=True))
+IMPORTANCES.register("multitask_taylor", needs=("grads",))(lambda aggregate: MultiTaskTaylor(aggregate))
+NEEDS_GRADS = IMPORTANCES.needing("grads")
 
 
 def task_gradients(model, task_losses) -> dict[str, dict[nn.Parameter, torch.Tensor]]:
