@@ -8,7 +8,7 @@ the policy is applied, since `spaces` imports no torch.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
@@ -17,36 +17,34 @@ from .errors import PrunefuseError
 from .files import atomic_write_text, read_yaml, validation_message
 
 SCHEMA = "prunefuse.policy/1"
-MAX_SPARSITY = 0.95  # the same bound as mtl_models.pruning: no layer pruned to zero width
+# Training precision: fp32, or autocast to bf16 / fp16 (fp16 with a grad scaler, on CUDA only;
+# the rule is mtl_models.device.check_precision).
+Precision = Literal["fp32", "bf16", "fp16"]
+MAX_SPARSITY = 0.95  # no layer pruned to zero width (mtl_models.pruning reads it from here)
 
 # A method's knobs: whole numbers stay ints (a DARE or RLW seed), the rest are floats.
 Knobs = dict[str, Union[StrictInt, float]]
-Sparsity = Field(ge=0.0, le=MAX_SPARSITY)
+TaskWeight = Annotated[float, Field(ge=0.0)]
+Coefficient = Annotated[float, Field(ge=-10.0, le=10.0)]  # λ scales a task vector; beyond ±10 it only explodes
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN / inf in any float field is refused: a NaN bound passes every `<=` check.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Weighting(_Strict):
     """How task losses are combined: a method from mtl_models.weighting.METHODS and its knobs."""
     method: str = "equal"
-    weights: Optional[dict[str, float]] = None  # for `static`: task -> weight >= 0
+    weights: Optional[dict[str, TaskWeight]] = None  # for `static`: task -> weight >= 0
     params: Knobs = {}                          # the method's own knobs (dwa temperature, gradnorm alpha)
-
-    @field_validator("weights")
-    @classmethod
-    def _non_negative(cls, v):
-        if v is not None and any(w < 0 for w in v.values()):
-            raise ValueError("task weights must be >= 0")
-        return v
 
 
 class Fusion(_Strict):
     """Merging per-task experts into one trunk: a method from mtl_models.fusion.METHODS."""
     method: str
     # task -> λ, or task -> {layer group: λ} for layer-wise coefficients.
-    coefficients: dict[str, Union[float, dict[str, float]]]
+    coefficients: dict[str, Union[Coefficient, dict[str, Coefficient]]]
     params: Knobs = {}                          # density, scale, drop_rate, seed
     finetune_epochs: float = Field(0.0, ge=0.0, le=100.0)  # post-merge fine-tune with the policy's weighting
 
@@ -78,7 +76,8 @@ class Pruning(_Strict):
 class Finetune(_Strict):
     epochs: float = Field(2.0, ge=0.0, le=100.0)  # total; spread evenly over the pruning steps
     lr: float = Field(1e-3, gt=0.0, le=1.0)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=1 << 20)
+    precision: Precision = "fp32"             # latency is also timed in bf16 / fp16 on CUDA
 
 
 class Base(_Strict):
@@ -90,6 +89,7 @@ class Base(_Strict):
     expert_lr: Optional[float] = Field(None, gt=0.0)  # None: the base's lr
     expert_preserve: float = Field(1.0, ge=0.0)       # keeps the other tasks' predictions (0: plain)
     seed: int = 0
+    precision: Precision = "fp32"             # base, experts and references
     checkpoint: Optional[str] = None          # a user's trained base (--base-checkpoint) instead of training
 
 
@@ -105,7 +105,7 @@ class Policy(_Strict):
     seed: int = 0
     provenance: Optional[dict[str, Any]] = None  # written by export: experiment, trial, metrics
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     @field_validator("suite")
     @classmethod

@@ -9,14 +9,16 @@ trial picked TIES.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+from annotated_types import Ge, Gt, Le
 
 from pydantic import ValidationError
 
 from .errors import PrunefuseError
 from .files import read_yaml, validation_message
 from .knobs import Knob
-from .policy import MAX_SPARSITY, Policy, _Strict
+from .policy import Finetune, Fusion, Policy, Pruning, Weighting, _Strict
 
 
 class Range(_Strict):
@@ -55,6 +57,7 @@ class FinetuneSpace(_Strict):
     epochs: Choice = 2.0
     lr: Choice = 1e-3
     batch_size: Choice = 256
+    precision: Choice = "fp32"             # fp32 | bf16 | fp16 (fp16: CUDA only)
 
 
 class SpaceSpec(_Strict):
@@ -94,16 +97,43 @@ def _corners(choice: Choice) -> list:
 
 
 # What each entry may hold, checked before a search starts (a bad draw would otherwise fail
-# trials one by one, after the base was trained).
-_ALLOWED = {
-    "pruning.mode": ("structured", "unstructured"), "pruning.aggregate": ("mean", "min", "max", "vote"),
-    "pruning.scope": ("layerwise", "global"),
+# trials one by one, after the base was trained). The rules are the Policy's own: each entry
+# names the policy field its values go to, and its bounds and allowed names are read from
+# that field, so a rule is stated once.
+_POLICY_FIELD = {
+    "pruning.mode": (Pruning, "mode"), "pruning.aggregate": (Pruning, "aggregate"),
+    "pruning.steps": (Pruning, "steps"), "pruning.round_to": (Pruning, "round_to"),
+    "pruning.sparsity": (Pruning, "global_sparsity"), "weighting.weight": (Weighting, "weights"),
+    "fusion.coefficient": (Fusion, "coefficients"), "fusion.finetune_epochs": (Fusion, "finetune_epochs"),
+    "finetune.epochs": (Finetune, "epochs"), "finetune.lr": (Finetune, "lr"),
+    "finetune.batch_size": (Finetune, "batch_size"), "finetune.precision": (Finetune, "precision"),
 }
-_BOUNDS = {  # entry -> (low, high), inclusive
-    "pruning.steps": (1, 50), "pruning.round_to": (1, 1024), "pruning.sparsity": (0.0, MAX_SPARSITY), "weighting.weight": (0.0, float("inf")),
-    "fusion.coefficient": (-10.0, 10.0), "fusion.finetune_epochs": (0.0, 100.0),
-    "finetune.epochs": (0.0, 100.0), "finetune.lr": (1e-12, 1.0), "finetune.batch_size": (1, 1 << 20),
-}
+_ALLOWED = {"pruning.scope": ("layerwise", "global")}  # a space-only choice: no policy field holds it
+
+
+def _field_rule(where: str):
+    """(allowed names or None, (low, high) or None) of the policy field behind entry `where`."""
+    if where in _ALLOWED:
+        return _ALLOWED[where], None
+    if where not in _POLICY_FIELD:
+        return None, None
+    section, name = _POLICY_FIELD[where]
+    field = section.model_fields[name]
+    annotation, metadata = field.annotation, list(field.metadata)
+    while get_origin(annotation) in (Union, dict, Annotated):
+        # Optional[X], dict[str, X], Union[X, ...], Annotated[X, rule]: the rule is X's
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) is Annotated:
+            metadata += [m for a in args[1:] for m in getattr(a, "metadata", [a])]
+        annotation = args[-1] if get_origin(annotation) is dict else args[0]
+    if get_origin(annotation) is Literal:
+        return get_args(annotation), None
+    low = next((m.ge for m in metadata if isinstance(m, Ge)), None)
+    low = next((m.gt for m in metadata if isinstance(m, Gt)), low)
+    high = next((m.le for m in metadata if isinstance(m, Le)), None)
+    if low is None and high is None:
+        return None, None
+    return None, (float("-inf") if low is None else low, float("inf") if high is None else high)
 
 
 def _check_entry(where: str, choice: Choice) -> None:
@@ -116,11 +146,12 @@ def _check_entry(where: str, choice: Choice) -> None:
             raise PrunefuseError(f"space: {where} takes whole numbers; got {choice.low}..{choice.high}")
     if isinstance(choice, list) and not choice:
         raise PrunefuseError(f"space: {where} is an empty list; give at least one value")
+    allowed, bounds = _field_rule(where)
     for value in _corners(choice):
-        if where in _ALLOWED and value not in _ALLOWED[where]:
-            raise PrunefuseError(f"space: {where} {value!r} is not one of: {', '.join(_ALLOWED[where])}")
-        if where in _BOUNDS:
-            low, high = _BOUNDS[where]
+        if allowed is not None and value not in allowed:
+            raise PrunefuseError(f"space: {where} {value!r} is not one of: {', '.join(allowed)}")
+        if bounds is not None:
+            low, high = bounds
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise PrunefuseError(f"space: {where} takes numbers; got {value!r}")
             if where in INTEGER_KNOBS and not isinstance(choice, Range) and not isinstance(value, int):
@@ -176,6 +207,11 @@ class SearchSpace:
                     yield f"{section}.{field}", getattr(part, field)
 
     @property
+    def precisions(self) -> list:
+        """Every fine-tune precision a trial may draw (checked against the trials' device)."""
+        return _corners(self.spec.finetune.precision)
+
+    @property
     def fuses(self) -> bool:
         m = self.spec.fusion.method
         return any(x not in (None, "none") for x in (m if isinstance(m, list) else [m]))
@@ -228,4 +264,4 @@ class SearchSpace:
 
     def _finetune(self, trial) -> dict:
         f = self.spec.finetune
-        return {k: _suggest(trial, f"finetune.{k}", getattr(f, k)) for k in ("epochs", "lr", "batch_size")}
+        return {k: _suggest(trial, f"finetune.{k}", getattr(f, k)) for k in ("epochs", "lr", "batch_size", "precision")}

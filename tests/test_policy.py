@@ -39,7 +39,7 @@ def test_policy_is_frozen():
     ({"pruning": {"sparsity": {"trunk.fc1": 1.2}}}, "sparsity of trunk.fc1 is 1.2"),
     ({"pruning": {"steps": 0}}, "pruning.steps"),
     ({"finetune": {"lr": -1}}, "finetune.lr"),
-    ({"weighting": {"method": "static", "weights": {"left": -1}}}, "weights must be >= 0"),
+    ({"weighting": {"method": "static", "weights": {"left": -1}}}, "weights.left: Input should be greater than or equal to 0"),
     ({"schema": "prunefuse.policy/9"}, "expected 'prunefuse.policy/1'"),
     ({"model": {"width": 3}}, "model needs a 'trunk'"),
     ({"pruning": {"mode": "unstructured", "round_to": 8}}, "round_to=8 rounds kept channels; it needs mode 'structured'"),

@@ -101,6 +101,11 @@ def test_space_yaml_rejects_unknown_keys(tmp_path):
     ({"finetune": {"epochs": []}}, "empty list"),
     ({"pruning": {"round_to": [8, 12.5]}}, "pruning.round_to takes whole numbers; got 12.5"),
     ({"pruning": {"round_to": 0}}, "pruning.round_to goes down to 0"),
+    # the bounds are the Policy fields' own (one rule, one place): these come from spaces/policy.py
+    ({"fusion": {"coefficient": {"low": 0.0, "high": 20.0}}}, "fusion.coefficient reaches 20.0; expected -10.0 <= value"),
+    ({"weighting": {"weight": [0.5, -1.0]}}, "weighting.weight goes down to -1.0"),
+    ({"finetune": {"batch_size": 0}}, "finetune.batch_size goes down to 0"),
+    ({"pruning": {"aggregate": ["max", "median"]}}, "'median' is not one of: mean, min, max, vote"),
 ])
 def test_every_entry_is_checked_before_the_search(spec, words):
     with pytest.raises(PrunefuseError, match=words):

@@ -7,8 +7,8 @@ import math
 import torch
 
 # A layer keeps at least 5% of its units (and never fewer than one): no policy may prune a
-# layer to zero width.
-MAX_SPARSITY = 0.95
+# layer to zero width. The bound is the Policy's rule; stated once, there.
+from spaces.policy import MAX_SPARSITY
 
 def cubic_schedule(final: float, steps: int) -> list[float]:
     """Target sparsity after each of `steps` steps (index 0 = before pruning = 0.0).
