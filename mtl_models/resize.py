@@ -14,7 +14,7 @@ module's new tensors and its still-unchanged attributes (what it was built with)
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -9,19 +9,17 @@ models written the way people write them: a torchvision-style ResNet (BasicBlock
 a grouped conv) and a token model (nn.Embedding, a cls token, a position embedding,
 LayerNorm).
 """
-from collections import OrderedDict
 
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import tiny_policy
 from torch import nn
 
-from conftest import tiny_policy
 from mtl_models import checkpoint, models, suites
 from mtl_models.models import MTLModel
 from mtl_models.resize import RESIZERS, resize_to
 from spaces import PrunefuseError
-
 
 # --- models as people write them ----------------------------------------------------------
 
