@@ -79,37 +79,24 @@ def count_macs(model, example_inputs: torch.Tensor) -> int:
     return int(macs)
 
 
-_FOLDABLE = ((torch.nn.Conv1d, torch.nn.BatchNorm1d), (torch.nn.Conv2d, torch.nn.BatchNorm2d),
-             (torch.nn.Linear, torch.nn.BatchNorm1d))
-
-
 def inference_form(model):
     """An eval-mode copy of `model` as it would be deployed, computing the same function.
 
-    Every BatchNorm that directly follows a conv or linear layer in a `Sequential` is folded
-    into that layer's weights and bias (eval-mode BN is an affine map per channel), so
-    inference skips a full pass over the activations. Models with 2-D convolutions are put
-    in channels-last memory format, which oneDNN's CPU convolutions and pooling run without
-    reordering; `latency_ms` feeds them channels-last inputs. Live pruning masks are folded
-    in first. The trained model is untouched."""
+    Every BatchNorm that the traced graph shows directly after a conv or linear layer (whose
+    output feeds nothing else) is folded into that layer's weights and bias, wherever it sits
+    in the module tree (`mtl_models.folding`); one after an add, a concat or a pool stays, as
+    does every one of a model torch.fx cannot trace, except pairs adjacent in an
+    `nn.Sequential`. Models with 2-D convolutions are put in channels-last memory format,
+    which oneDNN's CPU convolutions and pooling run without reordering; `latency_ms` feeds
+    them channels-last inputs. Live pruning masks are folded in first. The trained model is
+    untouched."""
     import copy
 
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
+    from .folding import fold_batchnorms
     from .pruning import without_masks
 
-    stored = without_masks(model)
-    form = copy.deepcopy(stored).eval()
-    for seq in [m for m in form.modules() if isinstance(m, torch.nn.Sequential)]:
-        names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
-            layer, norm = seq._modules[first], seq._modules[second]
-            pair = next((p for p in _FOLDABLE if type(layer) is p[0] and type(norm) is p[1]), None)
-            if pair is None or not norm.track_running_stats or norm.running_mean is None:
-                continue
-            fuse = fuse_linear_bn_eval if pair[0] is torch.nn.Linear else fuse_conv_bn_eval
-            seq._modules[first] = fuse(layer, norm)
-            seq._modules[second] = torch.nn.Identity()
+    form = copy.deepcopy(without_masks(model)).eval()
+    fold_batchnorms(form)
     if _has_conv2d(form):
         form = form.to(memory_format=torch.channels_last)
     return form
