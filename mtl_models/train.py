@@ -16,7 +16,8 @@ class Diverged(FloatingPointError):
 def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int = 256,
           weighting: dict | None = None, tasks: list[str] | None = None, seed: int = 0,
           device: str = "cpu", weight_decay: float = 0.0, on_epoch=None,
-          anchor: dict[str, torch.Tensor] | None = None, anchor_weight: float = 0.0) -> list[dict[str, float]]:
+          anchor: dict[str, torch.Tensor] | None = None, anchor_weight: float = 0.0,
+          precision: str = "fp32") -> list[dict[str, float]]:
     """Train `model` in place on `suite.train` with Adam; returns each epoch's mean task losses.
 
     `tasks` restricts the loss to some tasks (an expert or a single-task reference);
@@ -24,8 +25,13 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
     `epochs` may be fractional (0.5 = half an epoch) so fine-tunes can be short.
     `anchor` maps other tasks to outputs on the training split (a reference model's); each
     adds `anchor_weight` × its mean squared deviation from them, over their variance.
+    `precision` ("fp32", "bf16", "fp16"): the forward pass and losses run under autocast,
+    weights and optimizer state stay fp32; fp16 scales the loss (a GradScaler) and needs CUDA.
     """
+    from .device import autocast, check_precision, grad_scaler
     from .weighting import make_weighter
+
+    check_precision(precision, device)  # fp16 on the CPU fails here, before any step
 
     tasks = tasks or suite.task_names
     weighter = make_weighter(weighting or {"method": "equal"}, tasks)
@@ -46,14 +52,20 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
     # Each anchored output's deviation is measured in units of its own spread, so a regression
     # head in raw units and a classifier's logits weigh alike.
     anchor_scale = {t: float(y.var()) + 1e-8 for t, y in anchor.items()}
-    history, sums, count, step = [], {t: 0.0 for t in tasks}, 0, 0
+    # Per-task loss sums stay on the device (no sync per task per step); read once an epoch.
+    history, sums, count, step = [], torch.zeros(len(tasks), device=device), 0, 0
+    scaler = grad_scaler(precision, device)
     model.to(device).train()
     while step < total_steps:
         order = torch.randperm(len(data), generator=gen)
         for start in range(0, len(data), batch_size):
             idx = order[start:start + batch_size]
             x = data.x[idx].to(device)
-            out = model(x)
+            with autocast(precision, device):
+                out = model(x)
+            # Losses in fp32: a low-precision output's loss (and its sum over tasks) is computed
+            # from the upcast output, so small losses do not round to zero.
+            out = {t: o.float() for t, o in out.items()}
             losses = {t: task_loss(suite.task(t), out[t], data.y[t][idx].to(device)) for t in tasks}
             total = weighter.combine(losses, shared_params=shared)
             for t, target in anchor.items():
@@ -61,18 +73,18 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
             if not torch.isfinite(total):
                 raise Diverged(f"training loss became {total.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            for t in tasks:
-                sums[t] += losses[t].item()
+            scaler.scale(total).backward()
+            scaler.step(opt)
+            scaler.update()
+            sums += torch.stack([losses[t].detach() for t in tasks])
             count, step = count + 1, step + 1
             if step % steps_per_epoch == 0 or step == total_steps:
-                means = {t: s / count for t, s in sums.items()}
+                means = dict(zip(tasks, (sums / count).tolist()))
                 weighter.end_epoch(means)
                 history.append(means)
                 if on_epoch:
                     on_epoch(len(history), means)
-                sums, count = {t: 0.0 for t in tasks}, 0
+                sums, count = torch.zeros(len(tasks), device=device), 0
             if step >= total_steps:
                 break
     model.eval()

@@ -4,8 +4,10 @@
 training loop, each step, calls `combine(losses, shared_params=trunk_params)` and
 `.backward()`s the result; it adds `parameters()` (uncertainty's log-variances) to its
 optimizer as their own parameter group, at `param_lr` (None = the model's lr), calls
-`end_epoch(mean_losses)` after each epoch, and checkpoints through
-`state_dict()` / `load_state_dict()`. K below is the number of tasks.
+`end_epoch(mean_losses)` after each epoch. `state_dict()` / `load_state_dict()` carry a
+weighter's own state (DWA's loss history, GradNorm's weights and optimizer) for a caller
+that checkpoints mid-training; the trial loop does not (a trial restarts from its policy).
+K below is the number of tasks.
 
 Spec values are checked for validity (a temperature must be > 0), not against the
 `KNOBS` ranges: those bound the search, and the search space checks them itself.

@@ -35,6 +35,8 @@ def test_search_leaves_experiment_report_and_policy(experiment):
     assert "--cache" not in [line for line in out.splitlines() if line.startswith("next:")][0]
     html = (exp / "report.html").read_text()
     assert "<script src=\"http" not in html and len(html) > 1_000_000  # plotly.js inlined
+    # the report of a real search: every figure drawn, and each front point's export command
+    assert html.count('class="plotly-graph-div"') == 6 and f"prunefuse export {exp} --trial" in html
 
 
 def test_every_trial_recorded_with_node_and_metrics(experiment):
@@ -44,7 +46,7 @@ def test_every_trial_recorded_with_node_and_metrics(experiment):
     df = load_experiment(exp)
     assert (df["status"] == "finished").all() and len(df) == 8
     assert df["node_id"].str.len().gt(10).all() and (df["device"] == "cpu").all()
-    for col in ("accuracy", "params", "latency_ms", "macs", "bytes", "delta_m", "metric/left", "test/sum",
+    for col in ("score", "params", "latency_ms", "macs", "bytes", "delta_m", "metric/left", "test/sum",
                 "policy/pruning/sparsity/trunk.fc1", "policy/weighting/weights/left"):
         assert df[col].notna().all(), col
 
@@ -89,7 +91,7 @@ def test_export_by_trial_and_by_constraints(experiment, tmp_path):
     chosen = yaml.safe_load((tmp_path / "b.yaml").read_text())["provenance"]["metrics"]
     assert chosen["params"] <= budget
     feasible = df[df["params"] <= budget]
-    assert chosen["accuracy"] == pytest.approx(feasible["accuracy"].max())
+    assert chosen["score"] == pytest.approx(feasible["score"].max())
 
 
 def _one_line_error(code, err):
@@ -104,7 +106,7 @@ def _one_line_error(code, err):
     (["search", "--suite-option", "offset=12"], "offset=12 is out of range"),
     (["search", "--suite-option", "colour=red"], "has no option 'colour'"),
     (["search", "--trunk", "resnet"], "unknown trunk 'resnet'"),
-    (["search", "--objectives", "accuracy:max,speed:min"], "unknown objective 'speed'"),
+    (["search", "--objectives", "score:max,speed:min"], "unknown objective 'speed'"),
     (["search", "--sampler", "grid"], "unknown sampler 'grid'"),
     (["search", "--train-option", "epoch=3"], "'epoch' is not known"),
     (["search", "--trials", "0"], "--trials 0"),
@@ -146,12 +148,28 @@ def test_existing_experiment_is_not_overwritten(experiment):
     assert (exp / "prunefuse.json").read_text() == before
 
 
-def test_export_to_an_existing_file_is_atomic(experiment, tmp_path):
+def test_export_to_an_existing_file_is_atomic(experiment, tmp_path, monkeypatch, capsys):
+    """A real export whose final rename fails (a full disk at the last moment) leaves the old
+    file whole and no temporary file beside it, and says so in one line."""
+    import os
+
+    from search import cli
+
     root, exp, _ = experiment
     target = tmp_path / "keep.yaml"
     target.write_text("previous\n")
-    code, _, err = run_cli("export", exp, "--trial", "nope", "-o", target)
-    assert code == 2 and target.read_text() == "previous\n"
+    renames = []
+
+    def full_disk(src, dst):
+        renames.append(dst)
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert cli.main(["export", str(exp), "--knee", "-o", str(target)]) == 2
+    assert [str(d) for d in renames] == [str(target)]  # the export got as far as replacing the file
+    assert target.read_text() == "previous\n" and [f.name for f in tmp_path.iterdir()] == ["keep.yaml"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left" in err[0].lower()
 
 
 def test_report_remeasure_times_the_front_alone(experiment, tmp_path):

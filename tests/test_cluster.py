@@ -236,7 +236,7 @@ def test_search_runs_on_both_nodes_and_records_failed_trials(fault_search):
     ok = df[fc1 < 0.5]
     assert (ok["status"] == "finished").all() and len(ok) == TRIALS - len(raised) - len(nan) - len(oom)
     assert ok["node_id"].nunique() == 2, "trials should have run on both nodes"
-    assert (ok["device"] == "cpu").all() and ok["accuracy"].notna().all()
+    assert (ok["device"] == "cpu").all() and ok["score"].notna().all()
     assert "failed: RuntimeError: injected fault" in out  # one line per failed trial, with its reason
 
 
@@ -254,10 +254,6 @@ def test_study_is_in_sqlite_with_finished_and_failed_trials(fault_search):
 
 def test_report_and_export_work_with_failed_trials(fault_search, tmp_path):
     exp, _ = fault_search
-    try:
-        import reports.html  # noqa: F401
-    except ImportError:
-        pytest.skip("reports.html is not there yet")
     code, out = run_cli("report", exp, "-o", tmp_path / "report.html")
     assert code == 0, out[-3000:]
     assert (tmp_path / "report.html").stat().st_size > 10_000
@@ -335,7 +331,7 @@ def test_killed_driver_resumes_keeping_finished_trials(workdir):
     for trial_id, result in before.items():
         row = df[df["trial_id"] == trial_id]
         assert len(row) == 1, f"trial {trial_id} finished before the kill and is gone"
-        for key in ("accuracy", "params", "latency_ms", "node_id"):
+        for key in ("score", "params", "latency_ms", "node_id"):
             assert row.iloc[0][key] == result[key], (trial_id, key)
 
     import optuna

@@ -1,3 +1,4 @@
+import pathlib
 import subprocess
 import sys
 
@@ -65,16 +66,22 @@ def test_malformed_and_missing_files(tmp_path):
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """The write that could break atomicity is the rename over the old file: it fails here,
+    after the new text was written beside it, and the old file and folder stay as they were."""
+    import os
+
     target = tmp_path / "p.yaml"
     target.write_text("old")
-    import yaml
+    written = []
 
-    def explode(*a, **k):
-        raise RuntimeError("disk full")
+    def explode(src, dst):
+        written.append(pathlib.Path(src).read_text())
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(yaml, "safe_dump", explode)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(os, "replace", explode)
+    with pytest.raises(OSError):
         Policy.from_dict(_data()).to_yaml(target)
+    assert written and "schema: prunefuse.policy/1" in written[0]  # it failed at the rename, not before
     assert target.read_text() == "old"
     assert [f.name for f in tmp_path.iterdir()] == ["p.yaml"]
 
