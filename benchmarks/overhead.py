@@ -17,7 +17,9 @@ the cache and (b) Ray's start-up all count. (c)'s cluster is started before its 
 Columns: wall; median / mean overhead = a trial's wall time on the driver (start → complete
 for Tune, ask → tell for the loop) minus the time inside the cycle (`cycle_s`); all-in
 overhead = (wall × parallel slots − Σ cycle_s) / N, which also counts start-up, scheduling
-and idle slots. Run: `.venv/bin/python benchmarks/overhead.py [--trials 48] [--tiny]`.
+and idle slots; timing-lock wait = the time a trial's timing sections waited for the
+machine's timing lock (latency is timed alone: mtl_models/timing_lock.py), summed over its
+steps. Run: `.venv/bin/python benchmarks/overhead.py [--trials 48] [--tiny]`.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def plain_loop(args, storage, launched):
                             experts=space.fuses, log=lambda m: None)
     study = optuna.create_study(directions=["maximize" if s == "max" else "minimize" for _, s in cfg.objectives],
                                 sampler=optuna.samplers.RandomSampler(seed=cfg.seed))
-    walls, cycles = [], []
+    walls, cycles, waits = [], [], []
     for _ in range(cfg.trials):
         t0 = time.perf_counter()
         trial = study.ask()
@@ -89,10 +91,11 @@ def plain_loop(args, storage, launched):
         c0 = time.perf_counter()
         _, metrics = apply_policy(suite, policy, art, measure_spec=MeasureSpec(**{**cfg.measure, "threads": 1}))
         cycles.append(time.perf_counter() - c0)
+        waits.append(metrics.get("lock_wait_s", 0.0))
         study.tell(trial, [metrics[m] for m, _ in cfg.objectives])
         walls.append(time.perf_counter() - t0)
     wall = time.time() - launched
-    return dict(wall=wall, slots=1, walls=walls, cycles=cycles)
+    return dict(wall=wall, slots=1, walls=walls, cycles=cycles, waits=waits)
 
 
 def through_prunefuse(args, storage, launched, name, address=None, slots=2):
@@ -104,14 +107,16 @@ def through_prunefuse(args, storage, launched, name, address=None, slots=2):
         path = run_search(cfg, log=lambda m: print(f"  {m}", file=sys.stderr))
     wall = time.time() - launched
     done = json.loads(Path(path, "finished.json").read_text())
-    walls, cycles = [], []
+    walls, cycles, waits = [], [], []
     for trial_id, trial_wall in done["trial_wall_s"].items():
         rows = [json.loads(x) for x in Path(path, f"trial_{trial_id}", "result.json").read_text().splitlines() if x]
         final = [r for r in rows if r.get("final")]
         if final:
             walls.append(trial_wall)
             cycles.append(final[-1]["cycle_s"])
-    return dict(wall=wall, slots=slots, walls=walls, cycles=cycles)
+            # Each step's timing section waited this long for the machine's timing lock.
+            waits.append(sum(r.get("lock_wait_s", 0.0) for r in rows))
+    return dict(wall=wall, slots=slots, walls=walls, cycles=cycles, waits=waits)
 
 
 def in_fresh_process(args, variant: str, storage: str, name: str | None = None, address: str | None = None) -> dict:
@@ -198,7 +203,8 @@ def row(label: str, r: dict, n: int) -> str:
     over = [w - c for w, c in zip(r["walls"], r["cycles"])]
     all_in = (r["wall"] * r["slots"] - sum(r["cycles"])) / n
     return (f"| {label} | {r['slots']} | {len(r['cycles'])} | {r['wall']:.1f} | {statistics.median(r['cycles']):.2f} | "
-            f"{statistics.median(over):.2f} | {statistics.mean(over):.2f} | {all_in:.2f} | {n / r['wall'] * 3600:.0f} |")
+            f"{statistics.median(over):.2f} | {statistics.mean(over):.2f} | {all_in:.2f} | {n / r['wall'] * 3600:.0f} | "
+            f"{statistics.median(r.get('waits') or [0.0]):.3f} | {max(r.get('waits') or [0.0]):.3f} |")
 
 
 def main(argv=None) -> int:
@@ -247,8 +253,9 @@ def main(argv=None) -> int:
     print(f"\n{args.trials} trials, {what}, RandomSampler(seed={args.seed}), 1 CPU per trial, "
           f"{os.cpu_count()} cores\n")
     print("| variant | parallel slots | trials done | wall (s) | median cycle (s) | median overhead (s) | "
-          "mean overhead (s) | all-in overhead per trial (s) | trials / hour |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "mean overhead (s) | all-in overhead per trial (s) | trials / hour | median timing-lock wait (s) | "
+          "max timing-lock wait (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in ("a", "b", "c"):
         if key in results:
             print(row(labels[key], results[key], args.trials))

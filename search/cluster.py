@@ -57,6 +57,50 @@ def runtime_env_for(address: str | None, suite_name: str | None = None) -> dict:
     return env
 
 
+# What Ray's native client logs (to the process's stderr, not in the exception it raises) when
+# the head refuses a driver's token: ray.init itself only says "Failed to connect".
+AUTH_REFUSALS = ("InvalidAuthToken", "Unauthenticated")
+
+
+def auth_refused(address: str, *, missing: bool) -> str:
+    """One line: why the head refused this driver, and what fixes it (README: Running on a Ray cluster)."""
+    have = ("this driver has no token" if missing else
+            "this driver's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the head's")
+    return (f"the Ray cluster at {address} refused this driver: it uses token authentication and {have}; "
+            f"give the driver the head's token (RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token) from the head, "
+            f"with RAY_AUTH_MODE=token), or start every node with RAY_AUTH_MODE=disabled on a trusted network")
+
+
+class _native_stderr_kept:
+    """Copies what native code writes to file descriptor 2 while the block runs (and still
+    passes it on afterwards), so a refusal that Ray only logs can be recognised."""
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        self.text = ""
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        data = self._file.read()
+        self._file.close()
+        self.text = data.decode(errors="replace")
+        if exc[0] is None and data:
+            os.write(2, data)  # connected: whatever Ray said goes where it would have gone
+        return False
+
+
 def _token_available() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                 or (Path.home() / ".ray" / "auth_token").is_file())
@@ -84,9 +128,16 @@ def connect(address: str | None, *, num_cpus: int | None = None, suite_name: str
     if address != "auto" and _token_available():
         # Ray >= 2.5x clusters use token auth; a driver given an explicit address must say so.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.exceptions import AuthenticationError
+
     try:
-        ray.init(address=address, **kwargs)
+        with _native_stderr_kept() as native:
+            ray.init(address=address, **kwargs)
+    except AuthenticationError:
+        raise PrunefuseError(auth_refused(address, missing=True)) from None
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        if any(word in native.text for word in AUTH_REFUSALS):
+            raise PrunefuseError(auth_refused(address, missing=not _token_available())) from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PrunefuseError(f"cannot connect to the Ray cluster at {address!r}: {first}") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]

@@ -49,3 +49,17 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
     proc = subprocess.run([str(exe), *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where torch sees CUDA and are skipped elsewhere."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none here)")
+    for item in gpu_tests:
+        item.add_marker(skip)
