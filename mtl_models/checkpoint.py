@@ -120,15 +120,17 @@ def _replaceable(folder: Path) -> bool:
     return not names or names <= {"model.pt", "policy.yaml", "metrics.json"} and "model.pt" in names
 
 
-def load(out_dir):
-    """(model, policy) from a folder written by `save` / `prunefuse apply`."""
+def load(out_dir, *, suite=None):
+    """(model, policy) from a folder written by `save` / `prunefuse apply`. `suite`: the
+    policy's suite, where the caller has it built already (it is not built again)."""
     from . import suites
 
     folder = Path(out_dir)
     if not (folder / "model.pt").is_file() or not (folder / "policy.yaml").is_file():
         raise PrunefuseError(f"{str(folder)!r} is not a saved prunefuse model (needs model.pt and policy.yaml)")
     policy = Policy.from_yaml(folder / "policy.yaml")
-    suite = suites.from_spec(policy.suite)
+    if suite is None:
+        suite = suites.from_spec(policy.suite)
     model = suite.build_model(**policy.model)
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     resize_to(model, state)

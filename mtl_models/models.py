@@ -48,7 +48,79 @@ def cnn_trunk(input_shape, *, channels=(32, 64, 128), fc: int = 128) -> tuple[nn
     return nn.Sequential(OrderedDict(layers)), fc
 
 
-TRUNKS = {"mlp": ("width", "depth"), "cnn": ("channels", "fc")}
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3×3 conv-bn, a residual add, a 1×1 conv-bn
+    `downsample` branch when the stride or the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet_trunk(input_shape, *, channels=(8, 16, 32), blocks: int = 1) -> tuple[nn.Module, int]:
+    """A small ResNet: 3×3 stem conv-bn-relu, one stage of `blocks` BasicBlocks per width
+    (stride 2 from the second stage on, while the image is at least 2 px), global average pool."""
+    side = input_shape[1]
+    layers = [("conv1", nn.Conv2d(input_shape[0], channels[0], 3, 1, 1, bias=False)),
+              ("bn1", nn.BatchNorm2d(channels[0])), ("relu", nn.ReLU())]
+    c_in = channels[0]
+    for i, c_out in enumerate(channels, start=1):
+        stride = 2 if i > 1 and side >= 2 else 1
+        side //= stride
+        stage = [BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1) for b in range(blocks)]
+        layers.append((f"layer{i}", nn.Sequential(*stage)))
+        c_in = c_out
+    layers += [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+    return nn.Sequential(OrderedDict(layers)), c_in
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expand conv-bn-relu6, depthwise 3×3 (groups = channels)
+    conv-bn-relu6, 1×1 project conv-bn; a residual add when input and output shapes match."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.use_res_connect = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def mobilenet_trunk(input_shape, *, channels=(8, 16, 16, 24), expand: int = 4) -> tuple[nn.Module, int]:
+    """A small MobileNetV2: 3×3 stem conv-bn-relu6, one inverted residual per entry of
+    `channels` (stride 2 where the width grows, while the image is at least 2 px), global
+    average pool. The stem is as wide as the first block."""
+    side = input_shape[1]
+    layers = [("stem", nn.Sequential(nn.Conv2d(input_shape[0], channels[0], 3, 1, 1, bias=False),
+                                     nn.BatchNorm2d(channels[0]), nn.ReLU6()))]
+    c_in = channels[0]
+    for i, c_out in enumerate(channels, start=1):
+        stride = 2 if c_out != c_in and side >= 2 else 1
+        side //= stride
+        layers.append((f"block{i}", InvertedResidual(c_in, c_out, stride, expand)))
+        c_in = c_out
+    layers += [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+    return nn.Sequential(OrderedDict(layers)), c_in
+
+
+TRUNKS = {"mlp": ("width", "depth"), "cnn": ("channels", "fc"),
+          "resnet": ("channels", "blocks"), "mobilenet": ("channels", "expand")}
 
 
 def _checked_size(trunk: str, key: str, value):
@@ -77,9 +149,11 @@ def build_model(suite, *, trunk: str = "mlp", **spec) -> MTLModel:
         body, out = mlp_trunk(in_features, **spec)
     else:
         if len(suite.input_shape) != 3:
-            raise PrunefuseError(f"trunk 'cnn' needs image inputs (C, H, W); suite {suite.name!r} has {suite.input_shape}")
+            raise PrunefuseError(f"trunk {trunk!r} needs image inputs (C, H, W); suite {suite.name!r} has "
+                                 f"{suite.input_shape}")
         if "channels" in spec:
             spec = {**spec, "channels": tuple(spec["channels"])}
-        body, out = cnn_trunk(suite.input_shape, **spec)
+        build = {"cnn": cnn_trunk, "resnet": resnet_trunk, "mobilenet": mobilenet_trunk}[trunk]
+        body, out = build(suite.input_shape, **spec)
     heads = {t.name: nn.Linear(out, t.num_outputs) for t in suite.tasks}
     return MTLModel(body, heads)

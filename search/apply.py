@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from spaces import Policy
+from spaces.errors import PrunefuseError
 
 
 def rebuild(policy: Policy, *, cache: str, log=print):
@@ -34,10 +35,43 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     measured = (policy.provenance or {}).get("metrics", {})
     spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads)
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)
-    folder = checkpoint.save(model, policy, metrics, output)
-    log(f"saved {folder}/model.pt (weights only) and policy.yaml")
+    from mtl_models.deploy import shipped_graph
+
+    graph, parity = shipped_graph(model, suite, policy.quantization, threads=threads)  # parity fails in one line
+    log(f"model.onnx: ONNX Runtime vs PyTorch on {parity['onnx_parity_rows']} validation inputs, "
+        f"max abs diff {parity['onnx_max_abs_diff']:.3g}")
+    metrics = {**metrics, **parity}
+    problem = mismatch(metrics, measured)
+    if measured:
+        metrics = {**metrics, "matches_trial": problem is None, "mismatch": problem}
+    folder = checkpoint.save(model, policy, metrics, output, files={"model.onnx": graph})
+    log(f"saved {folder}/model.pt (weights only), model.onnx and policy.yaml")
     _print_comparison(metrics, measured, log)
+    if problem:
+        raise PrunefuseError(f"the rebuilt model is not the one its trial measured: {problem}; it is saved in "
+                             f"{folder}, marked matches_trial: false in metrics.json")
     return model, metrics
+
+
+# How far a rebuilt model's per-task metric may be from its trial's, in points (×100).
+METRIC_TOLERANCE = 0.5
+
+
+def mismatch(metrics: dict, measured: dict) -> str | None:
+    """Why a rebuilt model is not the one its trial measured (`measured`: the trial's
+    metrics), or None: the stored parameter count must be equal, every per-task metric
+    (val and test) within METRIC_TOLERANCE points. Nothing measured: nothing to compare."""
+    if measured.get("params") is not None and int(metrics["params"]) != int(measured["params"]):
+        return f"{int(metrics['params']):,} params rebuilt, {int(measured['params']):,} in the trial"
+    for key in sorted(k for k in measured if k.startswith(("metric/", "test/"))):
+        then, now = measured[key], metrics.get(key)
+        if now is None or then is None or then != then:
+            continue
+        if abs(now - then) * 100 > METRIC_TOLERANCE:
+            return f"{key} {now:.4f} rebuilt, {then:.4f} in the trial (more than {METRIC_TOLERANCE} points)"
+    return None
+
+
 
 
 def _print_comparison(metrics: dict, measured: dict, log) -> None:

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run a search (the default: multidigits, embedded local Ray)")
     s.add_argument("--suite", default="multidigits", help="multidigits | synthetic | tabular | package.module:function")
     s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="a suite option, e.g. offset=1")
-    s.add_argument("--trunk", default="mlp", help="mlp | cnn (built-in trunks)")
+    s.add_argument("--trunk", default="mlp", help="a built-in trunk: mlp, cnn, resnet, mobilenet, vit, transformer")
     s.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
     s.add_argument("--train-option", action="append", metavar="KEY=VALUE",
                    help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, expert_lr, seed")
@@ -224,12 +224,15 @@ def _report_and_export(path) -> None:
 def cmd_report(args) -> int:
     from reports.html import write_report
 
-    latency_source = None
+    latency_source, mismatched = None, []
     if args.remeasure:
         from .remeasure import remeasure_front
 
-        latency_source = remeasure_front(args.experiment)
+        latency_source, mismatched = remeasure_front(args.experiment)
     print(f"report: {write_report(args.experiment, args.output, latency_source=latency_source)}")
+    if mismatched:
+        raise PrunefuseError(f"{len(mismatched)} front model(s) rebuilt are not the ones their trials measured, "
+                             f"first {mismatched[0]}")
     return 0
 
 

@@ -23,12 +23,14 @@ from .shared_artifacts import artifact_cache, load_base_checkpoint, measure_dens
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
     from mtl_models import fusion, weighting
-    from mtl_models.pruning import IMPORTANCES, prunable_layers
+    from mtl_models.pruning import IMPORTANCES, coupled_groups
 
     spec = SpaceSpec.model_validate(cfg.space)
     trunk_groups = sorted({fusion.layer_group(k) for k, v in model.state_dict().items()
                            if k.startswith("trunk.") and v.is_floating_point()})
-    return SearchSpace(spec, layers=prunable_layers(model), tasks=suite.task_names,
+    # One sparsity per coupled group (named by its first layer): coupled channels go together.
+    layers = list(coupled_groups(model, suite.example_inputs(2)))
+    return SearchSpace(spec, layers=layers, tasks=suite.task_names,
                        suite=suite.spec, model=cfg.model,
                        fusion_knobs=fusion.KNOBS, weighting_knobs=weighting.KNOBS,
                        merge_groups=trunk_groups, base=base_spec(cfg), importances=list(IMPORTANCES), seed=cfg.seed)
@@ -51,6 +53,9 @@ def prepare_inputs(cfg: SearchConfig):
     suite = suites.from_spec(cfg.suite)
     model = suite.build_model(**cfg.model)
     space = build_space(cfg, suite, model)
+    from mtl_models.preflight import check_pruning
+
+    check_pruning(suite, space.hardest_pruning())  # a model that pruning breaks fails now, not after training
     base_state = None
     if cfg.base_checkpoint:
         base_state = load_base_checkpoint(cfg.base_checkpoint, model)

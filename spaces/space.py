@@ -167,6 +167,9 @@ def _check_entry(where: str, choice: Choice) -> None:
 class SearchSpace:
     """Composes a SpaceSpec with the model's layers, the suite's tasks and each method's knobs.
 
+    layers: the names that decide pruning, one sparsity each (the model's coupled groups,
+    `mtl_models.pruning.coupled_groups`).
+
     suite / model: the specs copied into every policy (they rebuild the suite and model).
     fusion_knobs / weighting_knobs: method name -> {knob: Knob} (mtl_models.fusion.KNOBS, ...).
     importances: the pruning criteria's names (mtl_models.pruning.IMPORTANCES).
@@ -215,6 +218,20 @@ class SearchSpace:
     def fuses(self) -> bool:
         m = self.spec.fusion.method
         return any(x not in (None, "none") for x in (m if isinstance(m, list) else [m]))
+
+    def hardest_pruning(self) -> list[Policy]:
+        """The hardest pruning a trial may draw, once per mode (and, structured, per round_to)
+        the space allows: every layer at the highest sparsity, nothing else changed. A search
+        applies these to a fresh model before it trains anything (fail fast)."""
+        p, out = self.spec.pruning, []
+        for mode in _corners(p.mode):
+            for round_to in (_corners(p.round_to) if mode == "structured" else [1]):
+                out.append(Policy.from_dict({
+                    "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "seed": self.seed,
+                    "pruning": {"mode": mode, "importance": "l2", "round_to": int(round_to),
+                                "sparsity": {layer: float(max(_corners(p.sparsity))) for layer in self.layers}},
+                }, source="search space"))
+        return out
 
     def suggest(self, trial) -> Policy:
         """Define-by-run: sample one policy on an Optuna trial."""

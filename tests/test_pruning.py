@@ -271,7 +271,7 @@ def test_structured_round_to_keeps_multiples(suite, trunk, scope):
 # --- bad requests ---
 
 @pytest.mark.parametrize("sparsity, kw, words", [
-    ({"trunk.fc9": 0.5}, {}, r"prunes layer 'trunk.fc9'.*prunable layers: trunk.fc1, trunk.fc2"),
+    ({"trunk.fc9": 0.5}, {}, r"prunes layer 'trunk.fc9'.*coupled groups \(one sparsity each\): trunk.fc1, trunk.fc2"),
     ({"trunk.fc1": 1.2}, {}, r"sparsity of trunk.fc1 is 1.2; expected 0 <= sparsity <= 0.95"),
     ({"trunk.fc1": -0.1}, {}, r"sparsity of trunk.fc1 is -0.1"),
     ({}, {"global_sparsity": 0.99}, r"global sparsity 0.99; expected 0 <= sparsity <= 0.95"),

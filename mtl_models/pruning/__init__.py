@@ -43,6 +43,7 @@ from torch import nn
 from spaces.errors import PrunefuseError, unknown_name
 
 from .allocation import MAX_SPARSITY, cubic_schedule, kept_units, min_kept, round_units
+from .groups import coupled_groups, decided_sparsity
 from .importance import AGGREGATES, IMPORTANCES, NEEDS_GRADS, MultiTaskTaylor, task_gradients
 from .layers import PRUNABLE_TYPES, prunable_layers
 from .structured import prune_structured, recalibrate_batchnorm
@@ -51,25 +52,31 @@ from .unstructured import prune_unstructured, without_masks
 MODES = ("structured", "unstructured")
 
 __all__ = ["AGGREGATES", "IMPORTANCES", "MAX_SPARSITY", "MODES", "NEEDS_GRADS", "PRUNABLE_TYPES", "MultiTaskTaylor",
-           "check_sparsity", "cubic_schedule", "kept_units", "min_kept", "prunable_layers", "prune",
+           "check_sparsity", "coupled_groups", "cubic_schedule", "kept_units", "min_kept", "prunable_layers", "prune",
            "recalibrate_batchnorm", "round_units", "task_gradients", "without_masks"]
 
 
-def check_sparsity(model, sparsity: dict[str, float]) -> None:
-    layers = prunable_layers(model)
-    for name, value in sparsity.items():
-        if name not in layers:
-            raise PrunefuseError(f"policy prunes layer {name!r}, which this model does not have; "
-                                 f"prunable layers: {', '.join(layers)}")
-        if not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_SPARSITY:
+def check_sparsity(model, sparsity: dict[str, float], example_inputs: torch.Tensor, *,
+                   groups: dict | None = None) -> dict[str, float]:
+    """The policy's per-group sparsity ({group name: value}, see `groups.decided_sparsity`),
+    every value checked; a key or value that does not fit the model raises PrunefuseError."""
+    for name, value in sorted(sparsity.items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_SPARSITY:
             raise PrunefuseError(f"sparsity of {name} is {value}; expected 0 <= sparsity <= {MAX_SPARSITY}")
+    if groups is None:
+        groups = coupled_groups(model, example_inputs)
+    return decided_sparsity(groups, sparsity, prunable_layers(model))
 
 
 def prune(model, sparsity: dict[str, float], *, mode: str = "structured", importance: str = "l2",
           example_inputs: torch.Tensor, task_losses=None, steps: int = 1,
           global_sparsity: float | None = None, aggregate: str = "max", after_step=None,
           round_to: int = 1) -> nn.Module:
-    """Prune `model`'s trunk to the per-layer `sparsity` (fraction of units / weights removed).
+    """Prune `model`'s trunk to the per-group `sparsity` (fraction of units / weights removed).
+
+    sparsity: {coupled group name: value} (`coupled_groups`; a member's name is accepted when
+      all values given for its group agree). A group's channels are pruned together
+      (structured); unstructured, every member's weights are masked at the group's value.
 
     task_losses: model -> {task: loss} on calibration data; needed by the gradient criteria
       (the model is scored in eval mode: BatchNorm uses its running statistics).
@@ -91,16 +98,18 @@ def prune(model, sparsity: dict[str, float], *, mode: str = "structured", import
         raise PrunefuseError(f"importance {importance!r} needs task_losses (calibration losses per task)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrunefuseError(f"pruning steps={steps}; expected an integer >= 1")
-    check_sparsity(model, sparsity)
+    groups = coupled_groups(model, example_inputs)
+    sparsity = check_sparsity(model, sparsity, example_inputs, groups=groups)
     if global_sparsity is not None and not 0.0 <= global_sparsity <= MAX_SPARSITY:
         raise PrunefuseError(f"global sparsity {global_sparsity}; expected 0 <= sparsity <= {MAX_SPARSITY}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise PrunefuseError(f"pruning round_to={round_to!r}; expected an integer >= 1")
     if mode == "structured":
-        return prune_structured(model, sparsity, importance, example_inputs, task_losses, steps,
-                                 global_sparsity, aggregate, after_step, round_to)
+        return prune_structured(model, sparsity, groups, importance, example_inputs, task_losses, steps,
+                                global_sparsity, aggregate, after_step, round_to)
     if round_to != 1:
         raise PrunefuseError(f"pruning round_to={round_to} rounds kept channels, so it needs mode 'structured' "
                              "(unstructured pruning keeps every channel)")
-    return prune_unstructured(model, sparsity, importance, task_losses, steps,
-                               global_sparsity, aggregate, after_step)
+    per_layer = {m: value for name, value in sparsity.items() for m in groups[name]}
+    return prune_unstructured(model, per_layer, importance, task_losses, steps,
+                              global_sparsity, aggregate, after_step)

@@ -8,16 +8,21 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from spaces.errors import PrunefuseError
+
 from .allocation import allocate_global, cubic_schedule, kept_units, round_units
 from .importance import IMPORTANCES
-from .layers import PRUNABLE_TYPES, prunable_layers
 from .layers import width as _width
 
 
-def prune_structured(model, sparsity, importance, example_inputs, task_losses, steps,
+def prune_structured(model, sparsity, groups, importance, example_inputs, task_losses, steps,
                      global_sparsity, aggregate, after_step, round_to=1):
+    """`sparsity`: {group name: value}; `groups`: `coupled_groups(model)`. Each group is pruned
+    through its first member (its name): torch-pruning removes the same channels from every
+    member and from every layer that reads them."""
     modules = dict(model.named_modules())
-    listed = prunable_layers(model) if global_sparsity is not None else [n for n in sparsity]
+    # Forward order, never the policy's key order: the same policy prunes the same way.
+    listed = [n for n in groups if global_sparsity is not None or n in sparsity]
     initial = {n: _width(modules[n]) for n in listed}
     criterion = IMPORTANCES[importance](aggregate)
     for step in range(1, steps + 1):
@@ -52,7 +57,6 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
         return
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     groups = {n: _full_group(graph, modules[n], current[n]) for n in todo}
-    groups = {n: g for n, g in groups.items() if _safe(g, modules, set(listed))}
     scores = criterion.scores(model, groups, task_losses)
     if targets is None:
         targets = allocate_global(scores, {n: current[n] for n in groups}, {n: initial[n] for n in groups},
@@ -64,10 +68,14 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
         if n_drop <= 0 or _width(modules[name]) != len(s):
             continue  # nothing to do, or already resized through a coupled layer
         drop = torch.sort(s, stable=True).indices[:n_drop].tolist()
-        group = graph.get_pruning_group(modules[name], _out_fn(graph, modules[name]), sorted(drop))
-        if graph.check_pruning_group(group):
-            group.prune()
-            changed = True
+        try:
+            group = graph.get_pruning_group(modules[name], _out_fn(graph, modules[name]), sorted(drop))
+            if graph.check_pruning_group(group):
+                group.prune()
+                changed = True
+        except Exception as exc:  # torch-pruning's own errors say nothing of where
+            raise PrunefuseError(f"structured pruning of the coupled group {name!r} failed: "
+                                 f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     if changed and task_losses is not None:
         recalibrate_batchnorm(model, task_losses)
 
@@ -98,14 +106,3 @@ def _out_fn(graph, module):
 
 def _full_group(graph, module, width):
     return graph.get_pruning_group(module, _out_fn(graph, module), list(range(width)))
-
-
-def _safe(group, modules, listed: set) -> bool:
-    """False if pruning this group would cut the outputs of a layer that is not listed (a head)."""
-    names = {m: n for n, m in modules.items()}
-    for item in group.items:
-        module, fn = item.dep.target.module, item.dep.handler
-        if isinstance(module, PRUNABLE_TYPES) and names.get(module) not in listed and \
-                getattr(fn, "__name__", "") == "prune_out_channels":
-            return False
-    return True

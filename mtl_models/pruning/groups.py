@@ -1,0 +1,110 @@
+"""Coupled groups: the trunk layers whose output channels can only be pruned together.
+
+A residual add ties the channels of every layer feeding it (the block's last conv, the
+downsample branch, the previous block's output); a depthwise conv (`groups == channels`)
+ties its channels to the layer before it. torch-pruning's dependency graph finds these
+couplings (`get_pruning_group`): the layers in one group are the prunable layers whose
+`prune_out_channels` it lists. A search decides one sparsity per group, so the policy keys
+`pruning.sparsity` by group: a group's name is its first member in forward order (a plain
+MLP / CNN has one group per layer, named by that layer, so its policies read as before).
+
+Keys are matched by name only, never by position: a policy read back from a file with
+sorted keys (Ray's params.json) decides exactly the same pruning.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch_pruning as tp
+
+from spaces.errors import PrunefuseError
+
+from .layers import PRUNABLE_TYPES, prunable_layers, width
+
+
+def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, ...]]:
+    """Group name -> its members (prunable trunk layers, in forward order), groups in forward
+    order. A group that also holds a head's output layer is left out: heads are never pruned."""
+    order = _forward_order(model, example_inputs)
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    with _eval(model):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    seen, out = set(), {}
+    for name in order:
+        if name in seen:
+            continue
+        module = modules[name]
+        if module not in graph.module2node:
+            seen.add(name)  # never run in the forward: nothing to prune it with
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width(module))))
+        members = {names[item.dep.target.module] for item in group.items
+                   if isinstance(item.dep.target.module, PRUNABLE_TYPES)
+                   and getattr(item.dep.handler, "__name__", "") == "prune_out_channels"} | {name}
+        seen |= members
+        if all(m.startswith("trunk.") for m in members):
+            out[name] = tuple(m for m in order if m in members)
+    return out
+
+
+def decided_sparsity(groups: dict[str, tuple[str, ...]], sparsity: dict, layers: list[str]) -> dict[str, float]:
+    """The policy's `pruning.sparsity` as {group name: sparsity}, groups in forward order.
+
+    A key is a group's name or one of its members; all the values given for one group must
+    agree (its channels go together, so one value decides it). Anything else is refused:
+    a key that is no layer of the model, or a layer that decides nothing (a group coupled to
+    a head's outputs)."""
+    owner = {m: g for g, members in groups.items() for m in members}
+    given: dict[str, dict[str, float]] = {}
+    for key in sorted(sparsity):
+        if key not in owner:
+            if key in layers:
+                raise PrunefuseError(f"policy prunes layer {key!r}, whose channels cannot be pruned (they are "
+                                     f"coupled to a head's outputs); its coupled groups (one sparsity each): {', '.join(groups)}")
+            raise PrunefuseError(f"policy prunes layer {key!r}, which this model does not have; "
+                                 f"its coupled groups (one sparsity each): {', '.join(groups)}")
+        given.setdefault(owner[key], {})[key] = sparsity[key]
+    out = {}
+    for name in groups:
+        if name not in given:
+            continue
+        values = given[name]
+        if len(set(values.values())) > 1:
+            listed = ", ".join(f"{k}={v}" for k, v in values.items())
+            raise PrunefuseError(f"policy gives the coupled group {name!r} different sparsities ({listed}); "
+                                 f"its members {', '.join(groups[name])} are pruned together: give one value, "
+                                 f"keyed {name!r}")
+        out[name] = next(iter(values.values()))
+    return out
+
+
+def _forward_order(model, example_inputs) -> list[str]:
+    """Prunable trunk layers in the order the forward first calls them (then any never called)."""
+    layers = prunable_layers(model)
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    hooks = [modules[n].register_forward_pre_hook(lambda m, i, n=n: order.append(n) if n not in order else None)
+             for n in layers]
+    try:
+        with _eval(model), torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order + [n for n in layers if n not in order]
+
+
+@contextlib.contextmanager
+def _eval(model):
+    """Eval mode for a graph-building forward (BatchNorm statistics untouched), then each
+    module's own mode back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

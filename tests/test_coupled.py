@@ -1,0 +1,154 @@
+"""Coupled channels: one pruning decision per coupled group, on models written the ways people
+write them (torchvision-style ResNet and MobileNetV2 plugins in tests/plugins/coupled_suites.py)
+and on the built-in resnet / mobilenet trunks; a policy read back with sorted keys rebuilds
+the same model; a model that pruning breaks fails the search before anything is trained."""
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mtl_models import suites
+from mtl_models.measure import stored_params
+from mtl_models.pruning import coupled_groups, kept_units, prunable_layers, prune
+from spaces import PrunefuseError
+from spaces.policy import Policy
+
+PLUGIN = "tests.plugins.coupled_suites:make_{}"
+SMALL = dict(train_pairs=200, val_pairs=50, test_pairs=50)
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    torch.set_num_threads(1)
+    return {name: suites.get(PLUGIN.format(name), **SMALL) for name in ("resnet", "mobilenet")}
+
+
+def fresh(suite, seed=0, **spec):
+    torch.manual_seed(seed)
+    return suite.build_model(**spec).eval()
+
+
+def groups_of(suite, model):
+    return coupled_groups(model, suite.example_inputs(2))
+
+
+def test_torchvision_resnet_groups(plugin):
+    s = plugin["resnet"]
+    groups = groups_of(s, fresh(s))
+    # The stem and every block of stage 1 add into one residual stream.
+    assert groups["trunk.conv1"] == ("trunk.conv1", "trunk.layer1.0.conv2", "trunk.layer1.1.conv2")
+    # A downsample branch goes with the block's second conv; a block's first conv is alone.
+    assert groups["trunk.layer2.0.conv2"] == ("trunk.layer2.0.conv2", "trunk.layer2.0.downsample.0")
+    assert groups["trunk.layer3.0.conv2"] == ("trunk.layer3.0.conv2", "trunk.layer3.0.downsample.0")
+    assert groups["trunk.layer1.0.conv1"] == ("trunk.layer1.0.conv1",)
+    members = [m for ms in groups.values() for m in ms]
+    assert sorted(members) == sorted(prunable_layers(fresh(s)))   # every layer in exactly one group
+
+
+def test_mobilenet_groups_depthwise_with_neighbours(plugin):
+    s = plugin["mobilenet"]
+    groups = groups_of(s, fresh(s))
+    # expand 1x1 and its depthwise 3x3 (groups = channels) go together ...
+    assert groups["trunk.features.2.conv.0.0"] == ("trunk.features.2.conv.0.0", "trunk.features.2.conv.1.0")
+    # ... the projections of blocks joined by a residual add go together ...
+    assert groups["trunk.features.2.conv.2"] == ("trunk.features.2.conv.2", "trunk.features.3.conv.2")
+    # ... and a block without expansion ties its depthwise conv and its projection to the stem.
+    assert groups["trunk.features.0.0"] == ("trunk.features.0.0", "trunk.features.1.conv.0.0",
+                                            "trunk.features.1.conv.1")
+
+
+@pytest.mark.parametrize("trunk", ["resnet", "mobilenet"])
+def test_structured_pruning_prunes_a_group_together(tiny_suite, trunk):
+    model = fresh(tiny_suite, trunk=trunk)
+    groups = groups_of(tiny_suite, model)
+    widths = {n: m.out_channels for n, m in model.named_modules() if n in prunable_layers(model)}
+    prune(model, {name: 0.5 for name in groups}, example_inputs=tiny_suite.example_inputs(2))
+    modules = dict(model.named_modules())
+    for name, members in groups.items():
+        for m in members:
+            assert modules[m].out_channels == kept_units(widths[name], 0.5), (name, m)
+    assert all(v.shape[0] == 2 for v in model(tiny_suite.example_inputs(2)).values())
+
+
+def test_plain_trunks_keep_one_group_per_layer(tiny_suite):
+    for spec in (dict(trunk="mlp", width=32, depth=2), dict(trunk="cnn", channels=[8, 16], fc=16)):
+        model = fresh(tiny_suite, **spec)
+        groups = groups_of(tiny_suite, model)
+        assert list(groups) == prunable_layers(model)
+        assert all(members == (name,) for name, members in groups.items())
+
+
+def test_members_that_disagree_or_keys_that_decide_nothing_are_refused(plugin):
+    s = plugin["resnet"]
+    x = s.example_inputs(2)
+    model = fresh(s)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PrunefuseError, match=r"coupled group 'trunk.layer2.0.conv2' different sparsities .*"
+                                             r"trunk.layer2.0.conv2=0.5, trunk.layer2.0.downsample.0=0.25"):
+        prune(model, {"trunk.layer2.0.downsample.0": 0.25, "trunk.layer2.0.conv2": 0.5}, example_inputs=x)
+    with pytest.raises(PrunefuseError, match=r"prunes layer 'heads.left', which this model does not have"):
+        prune(model, {"heads.left": 0.5}, example_inputs=x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # refused before any change
+    # Members that agree decide their group, exactly as its name would.
+    by_member = prune(fresh(s), {"trunk.layer2.0.downsample.0": 0.5}, example_inputs=x)
+    by_name = prune(fresh(s), {"trunk.layer2.0.conv2": 0.5}, example_inputs=x)
+    assert stored_params(by_member) == stored_params(by_name) < stored_params(fresh(s))
+    assert all(torch.equal(by_member(x)[t], by_name(x)[t]) for t in s.task_names)
+
+
+@pytest.mark.parametrize("layout", ["resnet", "mobilenet"])
+@pytest.mark.parametrize("mode", ["structured", "unstructured"])
+def test_policy_after_sorted_key_json_gives_the_same_model(plugin, layout, mode):
+    s = plugin[layout]
+    x = s.example_inputs(8)
+    names = list(groups_of(s, fresh(s)))
+    # Distinct values in reverse forward order: any order-dependence would show.
+    sparsity = {name: round(0.1 + 0.8 * i / len(names), 3) for i, name in reversed(list(enumerate(names)))}
+    policy = Policy.from_dict({"schema": "prunefuse.policy/1", "suite": s.spec, "model": {"trunk": "mlp"},
+                               "pruning": {"mode": mode, "sparsity": sparsity}})
+    read_back = Policy.from_dict(json.loads(json.dumps(policy.to_dict(), sort_keys=True)))
+    assert list(read_back.pruning.sparsity) != list(policy.pruning.sparsity)
+    built = {}
+    for key, p in (("written", policy), ("read back", read_back)):
+        built[key] = prune(fresh(s), dict(p.pruning.sparsity), mode=mode, example_inputs=x)
+    a, b = built["written"], built["read back"]
+    assert stored_params(a) == stored_params(b)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    out_a, out_b = a(x), b(x)
+    assert all(torch.equal(out_a[t], out_b[t]) for t in s.task_names)
+
+
+def test_unstructured_masks_every_member_at_its_groups_value(plugin):
+    s = plugin["resnet"]
+    model = prune(fresh(s), {"trunk.layer2.0.conv2": 0.5}, mode="unstructured", example_inputs=s.example_inputs(2))
+    modules = dict(model.named_modules())
+    for m in ("trunk.layer2.0.conv2", "trunk.layer2.0.downsample.0"):
+        w = modules[m].weight
+        assert (w == 0).sum().item() == int(0.5 * w.numel())
+    assert (modules["trunk.layer2.0.conv1"].weight != 0).all()
+
+
+def test_search_fails_fast_on_a_model_pruning_breaks(tmp_path):
+    start, cpu = time.time(), _children_cpu()
+    code, out, err = run_cli("search", "--suite", PLUGIN.format("broken"), "--storage", tmp_path / "runs",
+                             "--name", "broken", "--trials", "2", timeout=120)
+    took, cpu = time.time() - start, _children_cpu() - cpu
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "pruning check (structured pruning at sparsity 0.9)" in lines[0] and "'trunk.conv2'" in lines[0], lines
+    assert "training" not in out.lower() and "training" not in err.lower()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())   # nothing written
+    # Within 30 s of the process's own CPU time (imports included): on a loaded 2-core machine
+    # the wall clock mostly measures the other processes.
+    assert cpu < 30 and took < 120, (cpu, took)
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
