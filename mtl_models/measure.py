@@ -124,10 +124,16 @@ def pinned_threads(threads: int):
 
 @torch.no_grad()
 def latency_ms(model, example_inputs: torch.Tensor, *, threads: int = 1, warmup: int = 5,
-               runs: int = 30, device: str = "cpu", as_trained: bool = False) -> float:
+               runs: int = 30, device: str = "cpu", as_trained: bool = False,
+               dtype: torch.dtype | None = None) -> float:
     """Median wall time of one forward pass in ms, after `warmup` untimed passes, of the
-    model's `inference_form` (or, with `as_trained`, of the model itself in eval mode, NCHW)."""
-    with _timed_forms({"model": model}, example_inputs, device, as_trained) as forms:
+    model's `inference_form` (or, with `as_trained`, of the model itself in eval mode, NCHW).
+
+    The batch is on `device` (and in the timed layout) before any clock starts. On CUDA,
+    kernels run asynchronously: the GPU is synchronised before and after every timed pass,
+    and at least 3 warm-up passes (CUDA context, cuDNN's algorithm choice) are never timed.
+    `dtype` (e.g. torch.float16) times a copy cast to it, inputs too."""
+    with _timed_forms({"model": model}, example_inputs, device, as_trained, dtype) as forms:
         timed, x = forms["model"]
         return _median_forward_ms(timed, x, threads=threads, warmup=warmup, runs=runs, device=device)
 
@@ -151,31 +157,39 @@ def interleaved_latency_ms(models: dict, example_inputs: torch.Tensor, *, rounds
 
 
 @contextlib.contextmanager
-def _timed_forms(models: dict, example_inputs: torch.Tensor, device: str, as_trained: bool):
+def _timed_forms(models: dict, example_inputs: torch.Tensor, device: str, as_trained: bool,
+                 dtype: torch.dtype | None = None):
     """name -> (module to time, its input): each model's inference form with channels-last
     inputs where it has 2-D convolutions, or (as_trained) the model itself in eval mode, whose
-    training mode is given back afterwards."""
+    training mode is given back afterwards. With `dtype`, copies cast to it."""
     x = example_inputs.to(device)
+    if dtype is not None:
+        import copy
+
+        x = x.to(dtype) if x.is_floating_point() else x
+        if as_trained:
+            models = {name: copy.deepcopy(m) for name, m in models.items()}  # the cast must not reach the caller's
     if not as_trained:
-        forms = {name: inference_form(m).to(device) for name, m in models.items()}
+        forms = {name: inference_form(m).to(device, dtype) for name, m in models.items()}
         yield {name: (form, _inference_inputs(form, x)) for name, form in forms.items()}
         return
     modes = {name: m.training for name, m in models.items()}
     try:
-        yield {name: (m.to(device).eval(), x) for name, m in models.items()}
+        yield {name: (m.to(device, dtype).eval(), x) for name, m in models.items()}
     finally:
         for name, m in models.items():
             m.train(modes[name])
 
 
 def _median_forward_ms(timed, x: torch.Tensor, *, threads: int, warmup: int, runs: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     with pinned_threads(threads):
-        for _ in range(warmup):
+        for _ in range(max(warmup, 3) if cuda else warmup):
             timed(x)
-        sync()
         for _ in range(runs):
+            sync()  # nothing queued before the clock starts
             start = time.perf_counter()
             timed(x)
             sync()

@@ -168,21 +168,30 @@ def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
         "nonzero_params": measure.nonzero_params(model),
         "bytes": measure.storage_bytes(model),
         "macs": measure.count_macs(model, example[:1]),
-        "latency_ms": measure.latency_ms(model, example, threads=spec.threads, runs=spec.runs,
-                                         warmup=spec.warmup, device=spec.device),
+        **_latencies(model, example, spec),
         "latency_batch": spec.latency_batch,
         "threads": spec.threads,
         "device": spec.device,
         "device_name": device_name(spec.device),  # the GPU model a CUDA figure was taken on
     }
-    half = half_dtype(spec.precision, spec.device)
-    if half is not None:
-        out["latency_ms_half"] = measure.latency_ms(model, example, threads=spec.threads, runs=spec.runs,
-                                                    warmup=spec.warmup, device=spec.device, dtype=half)
-        out["half_precision"] = spec.precision
     out.update({f"metric/{t}": v for t, v in val.items()})
     out.update({f"test/{t}": v for t, v in test.items()})
     return out
+
+
+def _latencies(model, example, spec: MeasureSpec) -> dict:
+    """latency_ms (and, on CUDA with a bf16 / fp16 policy, latency_ms_half), timed while no other
+    timing section on this machine runs (mtl_models.timing_lock); how long that took to get."""
+    from .timing_lock import timed_alone
+
+    timing = dict(threads=spec.threads, runs=spec.runs, warmup=spec.warmup, device=spec.device)
+    half = half_dtype(spec.precision, spec.device)
+    with timed_alone() as slot:
+        out = {"latency_ms": measure.latency_ms(model, example, **timing)}
+        if half is not None:
+            out.update(latency_ms_half=measure.latency_ms(model, example, **timing, dtype=half),
+                       half_precision=spec.precision)
+    return {**out, **slot.facts()}
 
 
 def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: MeasureSpec = MeasureSpec(),

@@ -108,11 +108,24 @@ def _hover(d: _Data, rows: pd.DataFrame) -> list[str]:
     for r, s in zip(rows.to_dict("records"), _sparsity(rows).mean(axis=1).to_numpy()):
         knob = {k: html.escape(_text(r.get(f"policy/{k}")))
                 for k in ("fusion/method", "pruning/importance", "weighting/method")}
-        objs = "<br>".join(f"{n}: {_fmt(r[n])}" for n in d.names)
+        objs = "<br>".join(f"{n}: {_fmt(r[n])}" for n in d.names) + _gpu_line(r)
         out.append(f"<b>trial {html.escape(str(r['trial_id']))}</b><br>fusion {knob['fusion/method']} · importance "
                    f"{knob['pruning/importance']}<br>mean sparsity {_fmt(s)} · weighting "
                    f"{knob['weighting/method']}<br>{objs}")
     return out
+
+
+def _gpu_line(r: dict) -> str:
+    """Where a trial ran on CUDA: the GPU and the memory the trial peaked at (nothing on the CPU)."""
+    peak = r.get("cuda_peak_mb")
+    if not isinstance(peak, (int, float)) or not peak > 0:
+        return ""
+    gpu = r.get("device_name")
+    where = f" on {html.escape(str(gpu))}" if isinstance(gpu, str) and gpu else ""
+    half = r.get("latency_ms_half")
+    half = f"<br>latency in {html.escape(str(r.get('half_precision')))}: {_fmt(half)}" \
+        if isinstance(half, (int, float)) and half == half else ""
+    return f"<br>CUDA peak {peak:,.0f} MiB{where}{half}"
 
 
 def _groups(d: _Data):

@@ -7,7 +7,7 @@ from spaces import Policy
 from spaces.errors import PrunefuseError
 
 
-def rebuild(policy: Policy, *, cache: str, log=print):
+def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
     """(suite, artifacts) a policy starts from: its suite, and the base (trained, reused from
     `cache`, or the user's checkpoint) with experts when it fuses. Checks fit before training."""
     from mtl_models import artifacts, suites
@@ -22,18 +22,33 @@ def rebuild(policy: Policy, *, cache: str, log=print):
     checkpoint_path = base.pop("checkpoint")
     base_state = load_base_checkpoint(checkpoint_path, model) if checkpoint_path else None
     art = artifacts.prepare(suite, policy.model, artifacts.TrainSpec(**base), cache_dir=cache,
-                            experts=policy.fusion is not None, base_state=base_state, log=log)
+                            experts=policy.fusion is not None, base_state=base_state, log=log, device=device)
     return suite, art
 
 
-def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print):
+def apply_device(policy: Policy, requested: str | None = None) -> str:
+    """`--device`, or else the device the policy's trial ran on where this machine has it, else the CPU."""
+    from mtl_models.device import check_precision, job_device
+
+    if requested is None:
+        measured = (policy.provenance or {}).get("metrics", {}).get("device", "cpu")
+        requested = "auto" if str(measured).startswith("cuda") else "cpu"
+    device = job_device(requested)
+    check_precision(policy.base.precision, device, what="policy base.precision")
+    check_precision(policy.finetune.precision, device)
+    return device
+
+
+def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print,
+                   device: str | None = None):
     from mtl_models import checkpoint
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
     torch.set_num_threads(threads)
-    suite, art = rebuild(policy, cache=cache, log=log)
+    device = apply_device(policy, device)  # before any training: fp16 on a CPU fails here
+    suite, art = rebuild(policy, cache=cache, log=log, device=device)
     measured = (policy.provenance or {}).get("metrics", {})
-    spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads)
+    spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads, device=device)
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)
     from mtl_models.deploy import shipped_graph
 

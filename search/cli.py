@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trunk", default="mlp", help="a built-in trunk: mlp, cnn, resnet, mobilenet, vit, transformer")
     s.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
     s.add_argument("--train-option", action="append", metavar="KEY=VALUE",
-                   help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, expert_lr, seed")
+                   help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, expert_lr, seed, "
+                        "precision (fp32 | bf16 | fp16)")
     s.add_argument("--measure-option", action="append", metavar="KEY=VALUE",
                    help="latency measurement: latency_batch, threads, runs, warmup")
     s.add_argument("--space", help="a search space YAML file (see README)")
@@ -96,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", required=True, help="folder for model.pt, policy.yaml, metrics.json")
     a.add_argument("--cache", default=os.path.join("runs", "_artifacts"), help="where trained bases are cached")
     a.add_argument("--threads", type=int, default=1, help="CPU threads (the search's trials used --cpus-per-trial)")
+    a.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to train and time (default: the device the policy's trial ran on, where there is one)")
     return p
 
 
@@ -276,7 +279,7 @@ def cmd_apply(args) -> int:
     policy = Policy.from_yaml(args.policy)
     from .apply import apply_and_save
 
-    apply_and_save(policy, args.output, cache=args.cache, threads=args.threads)
+    apply_and_save(policy, args.output, cache=args.cache, threads=args.threads, device=args.device)
     return 0
 
 

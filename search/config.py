@@ -168,7 +168,8 @@ def _check_spec_options(values: dict, what: str) -> None:
     from mtl_models.pipeline import MeasureSpec
 
     spec = TrainSpec if what == "train" else MeasureSpec
-    valid = [f.name for f in fields(spec) if f.name != "device"]
+    per_job = ("device",) if what == "train" else ("device", "precision")  # set per job, not by flags
+    valid = [f.name for f in fields(spec) if f.name not in per_job]
     for key in values:
         if key not in valid:
             raise PrunefuseError(f"--{what}-option {key!r} is not known; valid: {', '.join(valid)}")

@@ -69,23 +69,51 @@ def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, lo
     def mapper(fn, items):
         return ray_map(fn, list(items), num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
 
-    on_ray = cfg.address is not None or cfg.gpus_per_trial > 0
+    on_ray = runs_on_ray(cfg)
     return artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=artifact_cache(cfg),
                              experts=space.fuses, references=cfg.references, base_state=base_state,
                              map_fn=mapper, base_map_fn=mapper if on_ray else None, log=log)
 
 
+def runs_on_ray(cfg: SearchConfig) -> bool:
+    """Whether the base's jobs run as Ray tasks with the trials' resources (on a cluster, or where
+    trials get GPUs: then the base trains and is timed on the device trials have) or here."""
+    return cfg.address is not None or cfg.gpus_per_trial > 0
+
+
 def measure_dense(cfg: SearchConfig, suite, art) -> dict:
-    """The dense base measured like any trial: the report's reference point."""
-    import torch
+    """The dense base measured like any trial, on the device a trial gets: the report's reference point."""
+    from .cluster import ray_map
 
-    from mtl_models.pipeline import MeasureSpec, measure_model
+    # Timed with the threads a trial times with (search/trial.py: --cpus-per-trial unless set).
+    measure = {"threads": max(1, int(cfg.cpus_per_trial)), **cfg.measure}
+    job = _DenseMeasureJob(suite, cfg.model, measure, art, cfg.train.get("precision", "fp32"))
+    if runs_on_ray(cfg):
+        [dense] = ray_map(job, [None], num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
+    else:
+        import torch
 
-    model = suite.build_model(**cfg.model)
-    model.load_state_dict(art.base)
-    torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
-    dense = measure_model(model, suite, art, MeasureSpec(**cfg.measure))
+        torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
+        dense = job(None)
     dense["dense_val"] = art.dense_metrics["val"]
     if art.references:
         dense["references"] = art.references
     return dense
+
+
+class _DenseMeasureJob:
+    """Picklable: measures the dense base where it runs (a Ray task's GPU when it has one)."""
+
+    def __init__(self, suite, model_spec, measure, art, precision):
+        self.suite, self.model_spec, self.measure, self.art, self.precision = suite, model_spec, measure, art, precision
+
+    def __call__(self, _item):
+        from mtl_models.device import job_device, peak_memory_mb, reset_peak_memory
+        from mtl_models.pipeline import MeasureSpec, measure_model
+
+        device = job_device()
+        reset_peak_memory(device)
+        model = self.suite.build_model(**self.model_spec)
+        model.load_state_dict(self.art.base)
+        spec = MeasureSpec(**{**self.measure, "device": device, "precision": self.precision})
+        return {**measure_model(model, self.suite, self.art, spec), "cuda_peak_mb": peak_memory_mb(device)}

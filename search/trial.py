@@ -37,11 +37,12 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
     runs again after it had finished (the driver died before its snapshot said so)
     reports that result again instead of recomputing it.
     """
-    entered = time.perf_counter()
+    entered, started_at = time.perf_counter(), time.time()
     import ray
     import torch
     from ray import tune
 
+    from mtl_models.device import job_device, peak_memory_mb, reset_peak_memory
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
     trial_id = tune.get_context().get_trial_id()
@@ -56,7 +57,8 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
         # The search hands its suite over through the object store (no rebuild, no data files
         # needed on this node); rebuilt only for a policy of another suite.
         suite = _suite(json.dumps(policy.suite, sort_keys=True))
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    device = job_device()  # CUDA where Ray gave this trial a GPU (or a share of one)
+    reset_peak_memory(device)  # actors are reused: the peak is this trial's own
     spec = MeasureSpec(**{**measure, "device": device, "threads": measure.get("threads", threads)})
     node_id = ray.get_runtime_context().get_node_id()
     clock = {"start": time.perf_counter(), "reporting": 0.0}
@@ -68,7 +70,8 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
                 raise FloatingPointError(f"metric {name} is {value} after pruning step {step}")
         now = time.perf_counter()
         result = {**metrics, "step": step, "steps": steps, "final": step == steps, "node_id": node_id,
-                  "pid": os.getpid(), "cycle_s": now - clock["start"] - clock["reporting"], "setup_s": setup_s}
+                  "pid": os.getpid(), "cycle_s": now - clock["start"] - clock["reporting"], "setup_s": setup_s,
+                  "cuda_peak_mb": peak_memory_mb(device), "started_at": started_at, "reported_at": time.time()}
         if step == steps:
             write_final(experiment, trial_id, result)
         tune.report(result)

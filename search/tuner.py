@@ -53,6 +53,7 @@ def prepare_inputs(cfg: SearchConfig):
     suite = suites.from_spec(cfg.suite)
     model = suite.build_model(**cfg.model)
     space = build_space(cfg, suite, model)
+    check_precisions(cfg, space)
     from mtl_models.preflight import check_pruning
 
     check_pruning(suite, space.hardest_pruning())  # a model that pruning breaks fails now, not after training
@@ -60,6 +61,16 @@ def prepare_inputs(cfg: SearchConfig):
     if cfg.base_checkpoint:
         base_state = load_base_checkpoint(cfg.base_checkpoint, model)
     return suite, space, base_state
+
+
+def check_precisions(cfg: SearchConfig, space: SearchSpace) -> None:
+    """fp16 where trials (and the base, which runs where they do) get no GPU: one line, now."""
+    from mtl_models.device import check_precision
+
+    device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
+    check_precision(cfg.train.get("precision", "fp32"), device, what="--train-option precision")
+    for precision in space.precisions:
+        check_precision(precision, device, what="space finetune.precision")
 
 
 # Tune's experiment snapshot (trial states + searcher), uploaded to the storage: how often.

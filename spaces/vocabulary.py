@@ -24,7 +24,12 @@ SCALAR_METRICS = {
 LEGACY_METRICS = {"accuracy": "score", "test_accuracy": "test_score"}
 MEAN_SCORE = "score"            # the default objective, the ASHA metric, export's sort key
 # Facts recorded beside the metrics: how they were measured.
-MEASUREMENT_FACTS = ("latency_batch", "threads", "device")
+# On CUDA also: the GPU's name, the trial's peak CUDA memory (MiB; 0 on the CPU) and, where the
+# policy fine-tunes in bf16 / fp16, the latency in that precision (mtl_models.device).
+# Latency is timed alone on its machine (mtl_models.timing_lock): the wait for that, and the
+# timed section's wall-clock bounds.
+MEASUREMENT_FACTS = ("latency_batch", "threads", "device", "device_name", "cuda_peak_mb", "latency_ms_half",
+                     "half_precision", "lock_wait_s", "timed_from", "timed_to")
 TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
 TASK_TEST_METRIC = "test/"      # test/<task>: the same on the test split
 
