@@ -94,8 +94,12 @@ def inference_form(model):
 
     from .folding import fold_batchnorms
     from .pruning import without_masks
+    from .pruning.attention import to_native
 
     form = copy.deepcopy(without_masks(model)).eval()
+    # torch's own MultiheadAttention wherever the shapes allow it: nn.TransformerEncoder's
+    # fused fast path runs in eval mode without grad on it (not on a head-pruned one).
+    to_native(form)
     fold_batchnorms(form)
     if _has_conv2d(form):
         form = form.to(memory_format=torch.channels_last)

@@ -48,6 +48,63 @@ def cnn_trunk(input_shape, *, channels=(32, 64, 128), fc: int = 128) -> tuple[nn
     return nn.Sequential(OrderedDict(layers)), fc
 
 
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class ViTTrunk(nn.Module):
+    """A small ViT: patch-embedding conv, cls token, learned position embedding, pre-norm
+    blocks, final LayerNorm; the trunk's output is the cls token's features."""
+
+    def __init__(self, input_shape, *, dim: int = 64, depth: int = 2, heads: int = 4, mlp: int = 128,
+                 patch: int = 2):
+        super().__init__()
+        channels, height, width = input_shape
+        self.patch_embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        tokens = (height // patch) * (width // patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)            # (B, tokens, dim)
+        # x.shape[0], not len(x): the ONNX exporter's tracer records len() as a constant batch size
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x)[:, 0])
+
+
+class TokenTrunk(nn.Module):
+    """Token ids (B, length) -> nn.Embedding + learned positions -> nn.TransformerEncoder
+    (batch_first, pre-norm) -> mean over tokens -> LayerNorm."""
+
+    def __init__(self, vocab: int, length: int, *, dim: int = 64, depth: int = 2, heads: int = 4, mlp: int = 128):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        # On the scale of nn.Embedding's N(0, 1) rows: positions matter from the first step.
+        self.pos_embed = nn.Parameter(torch.randn(1, length, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens):
+        x = self.embed(tokens.long()) + self.pos_embed[:, :tokens.shape[1]]
+        return self.norm(self.encoder(x).mean(dim=1))
+
+
 class BasicBlock(nn.Module):
     """torchvision's ResNet BasicBlock: two 3×3 conv-bn, a residual add, a 1×1 conv-bn
     `downsample` branch when the stride or the width changes."""
@@ -120,7 +177,8 @@ def mobilenet_trunk(input_shape, *, channels=(8, 16, 16, 24), expand: int = 4) -
 
 
 TRUNKS = {"mlp": ("width", "depth"), "cnn": ("channels", "fc"),
-          "resnet": ("channels", "blocks"), "mobilenet": ("channels", "expand")}
+          "resnet": ("channels", "blocks"), "mobilenet": ("channels", "expand"),
+          "vit": ("dim", "depth", "heads", "mlp", "patch"), "transformer": ("dim", "depth", "heads", "mlp")}
 
 
 def _checked_size(trunk: str, key: str, value):
@@ -151,9 +209,39 @@ def build_model(suite, *, trunk: str = "mlp", **spec) -> MTLModel:
         if len(suite.input_shape) != 3:
             raise PrunefuseError(f"trunk {trunk!r} needs image inputs (C, H, W); suite {suite.name!r} has "
                                  f"{suite.input_shape}")
-        if "channels" in spec:
-            spec = {**spec, "channels": tuple(spec["channels"])}
-        build = {"cnn": cnn_trunk, "resnet": resnet_trunk, "mobilenet": mobilenet_trunk}[trunk]
-        body, out = build(suite.input_shape, **spec)
+        if trunk == "vit":
+            body, out = _vit_trunk(suite, spec), spec.get("dim", 64)
+        else:
+            if "channels" in spec:
+                spec = {**spec, "channels": tuple(spec["channels"])}
+            build = {"cnn": cnn_trunk, "resnet": resnet_trunk, "mobilenet": mobilenet_trunk}[trunk]
+            body, out = build(suite.input_shape, **spec)
     heads = {t.name: nn.Linear(out, t.num_outputs) for t in suite.tasks}
     return MTLModel(body, heads)
+    elif trunk == "transformer":
+        body, out = _token_trunk(suite, spec), spec.get("dim", 64)
+
+
+def _divisible_heads(trunk: str, spec: dict) -> None:
+    dim, heads = spec.get("dim", 64), spec.get("heads", 4)
+    if dim % heads:
+        raise PrunefuseError(f"trunk {trunk!r}: dim={dim} is not divisible by heads={heads}")
+
+
+def _vit_trunk(suite, spec: dict) -> ViTTrunk:
+    _divisible_heads("vit", spec)
+    patch = spec.get("patch", 2)
+    if patch > min(suite.input_shape[1:]):
+        raise PrunefuseError(f"trunk 'vit': patch={patch} is larger than the images {suite.input_shape[1:]}")
+    return ViTTrunk(suite.input_shape, **spec)
+
+
+def _token_trunk(suite, spec: dict) -> TokenTrunk:
+    """The vocabulary is read off the data (the largest token id in any split, plus one)."""
+    _divisible_heads("transformer", spec)
+    splits = [suite.train.x, suite.val.x, suite.test.x]
+    if len(suite.input_shape) != 1 or any(x.is_floating_point() or x.is_complex() for x in splits):
+        raise PrunefuseError(f"trunk 'transformer' needs token ids (int64 rows of shape (length,)); suite "
+                             f"{suite.name!r} has {suite.train.x.dtype} rows of shape {suite.input_shape}")
+    vocab = int(max(int(x.max()) for x in splits)) + 1
+    return TokenTrunk(vocab, suite.input_shape[0], **spec)

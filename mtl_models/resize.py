@@ -35,6 +35,9 @@ def resizes(*types: type):
 
 def resize_to(model: nn.Module, state: dict) -> None:
     """Give every module the shapes found in `state` (a pruned model's state dict)."""
+    from .pruning.attention import sites, sync_heads
+
+    attention = list(sites(model, within="").values())  # head widths as built: pruning keeps them
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if not _resize_tensors(module, prefix, state):
@@ -42,6 +45,7 @@ def resize_to(model: nn.Module, state: dict) -> None:
         fn = next((RESIZERS[t] for t in type(module).__mro__ if t in RESIZERS), None)
         if fn is not None:
             fn(module)
+    sync_heads(model, attention)  # attention modules whose q/k/v Linears lost heads
 
 
 def _resize_tensors(module: nn.Module, prefix: str, state: dict) -> bool:
@@ -123,3 +127,10 @@ def _embedding(m) -> None:
 @resizes(nn.PReLU)
 def _prelu(m: nn.PReLU) -> None:
     m.num_parameters = m.weight.numel()
+
+
+@resizes(nn.MultiheadAttention)
+def _multihead_attention(m: nn.MultiheadAttention) -> None:
+    from .pruning.attention import resize_mha
+
+    resize_mha(m)

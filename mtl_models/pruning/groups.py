@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch_pruning as tp
 
 from spaces.errors import PrunefuseError
 
+from .attention import dependency_graph, head_groups
 from .layers import PRUNABLE_TYPES, prunable_layers, width
 
 
@@ -30,7 +30,7 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     with _eval(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        graph = dependency_graph(model, example_inputs)
     seen, out = set(), {}
     for name in order:
         if name in seen:
@@ -47,6 +47,7 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
         seen |= members
         if all(m.startswith("trunk.") for m in members):
             out[name] = tuple(m for m in order if m in members)
+    out.update(head_groups(model))  # each attention module's heads: one decision
     return out
 
 
@@ -58,6 +59,7 @@ def decided_sparsity(groups: dict[str, tuple[str, ...]], sparsity: dict, layers:
     a key that is no layer of the model, or a layer that decides nothing (a group coupled to
     a head's outputs)."""
     owner = {m: g for g, members in groups.items() for m in members}
+    owner.update({g: g for g in groups})  # an attention module's heads: named by the module, not a member
     given: dict[str, dict[str, float]] = {}
     for key in sorted(sparsity):
         if key not in owner:

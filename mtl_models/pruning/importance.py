@@ -10,7 +10,7 @@ from torch import nn
 from spaces.errors import unknown_name
 from spaces.registry import Registry
 
-from .layers import PRUNABLE_TYPES
+from .layers import PRUNABLE_TYPES, weight_name
 
 
 # --- aggregation of per-task scores: (tasks, units) -> (units) ---
@@ -46,7 +46,9 @@ class _Magnitude:
         self.imp = tp.importance.GroupMagnitudeImportance(p=p)
 
     def scores(self, model, groups: dict, task_losses) -> dict[str, torch.Tensor]:
-        return {name: self.imp(group).detach().float().cpu() for name, group in groups.items()}
+        # A MultiheadAttention's heads have no torch-pruning group: they score themselves.
+        return {name: group.magnitude(self.imp.p) if hasattr(group, "magnitude") else self.imp(group).detach().float().cpu()
+                for name, group in groups.items()}
 
 
 class MultiTaskTaylor:
@@ -95,13 +97,17 @@ class MultiTaskTaylor:
         listed = {group[0].dep.target.module for group in groups.values()}
         heads = getattr(model, "heads", {})
 
+        axes = {}               # id(activation) -> its feature axis
+
         def read_input(module, inputs):
             if inputs and torch.is_tensor(inputs[0]) and inputs[0].requires_grad:
                 consumers[module] = inputs[0]
+                axes[id(inputs[0])] = _feature_axis(module)
 
         def read_output(module, inputs, output):
             if torch.is_tensor(output) and output.requires_grad:
                 producers[module] = output
+                axes.setdefault(id(output), _feature_axis(module))
 
         hooks = [m.register_forward_pre_hook(read_input) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
         hooks += [m.register_forward_hook(read_output) for m in listed]
@@ -119,7 +125,8 @@ class MultiTaskTaylor:
                     # Per sample and unit of every group: Σ over positions of x·∂(·)/∂x.
                     target = loss_or_output if weights is None else (loss_or_output * weights).sum()
                     grads = torch.autograd.grad(target, order, retain_graph=True, allow_unused=True)
-                    per_tensor = {id(x): _per_channel(x, g) for x, g in zip(order, grads) if g is not None}
+                    per_tensor = {id(x): _per_channel(x, g, axes.get(id(x), 1)) for x, g in zip(order, grads)
+                                  if g is not None}
                     return {name: _to_units(group, consumers, producers, per_tensor) for name, group in groups.items()}
 
                 out = {}
@@ -142,7 +149,7 @@ class MultiTaskTaylor:
     def scores(self, model, groups: dict, task_losses) -> dict[str, torch.Tensor]:
         raw = self.per_task(model, groups, task_losses)
         names = list(groups)
-        sizes = [len(groups[n][0].idxs) for n in names]
+        sizes = [_units(groups[n]) for n in names]
         per_task = [torch.cat([layers[n] for n in names]) for layers in raw.values()]
         if self.summed:
             return dict(zip(names, sum(per_task).split(sizes)))
@@ -150,13 +157,28 @@ class MultiTaskTaylor:
         return dict(zip(names, AGGREGATES[self.aggregate](normalised).split(sizes)))
 
 
-def _per_channel(x, g) -> torch.Tensor:
-    """(N, C): Σ over positions of (x − x̄)·g, channel by channel.
+def _feature_axis(module) -> int:
+    """Where a layer's features are: dim 1 for convs (N, C, H, W), the last dim for anything
+    else (Linear, attention: (N, features) or token activations (N, tokens, features))."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+
+def _units(group) -> int:
+    """Units of a group's root: its root indices (a fused qkv Linear lists each q-space channel
+    three times, once per q / k / v row)."""
+    return len({int(r) for r in group[0].root_idxs}) if hasattr(group[0], "root_idxs") else len(group[0].idxs)
+
+
+def _per_channel(x, g, axis: int = 1) -> torch.Tensor:
+    """(N, C): Σ over positions of (x − x̄)·g, channel by channel; `axis` is x's feature axis
+    (1 for conv activations, -1 for Linear inputs and token activations (N, tokens, C)).
 
     x̄ is the channel's mean over samples (and positions, for conv inputs): the part of a
     removed unit's output that the consumer's bias (or BatchNorm) takes over during the
     fine-tune ("mean replacement", Evci et al. 2018), so it is not counted as lost.
     """
+    if x.dim() > 2:
+        x, g = x.movedim(axis, 1), g.movedim(axis, 1)
     x = x.detach()
     x = x - x.mean(dim=(0, *range(2, x.dim())), keepdim=True)
     prod = x * g.detach()
@@ -167,7 +189,7 @@ def _to_units(group, consumers, producers, per_tensor) -> torch.Tensor:
     """(N, units of the group's root layer): what removing each unit takes out of the
     activations that read it (through flatten / pooling, by the group's index mapping)."""
     root = group[0].dep.target.module
-    width = len(group[0].idxs)
+    width = _units(group)
     total, seen = None, set()
     for item in group.items:
         module = item.dep.target.module
@@ -235,7 +257,7 @@ def weight_scores(model, layers, importance, task_losses, aggregate):
     """Per-weight importance for unstructured masks: |w| (l1 / l2), or per-task |w·∂L_t/∂w|
     normalised by each task's mean over all listed weights, then aggregated."""
     modules = dict(model.named_modules())
-    weights = {n: modules[n].weight for n in layers}
+    weights = {n: getattr(modules[n], weight_name(modules[n])) for n in layers}
     if importance in ("l1", "l2"):
         return {n: w.detach().abs() for n, w in weights.items()}
     grads = task_gradients(model, task_losses)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from spaces.errors import PrunefuseError
 
+from . import attention
 from .allocation import allocate_global, cubic_schedule, kept_units, round_units
 from .importance import IMPORTANCES
 from .layers import width as _width
@@ -21,6 +21,7 @@ def prune_structured(model, sparsity, groups, importance, example_inputs, task_l
     through its first member (its name): torch-pruning removes the same channels from every
     member and from every layer that reads them."""
     modules = dict(model.named_modules())
+    attention.to_prunable(model)  # MultiheadAttention that survives losing heads / residual channels
     # Forward order, never the policy's key order: the same policy prunes the same way.
     listed = [n for n in groups if global_sparsity is not None or n in sparsity]
     initial = {n: _width(modules[n]) for n in listed}
@@ -44,6 +45,7 @@ def prune_structured(model, sparsity, groups, importance, example_inputs, task_l
         model.zero_grad(set_to_none=True)
         if after_step:
             after_step(step, model)
+    attention.to_native(model)
     return model
 
 
@@ -55,9 +57,12 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
     todo = listed if targets is None else [n for n in listed if targets[n] < current[n]]
     if not todo:
         return
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    groups = {n: _full_group(graph, modules[n], current[n]) for n in todo}
+    graph = attention.dependency_graph(model, example_inputs)
+    sites = attention.sites(model)  # attention modules: their units are heads
+    groups = {n: attention.full_group(graph, model, sites[n]) if n in sites else _full_group(graph, modules[n], current[n])
+              for n in todo}
     scores = criterion.scores(model, groups, task_losses)
+    scores = {n: attention.head_scores(model, sites[n], s) if n in sites else s for n, s in scores.items()}
     if targets is None:
         targets = allocate_global(scores, {n: current[n] for n in groups}, {n: initial[n] for n in groups},
                                    global_fraction)
@@ -69,6 +74,10 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
             continue  # nothing to do, or already resized through a coupled layer
         drop = torch.sort(s, stable=True).indices[:n_drop].tolist()
         try:
+            if name in sites:
+                attention.prune_heads(graph, model, sites[name], drop)
+                changed = True
+                continue
             group = graph.get_pruning_group(modules[name], _out_fn(graph, modules[name]), sorted(drop))
             if graph.check_pruning_group(group):
                 group.prune()

@@ -6,8 +6,9 @@ import torch
 from torch.nn.utils import prune as torch_prune
 
 from .allocation import cubic_schedule, global_counts
+from . import attention
 from .importance import weight_scores
-from .layers import PRUNABLE_TYPES, prunable_layers
+from .layers import maskable_layers, weight_name
 
 
 def _mask_lowest(scores, k):
@@ -20,7 +21,10 @@ def _mask_lowest(scores, k):
 
 def prune_unstructured(model, sparsity, importance, task_losses, steps, global_sparsity, aggregate, after_step):
     modules = dict(model.named_modules())
-    layers = prunable_layers(model) if global_sparsity is not None else list(sparsity)
+    # MultiheadAttention reads `out_proj.weight` without calling `out_proj`, so a mask's hook
+    # there never reran: the prunable form calls it (and recomputes in_proj_weight's mask).
+    attention.to_prunable(model)
+    layers = maskable_layers(model) if global_sparsity is not None else list(sparsity)
     masks = {}
     for step in range(1, steps + 1):
         model.eval()
@@ -35,11 +39,12 @@ def prune_unstructured(model, sparsity, importance, task_losses, steps, global_s
         for n, s in scores.items():
             masks[n] = _mask_lowest(s, counts[n])
             # custom_from_mask keeps the zeros in place through fine-tuning.
-            torch_prune.custom_from_mask(modules[n], "weight", masks[n])
+            torch_prune.custom_from_mask(modules[n], weight_name(modules[n]), masks[n])
         model.zero_grad(set_to_none=True)
         if after_step:
             after_step(step, model)
     _make_masks_permanent(modules, layers)
+    attention.to_native(model)
     return model
 
 
@@ -49,26 +54,31 @@ def without_masks(model):
     objects (an optimizer holding them keeps working)."""
     import copy
 
-    masked = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES) and torch_prune.is_pruned(m)]
+    masked = {(m, name) for m in model.modules() for name in _masked_names(m)}
     if not masked:
         return model
-    # A live mask makes `weight` a computed (non-leaf) tensor, which deepcopy refuses: copy
+    # A live mask makes the weight a computed (non-leaf) tensor, which deepcopy refuses: copy
     # with a detached stand-in, then fold the masks into the copy only.
-    live = {m: m.weight for m in masked}
+    live = {(m, name): getattr(m, name) for m, name in masked}
     try:
-        for m in masked:
-            m.weight = live[m].detach()
+        for (m, name), value in live.items():
+            setattr(m, name, value.detach())
         clone = copy.deepcopy(model)
     finally:
-        for m in masked:
-            m.weight = live[m]
+        for (m, name), value in live.items():
+            setattr(m, name, value)
     for m in clone.modules():
-        if isinstance(m, PRUNABLE_TYPES) and torch_prune.is_pruned(m):
-            torch_prune.remove(m, "weight")
+        for name in _masked_names(m):
+            torch_prune.remove(m, name)
     return clone
+
+
+def _masked_names(module) -> list[str]:
+    """Tensors of `module` under a live `torch.nn.utils.prune` mask (`weight`, `in_proj_weight`)."""
+    return [name[:-len("_mask")] for name, _ in module.named_buffers(recurse=False) if name.endswith("_mask")]
 
 
 def _make_masks_permanent(modules, layers):
     for n in layers:
-        if isinstance(modules[n], PRUNABLE_TYPES) and torch_prune.is_pruned(modules[n]):
-            torch_prune.remove(modules[n], "weight")
+        for name in _masked_names(modules[n]):
+            torch_prune.remove(modules[n], name)
