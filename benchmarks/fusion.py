@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fusion.py                 # both suites, seeds 0 1 2, 30 trials
     .venv/bin/python benchmarks/fusion.py --suites multidigits --seeds 0 --trials 10
+    .venv/bin/python benchmarks/fusion.py --parts bn       # BatchNorm statistics after a merge only
 
 For each suite and seed, `artifacts.prepare(experts=True)` trains the jointly trained
 multi-task base (MLP trunk) and fine-tunes one expert per task from it; every row then
@@ -35,6 +36,11 @@ fine-tuned experts). The expert recipe was chosen on held-out seeds 3-5 by val (
 tuned task-arithmetic merge): expert_epochs 3 or 6 × preserve 0 or 1. At lr 1e-3 a fresh
 Adam fine-tune knocks a converged base about; at 3e-4 every expert beats the base on its
 own task (checked and printed on every run).
+Part `bn` (--parts bn): BatchNorm statistics after a merge, on multidigits (--bn-train-pairs)
+with a CNN trunk (BN_MODEL): for six merges (DARE up to p = 0.95), each model three ways:
+statistics merged as task vectors (what merging did before), the base's statistics (a), and
+statistics recalibrated on 512 training samples after the merge (b, the default of
+`pipeline.start_model`); a merged model whose outputs are NaN / inf is counted, not scored.
 Goals: searched ≥ the best default row *by test* (the strictest reading) in ≥ 2 of 3 seeds;
 TIES (defaults) ≥ average in mean test over seeds. A TIES investigation (density, per-tensor
 vs global trim, λ, and how far each merge moves the trunk) is printed as an extra table.
@@ -286,6 +292,86 @@ def report_suite(label: str, per_seed: dict[int, dict], trials: int) -> list[tup
     ]
 
 
+# --- BatchNorm statistics after a merge (a CNN trunk: BatchNorm after every conv) -----------
+
+BN_MODEL = {"trunk": "cnn", "channels": [8, 16, 32], "fc": 64}
+BN_MERGES = {
+    "average (λ=1)": ("average", 1.0, {}),
+    "task_arithmetic λ=0.3": ("task_arithmetic", 0.3, {}),
+    "ties (defaults)": ("ties", 1.0, {"density": 0.2, "scale": 1.0}),
+    "dare_linear p=0.5, λ=0.3": ("dare_linear", 0.3, {"drop_rate": 0.5}),
+    "dare_linear p=0.9, λ=0.3": ("dare_linear", 0.3, {"drop_rate": 0.9}),
+    "dare_ties p=0.95, λ=1": ("dare_ties", 1.0, {"drop_rate": 0.95, "density": 0.2, "scale": 1.0}),
+}
+BN_VARIANTS = ("merged as task vectors (before)", "base statistics (a)", "recalibrated (b)")
+
+
+def _statistics_merged_too(suite, art, policy):
+    """What merging did before: running statistics merged like weights (buffers=())."""
+    model = pipeline.start_model(suite, policy, art, device="cpu", statistics="base")
+    trunk = {k: v for k, v in art.base.items() if k.startswith("trunk.")}
+    experts = {t: {k: art.experts[t][k] for k in trunk} for t in suite.task_names}
+    merged = fusion.merge(trunk, experts, policy.fusion.method, dict(policy.fusion.coefficients), buffers=(),
+                          **pipeline.fusion_params(policy))
+    model.load_state_dict({**model.state_dict(), **merged})
+    return model
+
+
+def bn_seed(seed: int, train_spec: dict, train_pairs: int | None, cache_dir: str) -> dict:
+    """name -> variant -> score (or None where the merged model's outputs are not finite)."""
+    options = {"seed": seed, "train_pairs": train_pairs}
+    suite = suites.get("multidigits", **options)
+    spec = artifacts_mod.TrainSpec(**{**train_spec, "seed": seed})
+    art = artifacts_mod.prepare(suite, BN_MODEL, spec, cache_dir=cache_dir, experts=True, log=lambda *a: None)
+    x = suite.val.x[:256]
+    out = {"joint MTL (base)": {v: score(pipeline.start_model(suite, policy_for(suite, art, seed=seed), art,
+                                                              device="cpu"), suite) for v in BN_VARIANTS}}
+    for name, (method, lam, params) in BN_MERGES.items():
+        policy = policy_for(suite, art, seed=seed, fusion={"method": method, "params": params,
+                                                           "coefficients": {t: lam for t in suite.task_names}})
+        models = {BN_VARIANTS[0]: _statistics_merged_too(suite, art, policy),
+                  BN_VARIANTS[1]: pipeline.start_model(suite, policy, art, device="cpu", statistics="base"),
+                  BN_VARIANTS[2]: pipeline.start_model(suite, policy, art, device="cpu", statistics="recalibrate")}
+        row = {}
+        for variant, model in models.items():
+            with torch.no_grad():
+                finite = all(torch.isfinite(v).all() for v in model.eval()(x).values())
+            row[variant] = score(model, suite) if finite else None
+        out[name] = row
+    return out
+
+
+def report_bn(per_seed: dict[int, dict]) -> list[tuple[str, bool, str]]:
+    seeds = sorted(per_seed)
+    print(f"\n### BatchNorm statistics after a merge: multidigits, CNN trunk {BN_MODEL['channels']} / fc "
+          f"{BN_MODEL['fc']}; test mean metric, mean over seeds {seeds} (NaN: seeds whose merged model "
+          f"outputs NaN / inf)\n")
+    rows, gains, wins, total = [], [], 0, 0
+    for name in per_seed[seeds[0]]:
+        cells = []
+        for variant in BN_VARIANTS:
+            got = [per_seed[s][name][variant] for s in seeds]
+            ok = [g["test"] for g in got if g is not None]
+            bad = len(got) - len(ok)
+            cells.append((fmt(mean(ok), 4) if ok else "—") + (f" (NaN in {bad}/{len(got)})" if bad else ""))
+        rows.append([name, *cells])
+        if name.startswith("joint"):
+            continue
+        for s in seeds:
+            a, b = per_seed[s][name][BN_VARIANTS[1]], per_seed[s][name][BN_VARIANTS[2]]
+            if a is not None and b is not None:
+                gains.append(b["test"] - a["test"])
+                wins += b["val"] >= a["val"]
+                total += 1
+    print(markdown_table(["merge", *BN_VARIANTS], rows))
+    nan_free = all(per_seed[s][n][v] is not None for s in seeds for n in per_seed[s] for v in BN_VARIANTS[1:])
+    return [("BN trunk: no merge with base or recalibrated statistics outputs NaN (DARE up to p = 0.95)", nan_free,
+             "see the table"),
+            ("BN trunk: recalibrated (b) vs base statistics (a), test, mean gain over merges × seeds",
+             bool(gains) and mean(gains) >= 0,
+             f"{mean(gains):+.4f} (b ≥ a by val in {wins}/{total})" if gains else "no pair")]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
@@ -299,6 +385,10 @@ def main(argv=None) -> None:
                     help="Adam lr of the base and the experts (TrainSpec has one lr; see the module docstring)")
     ap.add_argument("--expert-lr", type=float, default=None,
                     help="Adam lr of the expert fine-tunes (default: TrainSpec's)")
+    ap.add_argument("--parts", default="merge,bn",
+                    help="merge: the methods on the MLP suites; bn: BatchNorm statistics after a merge (CNN)")
+    ap.add_argument("--bn-train-pairs", type=int, default=4000, help="bn part: multidigits train_pairs")
+    ap.add_argument("--bn-epochs", type=float, default=6.0, help="bn part: base epochs (experts: --expert-epochs / 3)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None, help="artifact cache (default: a fresh temp dir)")
     args = ap.parse_args(argv)
@@ -314,12 +404,19 @@ def main(argv=None) -> None:
           f"batch 256; seeds {args.seeds}; λ grid {list(LAMBDA_GRID)}; searched: {args.trials} Optuna TPE trials "
           f"(3 enqueued defaults + {args.trials - 3} sampled) over {SEARCHED_METHODS}, λ_t ∈ [0, 1.5] per task + knobs")
     goals = []
-    for label in args.suites:
+    parts = set(args.parts.split(","))
+    for label in args.suites if "merge" in parts else []:
         per_seed = {}
         with stopwatch(label):
             for seed in args.seeds:
                 per_seed[seed] = run_seed(label, seed, train_spec, args.trials, cache_dir, log=print)
         goals += report_suite(label, per_seed, args.trials)
+    if "bn" in parts:
+        bn_spec = {**train_spec, "epochs": args.bn_epochs, "expert_epochs": args.expert_epochs / 3, "lr": 1e-3,
+                   "expert_lr": args.expert_lr or 3e-4}
+        with stopwatch("bn statistics"):
+            per_seed = {seed: bn_seed(seed, bn_spec, args.bn_train_pairs, cache_dir) for seed in args.seeds}
+        goals += report_bn(per_seed)
     print("\n### Goals\n")
     print(goals_table(goals))
 

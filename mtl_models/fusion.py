@@ -22,14 +22,17 @@ Methods (registered in `METHODS`, a `spaces.registry.Registry`; their searchable
                    Masks come from a generator seeded per (seed, task, key), so one
                    seed reproduces a merge and tasks/keys never share a mask.
 
-Non-float tensors (e.g. BatchNorm's num_batches_tracked) are copied from the base.
+Statistics are not task vectors: non-learned buffers (BatchNorm's running_mean,
+running_var, num_batches_tracked, any registered buffer; `buffers=`) and every non-float
+tensor are copied from the base. Averaged or DARE-rescaled, a running variance goes
+negative and the merged model outputs NaN.
 A nan or inf in the base or an expert raises `PrunefuseError` naming the key and
 model rather than silently poisoning the merge.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor
@@ -179,10 +182,24 @@ def _check_coefficients(base: Mapping[str, Tensor], experts: Mapping, coefficien
                                  f"{', '.join(map(repr, extra))}; groups are: {', '.join(groups)}")
 
 
+# Buffers every BatchNorm registers: what `merge` keeps from the base when not told which
+# keys are buffers (a state dict alone does not say).
+BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def buffer_keys(model, prefix: str = "") -> set[str]:
+    """State-dict keys of `model`'s buffers (non-learned state), under `prefix`."""
+    state = model.state_dict()
+    return {k for k, _ in model.named_buffers() if k in state and k.startswith(prefix)}
+
+
 def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]], method: str,
-          coefficients: Mapping[str, float | Mapping[str, float]], **method_params) -> dict[str, Tensor]:
+          coefficients: Mapping[str, float | Mapping[str, float]], *, buffers: Collection[str] | None = None,
+          **method_params) -> dict[str, Tensor]:
     """Merge `experts` (task -> state dict, fine-tuned from `base`) with `method`.
 
+    buffers: the keys holding non-learned state (`buffer_keys(model)`), copied from the base
+      and never merged; None: the keys of BatchNorm statistics (`BATCHNORM_STATISTICS`).
     Returns a new state dict with every key, shape and dtype of `base`.
     """
     if method not in METHODS:
@@ -191,10 +208,13 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
     check_params(method, method_params)
     _check_state(base, experts)
     _check_coefficients(base, experts, coefficients)
+    if buffers is None:
+        buffers = {k for k in base if k.rpartition(".")[2] in BATCHNORM_STATISTICS}
+    kept = set(buffers)
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         for key, ref in base.items():
-            if not ref.is_floating_point():
+            if key in kept or not ref.is_floating_point():
                 out[key] = ref.clone()
                 continue
             dtype = torch.promote_types(ref.dtype, torch.float32)  # fp16/bf16 merge in fp32

@@ -17,6 +17,7 @@ from spaces.scores import mean_score
 
 from . import fusion, measure
 from .artifacts import Artifacts
+from .finite import check_finite
 from .device import check_precision, device_name, half_dtype
 from .fusion import merge
 from .pruning import prune, without_masks
@@ -108,8 +109,17 @@ def fusion_params(policy: Policy) -> dict:
     return params
 
 
-def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str):
-    """The dense base, or the base with its trunk merged from the task experts."""
+# Training samples the BatchNorm statistics of a merged (or pruned) model are estimated on.
+CALIBRATION_SAMPLES = 512
+# How a merged trunk's BatchNorm statistics are set (never merged as task vectors; see
+# `fusion.merge`): "base" keeps the base's, "recalibrate" re-estimates them on
+# CALIBRATION_SAMPLES training samples, for the merged weights. benchmarks/fusion.py measures both.
+STATISTICS = ("base", "recalibrate")
+
+
+def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, statistics: str = "recalibrate"):
+    """The dense base, or the base with its trunk merged from the task experts (BatchNorm
+    statistics set as `statistics` says)."""
     torch.manual_seed(policy.seed)
     model = suite.build_model(**policy.model)
     model.load_state_dict(artifacts.base)
@@ -120,12 +130,20 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str):
     trunk = {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
     experts = {t: {k: artifacts.experts[t][k] for k in trunk} for t in suite.task_names}
     # Merging happens here: only the shared trunk is merged; each head comes from its own expert.
-    merged = merge(trunk, experts, policy.fusion.method, dict(policy.fusion.coefficients), **fusion_params(policy))
+    if statistics not in STATISTICS:
+        raise unknown_name("merged statistics", statistics, STATISTICS)
+    merged = merge(trunk, experts, policy.fusion.method, dict(policy.fusion.coefficients),
+                   buffers=fusion.buffer_keys(model, "trunk."), **fusion_params(policy))
     state = dict(artifacts.base)
     state.update(merged)
     for t in suite.task_names:
         state.update({k: v for k, v in artifacts.experts[t].items() if k.startswith(f"heads.{t}.")})
     model.load_state_dict(state)
+    if statistics == "recalibrate":
+        from .pruning import recalibrate_batchnorm
+
+        recalibrate_batchnorm(model, lambda m: m(suite.train.x[:CALIBRATION_SAMPLES]))
+    check_finite(model, f"the model merged by {policy.fusion.method}", suite.train.x[:CALIBRATION_SAMPLES])
     if policy.fusion.finetune_epochs > 0:
         train(model, suite, epochs=policy.fusion.finetune_epochs, lr=policy.finetune.lr,
               batch_size=policy.finetune.batch_size, weighting=weighting_spec(policy),
@@ -206,16 +224,18 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     check_precision(policy.finetune.precision, device)
     measure_spec = dataclasses.replace(measure_spec, precision=policy.finetune.precision)
     model = start_model(suite, policy, artifacts, device=device)
-    calib = suite.train.x[:512]
+    calib = suite.train.x[:CALIBRATION_SAMPLES]
 
     def task_losses(m):
         out = m(calib.to(device))
-        return {t.name: task_loss(t, out[t.name], suite.train.y[t.name][:512].to(device)) for t in suite.tasks}
+        return {t.name: task_loss(t, out[t.name], suite.train.y[t.name][:CALIBRATION_SAMPLES].to(device))
+                for t in suite.tasks}
 
     p, ft = policy.pruning, policy.finetune
     metrics = {}
 
     def after_step(step, m):
+        check_finite(m, f"the model pruned in step {step} of {p.steps}", calib)
         if ft.epochs > 0:
             train(m, suite, epochs=ft.epochs / p.steps, lr=ft.lr, batch_size=ft.batch_size,
                   weighting=weighting_spec(policy), seed=policy.seed + step, device=device,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
     "pruning": ["--seeds", "0", "--trials", "2", "--epochs", "0.3", "--rounds", "1", "--cache", "{tmp}"],
     "fusion": ["--suites", "synthetic-conflict", "--seeds", "0", "--trials", "3", "--epochs", "1",
-               "--expert-epochs", "0.5", "--cache-dir", "{tmp}"],
+               "--expert-epochs", "0.5", "--bn-train-pairs", "300", "--bn-epochs", "0.5", "--cache-dir", "{tmp}"],
     "weighting": ["--ps", "0.5", "--seeds", "0", "--trials", "2", "--epochs", "1", "--train-samples", "500",
                   "--eval-samples", "200", "--jobs", "1", "--cache-dir", "{tmp}"],
     "overhead": ["--tiny", "--trials", "3", "--variants", "a,b", "--cache", "{tmp}"],

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from mtl_models.fusion import KNOBS, METHODS, layer_group, layer_groups, merge
+from mtl_models.fusion import BATCHNORM_STATISTICS, KNOBS, METHODS, layer_group, layer_groups, merge
 from spaces.errors import PrunefuseError
 from spaces.knobs import Knob
 
@@ -57,7 +57,8 @@ def experts(base):
 
 
 def floats(state):
-    return [k for k, v in state.items() if v.is_floating_point()]
+    """The learned float entries: what a merge combines (BatchNorm statistics come from the base)."""
+    return [k for k, v in state.items() if v.is_floating_point() and k.rpartition(".")[2] not in BATCHNORM_STATISTICS]
 
 
 def mean_of(experts, base):
