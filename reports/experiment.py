@@ -14,7 +14,8 @@ import pandas as pd
 
 from spaces.errors import PrunefuseError
 
-from spaces.vocabulary import CONFIG_FILE, DENSE_FILE, FINISHED_FILE, REMEASURED_FILE, is_recorded_metric
+from spaces.vocabulary import (CARRIED_FILE, CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINAL_FILE, FINISHED_FILE, LEGACY_METRICS, REMEASURED_FILE,
+                               is_recorded_metric)
 STATUS = ("finished", "failed", "stopped", "running")
 
 
@@ -56,27 +57,101 @@ def _read_json(f: Path):
 
 
 def load_config(path) -> dict:
-    return _read_json(experiment_dir(path) / CONFIG_FILE)
+    config = _read_json(experiment_dir(path) / CONFIG_FILE)
+    if isinstance(config.get("objectives"), list):  # an old experiment's "accuracy" objective reads as "score"
+        config["objectives"] = [[LEGACY_METRICS.get(o[0], o[0]), *o[1:]] if isinstance(o, (list, tuple)) and o else o
+                                for o in config["objectives"]]
+    return config
 
 
 def load_dense(path) -> dict | None:
     f = experiment_dir(path) / DENSE_FILE
+    if not f.is_file():
+        return None
+    dense = _with_current_names(_read_json(f))
+    remeasured = experiment_dir(path) / REMEASURED_FILE
+    if isinstance(dense, dict) and remeasured.is_file():
+        # `report --remeasure --latency-backend X` re-times the dense base in X as well ("dense")
+        timings = _read_json(remeasured)
+        if isinstance(timings, dict) and "dense" in timings:
+            dense.update(latency_ms_search=dense.get("latency_ms"), latency_ms=timings["dense"])
+    return dense
+
+
+def load_control(path) -> dict | None:
+    """The equal-budget dense control's metrics (control.json), or None (an older experiment)."""
+    f = experiment_dir(path) / CONTROL_FILE
     return _read_json(f) if f.is_file() else None
 
 
-def _last_result(trial_dir: Path) -> dict | None:
+def _with_current_names(metrics: dict) -> dict:
+    """An experiment written before `score` existed: its old mean ("accuracy", senses ignored)
+    stands in under today's name, so readers need one name only."""
+    if isinstance(metrics, dict):
+        for old, new in LEGACY_METRICS.items():
+            if old in metrics and new not in metrics:
+                metrics[new] = metrics[old]
+    return metrics
+
+
+def task_senses(path) -> dict[str, str]:
+    """task -> "max" / "min" as the search recorded them (dense.json); "max" where not recorded."""
+    dense = load_dense(path) or {}
+    return {t: (dense.get("senses") or {}).get(t, "max") for t in dense.get("dense_val", {})}
+
+
+class _Unreadable(Exception):
+    """A trial file that cannot be read: the trial is shown as failed, 'unreadable: why'."""
+
+
+def _text(f: Path) -> str:
+    try:
+        data = f.read_bytes()
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Unreadable(f"{f.name} is not text (binary content)") from None
+    except OSError as exc:
+        raise _Unreadable(f"{f.name} cannot be read ({exc.strerror or exc})") from None
+
+
+def _last_result(trial_dir: Path, *, search_over: bool) -> dict | None:
+    """The last row of result.json, overlaid by final.json (the trial's own final result,
+    written before Tune's row: a driver killed in between leaves only final.json)."""
     f = trial_dir / "result.json"
-    if not f.is_file():
-        return None
     last = None
-    for line in f.read_text().splitlines():
-        line = line.strip()
-        if line:
+    if f.is_file():
+        lines = [line.strip() for line in _text(f).splitlines() if line.strip()]
+        for i, line in enumerate(lines):
             try:
-                last = json.loads(line)
-            except json.JSONDecodeError:  # a line being written right now
-                break
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i < len(lines) - 1 or search_over or i == 0 and len(lines) == 1 and _settled(f):
+                    raise _Unreadable(f"result.json line {i + 1} is not JSON") from None
+                break  # the last line being written right now
+            if not isinstance(row, dict):
+                raise _Unreadable(f"result.json line {i + 1} is not a JSON object")
+            last = row
+    final = trial_dir / FINAL_FILE
+    if final.is_file():
+        try:
+            done = json.loads(_text(final))
+        except ValueError:
+            raise _Unreadable(f"{FINAL_FILE} is not JSON") from None
+        if isinstance(done, dict) and done.get("final"):
+            last = {**(last or {}), **done}
     return last
+
+
+def _settled(f: Path, age_s: float = 30.0) -> bool:
+    """Written long enough ago that a partial content is damage, not a write in progress."""
+    import time
+
+    try:
+        return time.time() - f.stat().st_mtime > age_s
+    except OSError:
+        return True
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -91,7 +166,10 @@ def _error_reason(trial_dir: Path) -> str | None:
     f = trial_dir / "error.txt"
     if not f.is_file():
         return None
-    lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+    try:
+        lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError as exc:
+        return f"error.txt cannot be read ({exc.strerror or exc})"
     # Tune's error.txt ends with the exception line, which carries the reason.
     return lines[-1][:300] if lines else "failed"
 
@@ -101,10 +179,17 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
     if not params.is_file():
         return None
     try:
-        config = json.loads(params.read_text())
-    except ValueError:  # being written or synced right now: the next read will have it
-        return None
-    result = _last_result(trial_dir) or {}
+        try:
+            config = json.loads(_text(params))
+        except ValueError:
+            if not search_over and not _settled(params):
+                return None  # being written or synced right now: the next read will have it
+            raise _Unreadable("params.json is not JSON") from None
+        if not isinstance(config, dict):
+            raise _Unreadable("params.json is not a JSON object")
+        result = _last_result(trial_dir, search_over=search_over) or {}
+    except _Unreadable as exc:
+        return _unreadable_row(trial_dir, str(exc))
     error = _error_reason(trial_dir)
     if result.get("final"):
         # A trial retried after an error and then finished is finished; the error was an earlier attempt's.
@@ -116,13 +201,28 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
     row = {"trial_id": trial_dir.name.removeprefix("trial_"), "status": status, "error": error,
            "node_id": result.get("node_id"), "device": result.get("device"),
            "started": params.stat().st_mtime, "step": result.get("step"), "steps": result.get("steps")}
-    for key, value in result.items():
+    for key, value in _with_current_names(dict(result)).items():
         if is_recorded_metric(key):
             row[key] = value
+    carried = trial_dir / CARRIED_FILE  # --warm-start: a trial of an earlier experiment, carried over
+    if carried.is_file():
+        try:
+            row["carried_from"] = str(json.loads(_text(carried)).get("from"))
+        except (ValueError, AttributeError, _Unreadable):
+            row["carried_from"] = "an earlier experiment"
     row["policy"] = config.get("policy")
     _flatten("policy", config.get("policy", {}), row)
     row.pop("policy/provenance", None)
     return row
+
+
+def _unreadable_row(trial_dir: Path, why: str) -> dict:
+    try:
+        started = trial_dir.stat().st_mtime
+    except OSError:
+        started = 0.0
+    return {"trial_id": trial_dir.name.removeprefix("trial_"), "status": "failed", "error": f"unreadable: {why}",
+            "node_id": None, "device": None, "started": started, "step": None, "steps": None, "policy": None}
 
 
 def load_experiment(path) -> pd.DataFrame:

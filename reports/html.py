@@ -24,14 +24,15 @@ from plotly.subplots import make_subplots
 
 from spaces.errors import PrunefuseError
 from spaces.files import atomic_write_text
-from spaces.vocabulary import REPORT_FILE
+from spaces.scores import mean_score
+from spaces.vocabulary import MEAN_SCORE, REPORT_FILE
 
 from . import pareto, select
-from .experiment import FINISHED_FILE, STATUS, experiment_dir, load_config, load_dense, load_experiment
+from .experiment import FINISHED_FILE, STATUS, experiment_dir, load_config, load_control, load_dense, load_experiment
 
 DEFAULT_LATENCY = "measured during the search, trials running side by side"
 SPARSITY = "policy/pruning/sparsity/"
-FRONT, DOMINATED, INFEASIBLE, DENSE = "#e4572e", "#9aa5b1", "#7b2cbf", "#f2b705"
+FRONT, DOMINATED, INFEASIBLE, DENSE, CONTROL = "#e4572e", "#9aa5b1", "#7b2cbf", "#f2b705", "#2a9d8f"
 TASK_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 KNOB_LABELS = {"pruning/sparsity/": "sparsity ", "weighting/weights/": "weight ", "fusion/coefficients/": "coef ",
                "fusion/params/": "fusion ", "fusion/": "fusion ", "pruning/": "", "weighting/": "weighting "}
@@ -47,6 +48,7 @@ class _Data:
     done: pd.DataFrame            # finished trials in start order, plus _feasible, _front (and _hover)
     front: pd.DataFrame           # the Pareto front, best first by the first objective
     knee: str | None              # trial id of the front's knee
+    control: dict | None = None   # the equal-budget dense control (control.json), when recorded
 
     @property
     def names(self) -> list[str]:
@@ -55,6 +57,29 @@ class _Data:
     @property
     def tasks(self) -> list[str]:
         return [c.removeprefix("metric/") for c in self.trials.columns if c.startswith("metric/")]
+
+    def sense(self, task: str) -> str:
+        return ((self.dense or {}).get("senses") or {}).get(task, "max")
+
+    def task_label(self, task: str) -> str:
+        """`depth: abs_err ↓ (lower is better)`: the task, its metric and which way is better."""
+        metric = ((self.dense or {}).get("task_metrics") or {}).get(task)
+        sense = self.sense(task)
+        what = f"{metric} " if metric else ""
+        return f"{task}: {what}{'↑' if sense == 'max' else '↓ (lower is better)'}"
+
+    def delta_m(self, rows: pd.DataFrame, *, against: str = "dense base") -> pd.Series:
+        """Δm% of each row against the dense base, or against the dense control (the base
+        fine-tuned exactly as the trials are): the oriented score, `spaces.scores`."""
+        if against == "dense base":
+            refs = (self.dense or {}).get("dense_val") or {}
+        else:
+            refs = {k.removeprefix("metric/"): v for k, v in (self.control or {}).items() if k.startswith("metric/")}
+        refs = {t: r for t, r in refs.items() if f"metric/{t}" in rows}
+        if not refs or rows.empty:
+            return pd.Series(np.nan, index=rows.index)
+        senses = {t: self.sense(t) for t in refs}
+        return rows.apply(lambda r: mean_score({t: float(r[f"metric/{t}"]) for t in refs}, refs, senses), axis=1)
 
 
 def _gather(experiment) -> _Data:
@@ -70,7 +95,11 @@ def _gather(experiment) -> _Data:
         knee = str(select.by_knee(trials, objectives, experiment)["trial_id"])
     except PrunefuseError:  # no finished feasible trial
         knee = None
-    return _Data(str(experiment), config, load_dense(experiment), trials, objectives, done, front, knee)
+    d = _Data(str(experiment), config, load_dense(experiment), trials, objectives, done, front, knee,
+              load_control(experiment))
+    d.done, d.front = d.done.assign(_delta_m=d.delta_m(d.done)), d.front.assign(_delta_m=d.delta_m(d.front))
+    d.front = d.front.assign(_vs_control=d.delta_m(d.front, against="dense control"))
+    return d
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -108,11 +137,33 @@ def _hover(d: _Data, rows: pd.DataFrame) -> list[str]:
     for r, s in zip(rows.to_dict("records"), _sparsity(rows).mean(axis=1).to_numpy()):
         knob = {k: html.escape(_text(r.get(f"policy/{k}")))
                 for k in ("fusion/method", "pruning/importance", "weighting/method")}
-        objs = "<br>".join(f"{n}: {_fmt(r[n])}" for n in d.names) + _gpu_line(r)
+        objs = "<br>".join(f"{n}: {_fmt(r[n])}" for n in d.names)
+        objs += f"<br>Δm vs dense: {_fmt(r.get('_delta_m'))}%"
+        objs += _gpu_line(r) + _deploy_line(r)
+        objs += _carried_line(r)
         out.append(f"<b>trial {html.escape(str(r['trial_id']))}</b><br>fusion {knob['fusion/method']} · importance "
                    f"{knob['pruning/importance']}<br>mean sparsity {_fmt(s)} · weighting "
                    f"{knob['weighting/method']}<br>{objs}")
     return out
+
+
+def _carried_line(r: dict) -> str:
+    src = r.get("carried_from")
+    return f"<br>carried over from {html.escape(str(src))}" if isinstance(src, str) and src else ""
+
+
+def _carried(r: dict) -> bool:
+    return isinstance(r.get("carried_from"), str) and bool(r.get("carried_from"))
+
+
+def _deploy_line(r: dict) -> str:
+    """Which runtime timed the trial and, for an int8 policy, its method and the fp32 model's score."""
+    parts = []
+    if isinstance(r.get("latency_backend"), str):
+        parts.append(f"latency timed in {r['latency_backend']}")
+    if isinstance(r.get("quantization"), str) and r["quantization"] != "none":
+        parts.append(f"{r['quantization']} (fp32 score {_fmt(r.get('fp32_score'))})")
+    return "<br>" + html.escape(" · ".join(parts)) if parts else ""
 
 
 def _gpu_line(r: dict) -> str:
@@ -137,12 +188,18 @@ def _groups(d: _Data):
             ("Pareto front", done[done["_front"]], dict(color=FRONT, size=9, line=dict(color="white", width=1)))]
 
 
-def _dense(d: _Data, *names) -> tuple[list[float], str] | None:
-    """The dense base's values of `names` and its hover text; None when it lacks one."""
-    values = [(d.dense or {}).get(n) for n in names]
+def _dense(d: _Data, *names, which: str = "dense base") -> tuple[list[float], str] | None:
+    """A reference's values of `names` and its hover text; None when it lacks one.
+    which: "dense base" (the base as trained) or "dense control" (the base fine-tuned as trials are)."""
+    source = d.dense if which == "dense base" else d.control
+    values = [(source or {}).get(n) for n in names]
     if not all(isinstance(v, (int, float)) for v in values):
         return None
-    return values, "<b>dense base</b><br>" + "<br>".join(f"{n}: {_fmt(v)}" for n, v in zip(names, values))
+    return values, f"<b>{which}</b><br>" + "<br>".join(f"{n}: {_fmt(v)}" for n, v in zip(names, values))
+
+
+# The reference points every scatter draws: (name, symbol in 2-D, symbol in 3-D, colour).
+REFERENCES = (("dense base", "star", "diamond", DENSE), ("dense control", "star-triangle-up", "cross", CONTROL))
 
 
 # -- figures (one function each) -------------------------------------------------------------
@@ -167,11 +224,13 @@ def _pareto_pairs(d: _Data) -> go.Figure:
         fig.add_trace(go.Scatter(x=knee[x], y=knee[y], mode="markers", name="knee", legendgroup="knee",
                                  hoverinfo="skip", **legend,
                                  marker=dict(size=17, color="rgba(0,0,0,0)", line=dict(color="#111", width=2))), **at)
-        if dense := _dense(d, x, y):
-            (dx, dy), hover = dense
-            fig.add_trace(go.Scatter(x=[dx], y=[dy], hovertext=[hover], hoverinfo="text", mode="markers",
-                                     name="dense base", legendgroup="dense", **legend,
-                                     marker=dict(symbol="star", size=16, color=DENSE, line=dict(color="#333"))), **at)
+        for which, symbol, _, colour in REFERENCES:
+            if ref := _dense(d, x, y, which=which):
+                (dx, dy), hover = ref
+                fig.add_trace(go.Scatter(x=[dx], y=[dy], hovertext=[hover], hoverinfo="text", mode="markers",
+                                         name=which, legendgroup=which, **legend,
+                                         marker=dict(symbol=symbol, size=16, color=colour, line=dict(color="#333"))),
+                              **at)
         fig.update_xaxes(title_text=_label(x, sx), **at)
         fig.update_yaxes(title_text=_label(y, sy), **at)
     return fig.update_layout(height=390 * rows, margin=dict(t=30, b=60, l=60, r=20),
@@ -185,11 +244,12 @@ def _pareto_3d(d: _Data) -> go.Figure:
         fig.add_trace(go.Scatter3d(x=part[x], y=part[y], z=part[z], mode="markers", name=name,
                                    marker={**marker, "size": marker["size"] * 0.6},
                                    hovertext=part["_hover"], hoverinfo="text"))
-    if dense := _dense(d, x, y, z):
-        (dx, dy, dz), hover = dense
-        fig.add_trace(go.Scatter3d(x=[dx], y=[dy], z=[dz], hovertext=[hover], hoverinfo="text",
-                                   mode="markers", name="dense base",
-                                   marker=dict(symbol="diamond", size=8, color=DENSE, line=dict(color="#333"))))
+    for which, _, symbol, colour in REFERENCES:
+        if ref := _dense(d, x, y, z, which=which):
+            (dx, dy, dz), hover = ref
+            fig.add_trace(go.Scatter3d(x=[dx], y=[dy], z=[dz], hovertext=[hover], hoverinfo="text",
+                                       mode="markers", name=which,
+                                       marker=dict(symbol=symbol, size=8, color=colour, line=dict(color="#333"))))
     scene = dict(xaxis_title=_label(x, sx), yaxis_title=_label(y, sy), zaxis_title=_label(z, sz),
                  camera=dict(eye=dict(x=1.7, y=1.7, z=1.0)), aspectmode="cube")
     return fig.update_layout(height=600, scene=scene, margin=dict(t=10, b=10, l=10, r=10),
@@ -277,8 +337,9 @@ def _task_bars(d: _Data) -> go.Figure | None:
     for k, task in enumerate(d.tasks):
         color, y = TASK_COLORS[k % len(TASK_COLORS)], d.front[f"metric/{task}"].astype(float)
         values += list(y)
-        fig.add_trace(go.Bar(x=labels, y=y, name=task, marker_color=color,
-                             hovertemplate=f"trial %{{x}}<br>{task}: %{{y:.4f}}<extra></extra>"))
+        fig.add_trace(go.Bar(x=labels, y=y, name=d.task_label(task), marker_color=color,
+                             hovertemplate=f"trial %{{x}}<br>{html.escape(d.task_label(task))}: %{{y:.4f}}"
+                                           "<extra></extra>"))
         if dense := _dense(d, f"metric/{task}"):  # a dashed line above the bars, and its legend entry
             (ref,), _ = dense
             values.append(ref)
@@ -327,12 +388,30 @@ def _header(d: _Data, latency_source: str | None) -> str:
              "objectives": ", ".join(_label(n, s) for n, s in d.objectives),
              "trials": " · ".join(f"{int(counts.get(s, 0))} {s}" for s in STATUS) + f"{planned} (search {state})"}
     if c.get("max_task_drop") is not None:
-        facts["feasible"] = f"every task within {c['max_task_drop']} points of the dense base"
+        facts["feasible"] = (f"every task within {c['max_task_drop']} points of the dense base (its oriented "
+                             f"score ≥ −{c['max_task_drop']}: % worse, whichever way its metric is better)")
     if db:
-        facts["dense base"] = " · ".join(f"{n} {_fmt(db[n])}" for n in ("accuracy", "params", "latency_ms") if n in db)
-        facts["dense per task"] = ", ".join(f"{t} {_fmt(db[f'metric/{t}'])}" for t in d.tasks if f"metric/{t}" in db)
-    batch = f" (batch {_fmt(db['latency_batch'])}, {_fmt(db.get('threads'))} thread(s))" if "latency_batch" in db else ""
+        facts["dense base"] = " · ".join(f"{n} {_fmt(db[n])}" for n in (MEAN_SCORE, "params", "latency_ms") if n in db)
+        facts["dense per task"] = ", ".join(f"{d.task_label(t)} {_fmt(db[f'metric/{t}'])}" for t in d.tasks
+                                            if f"metric/{t}" in db)
+    if d.control:
+        ft = (d.control.get("policy") or {}).get("finetune") or {}
+        beat = int((d.front["_vs_control"] > 0).sum()) if "_vs_control" in d.front else 0
+        facts["dense control"] = (" · ".join(f"{n} {_fmt(d.control[n])}" for n in (MEAN_SCORE, "params", "latency_ms")
+                                             if n in d.control)
+                                  + f" (the base fine-tuned as the trials are: {_fmt(ft.get('epochs'))} epochs at lr "
+                                    f"{_fmt(ft.get('lr'))}, unpruned, unfused; {beat} of {len(d.front)} front "
+                                    f"point(s) score above it)")
+    batch = (f" (batch {_fmt(db['latency_batch'])}, {_fmt(db.get('threads'))} thread(s), timed in "
+             f"{db.get('latency_backend') or 'torch'})") if "latency_batch" in db else ""
     facts["latency shown"] = (latency_source or DEFAULT_LATENCY) + batch
+    if c.get("early_stop"):
+        facts["early stopping"] = {"pareto": f"pareto: each pruning step keeps the best {c.get('early_stop_keep', 0.5):g} "
+                                             "of the trials there by non-dominated rank",
+                                   "asha": "asha: on the score, per pruning step"}.get(c["early_stop"], c["early_stop"])
+    if "carried_from" in d.trials and d.trials["carried_from"].notna().any():
+        carried = d.trials["carried_from"].dropna()
+        facts["warm start"] = f"{len(carried)} trial(s) carried over from {', '.join(sorted(set(carried)))}"
     facts["front"] = f"{len(d.front)} trial(s); knee {d.knee}" if d.knee else "no feasible finished trial yet"
     rows = "".join(f"<dt>{k}</dt><dd>{html.escape(v or '–')}</dd>" for k, v in facts.items())
     return (f'<header id="summary"><h1>prunefuse report: {html.escape(str(c.get("name", d.path)))}</h1>'
@@ -343,21 +422,48 @@ def _header(d: _Data, latency_source: str | None) -> str:
 def _front_table(d: _Data) -> str:
     if d.front.empty:
         return _section("front", "Front policies", "", _note("No feasible finished trial yet: the front is empty."))
-    heads = ["", "trial", *(_label(n, s) for n, s in d.objectives), *d.tasks, "export command"]
+    vs_control = ["Δm% vs control"] if d.control else []
+    heads = ["", "trial", *(_label(n, s) for n, s in d.objectives), "Δm% vs dense", *vs_control, *map(d.task_label, d.tasks),
+             "export command"]
     head = "".join(f'<th{" class=l" if h in ("trial", "export command") else ""}>{html.escape(h)}</th>' for h in heads)
     body = []
     for r in d.front.to_dict("records"):
         knee, tid = r["trial_id"] == d.knee, str(r["trial_id"])
         cmd = f"prunefuse export {shlex.quote(d.path)} --trial {shlex.quote(tid)} -o policy.yaml"
-        cells = [f'<td class="l">{"<span class=badge>knee</span>" if knee else ""}</td>',
+        badges = ("<span class=badge>knee</span>" if knee else "") + (
+            " <span class='badge carried'>carried over</span>" if _carried(r) else "")
+        cells = [f'<td class="l">{badges}</td>',
                  f'<td class="l"><code>{html.escape(tid)}</code></td>',
-                 *(f"<td>{_fmt(r[c])}</td>" for c in [*d.names, *(f"metric/{t}" for t in d.tasks)]),
+                 *(f"<td>{_fmt(r[c])}</td>" for c in [*d.names, "_delta_m", *(["_vs_control"] if d.control else []),
+                                                      *(f"metric/{t}" for t in d.tasks)]),
                  f'<td class="l cmd"><code>{html.escape(cmd)}</code></td>']
         body.append(f'<tr{" class=knee" if knee else ""}>{"".join(cells)}</tr>')
-    return _section("front", "Front policies", "Best first by the first objective; per task: the validation "
-                    "metric. Copy a row's command to export its policy.",
+    return _section("front", "Front policies", "Best first by the first objective; Δm%: the mean over tasks of "
+                    "each task's relative change vs the dense base (vs control: vs the dense control, the base "
+                    "fine-tuned exactly as every trial is, so what compression costs at equal training), signed so "
+                    "higher is better; per task: the "
+                    "validation metric (↑ higher is better, ↓ lower is better). Copy a row's command to export its "
+                    "policy.",
                     f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
                     "</table></div>")
+
+
+def _stopped_table(d: _Data) -> str:
+    """Trials an early-stopping rule (--early-stop) ended between pruning steps: Optuna has them as pruned."""
+    stopped = d.trials[d.trials["status"] == "stopped"]
+    if stopped.empty:
+        return ""
+    rule = d.config.get("early_stop") or ("asha" if d.config.get("asha") else None)
+    why = {"pareto": "dominated by enough of the trials that reached the same step (non-dominated rank)",
+           "asha": "below the best trials' score at the same step (ASHA)"}.get(rule, "stopped before their last step")
+    score = MEAN_SCORE if MEAN_SCORE in stopped else None
+    rows = "".join(f'<tr><td class="l"><code>{html.escape(str(r["trial_id"]))}</code></td>'
+                   f'<td>{_fmt(r.get("step"))} of {_fmt(r.get("steps"))}</td>'
+                   f'<td>{_fmt(r.get(score)) if score else "–"}</td></tr>' for r in stopped.to_dict("records"))
+    return _section("stopped", f"Stopped early ({len(stopped)})", f"Ended after an intermediate pruning step: {why}. "
+                    "Their last step's metrics are not the policy's, so they are off the front.",
+                    '<table><thead><tr><th class="l">trial</th><th>stopped after step</th>'
+                    f"<th>{html.escape(MEAN_SCORE)} then</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _failed_table(d: _Data) -> str:
@@ -412,13 +518,14 @@ td.cmd code{background:#f0f4f8;padding:2px 5px;border-radius:3px;user-select:all
 tr.knee{background:#fff1e6}.badge{background:#e4572e;color:#fff;border-radius:9px;padding:1px 7px;font-size:11px}
 """
 NAV = (("summary", "Summary"), ("pareto", "Pareto"), ("pareto-3d", "3-D"), ("hypervolume", "Hypervolume"),
-       ("knobs", "Knobs"), ("sparsity", "Sparsity"), ("tasks", "Tasks"), ("front", "Front"), ("failed", "Failed"))
+       ("knobs", "Knobs"), ("sparsity", "Sparsity"), ("tasks", "Tasks"), ("front", "Front"), ("stopped", "Stopped"),
+       ("failed", "Failed"))
 
 
 def build_report(experiment, *, latency_source: str | None = None) -> str:
     """The report of EXPERIMENT as one self-contained HTML page."""
     d = _gather(experiment)
-    body = "".join([_header(d, latency_source), *_figures(d), _front_table(d), _failed_table(d)])
+    body = "".join([_header(d, latency_source), *_figures(d), _front_table(d), _stopped_table(d), _failed_table(d)])
     nav = "".join(f'<a href="#{i}">{t}</a>' for i, t in NAV if f'id="{i}"' in body)
     title = html.escape(f"prunefuse report: {d.config.get('name', d.path)}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'

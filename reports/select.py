@@ -12,10 +12,11 @@ import pandas as pd
 
 from spaces.errors import PrunefuseError
 from spaces.policy import Policy
-from spaces.vocabulary import is_recorded_metric
+from spaces.scores import within_floors
+from spaces.vocabulary import MEAN_SCORE, TASK_METRIC, is_recorded_metric
 
 from . import pareto
-from .experiment import load_config, load_dense
+from .experiment import load_config, load_control, load_dense, task_senses
 
 
 def finished(df: pd.DataFrame, objectives) -> pd.DataFrame:
@@ -29,24 +30,43 @@ def finished(df: pd.DataFrame, objectives) -> pd.DataFrame:
     return done[ok]
 
 
-def feasible(df: pd.DataFrame, experiment) -> pd.Series:
-    """True where every task is within the search's --max-task-drop of the dense base."""
-    max_drop = load_config(experiment).get("max_task_drop")
-    dense = load_dense(experiment)
-    mask = pd.Series(True, index=df.index)
-    if max_drop is None or not dense:
-        return mask
-    for task, ref in dense["dense_val"].items():
-        col = f"metric/{task}"
-        if col in df:
-            mask &= (ref - df[col].astype(float)) * 100.0 <= max_drop + 1e-9
-    return mask
+# What per-task floors are measured against: the dense base (the default: the search's own
+# Optuna constraints were computed against it, so export agrees with what the search kept
+# feasible), or the equal-budget dense control (the base fine-tuned as every trial is: what
+# compression itself costs, with no credit for the trials' extra training).
+FLOOR_REFERENCES = ("dense", "control")
 
 
-def front(df: pd.DataFrame, objectives, experiment) -> pd.DataFrame:
-    """The Pareto-optimal rows among finished, feasible trials."""
+def floor_references(experiment, against: str = "dense") -> dict[str, float] | None:
+    """task -> the reference metric floors are measured from, or None if it was not recorded."""
+    if against not in FLOOR_REFERENCES:
+        raise PrunefuseError(f"floors against {against!r}: expected one of {', '.join(FLOOR_REFERENCES)}")
+    if against == "dense":
+        return (load_dense(experiment) or {}).get("dense_val")
+    control = load_control(experiment)
+    if control is None:
+        raise PrunefuseError("this experiment has no dense control (control.json; searches before it existed): "
+                             "measure floors against the dense base")
+    return {k.removeprefix(TASK_METRIC): v for k, v in control.items() if k.startswith(TASK_METRIC)}
+
+
+def feasible(df: pd.DataFrame, experiment, floors: tuple | None = None) -> pd.Series:
+    """True where every task is within the search's --max-task-drop of the dense base
+    (`spaces.scores.within_floors`, the rule the search's constraints follow); `floors`
+    = (max_drop, "dense" | "control") measures that instead."""
+    max_drop, against = floors or (load_config(experiment).get("max_task_drop"), "dense")
+    refs = floor_references(experiment, against) if max_drop is not None else None
+    if max_drop is None or not refs or df.empty:
+        return pd.Series(True, index=df.index)
+    senses = task_senses(experiment)
+    refs = {t: r for t, r in refs.items() if f"{TASK_METRIC}{t}" in df}
+    return df.apply(lambda row: within_floors(row.to_dict(), refs, senses, max_drop), axis=1).astype(bool)
+
+
+def front(df: pd.DataFrame, objectives, experiment, floors: tuple | None = None) -> pd.DataFrame:
+    """The Pareto-optimal rows among finished, feasible trials (`feasible`'s floors)."""
     done = finished(df, objectives)
-    done = done[feasible(done, experiment)]
+    done = done[feasible(done, experiment, floors)]
     if done.empty:
         return done
     points = done[[n for n, _ in objectives]].astype(float).to_numpy()
@@ -60,14 +80,15 @@ def by_trial(df: pd.DataFrame, trial_id: str) -> pd.Series:
         raise PrunefuseError(f"no trial {trial_id!r} in this experiment; trials include: {some}")
     row = hit.iloc[0]
     if row["status"] != "finished":
-        raise PrunefuseError(f"trial {trial_id} is {row['status']}, not finished: it has no final metrics to export")
+        why = f" ({row['error']})" if isinstance(row.get("error"), str) else ""
+        raise PrunefuseError(f"trial {trial_id} is {row['status']}{why}, not finished: it has no final metrics to export")
     return row
 
 
-def by_knee(df: pd.DataFrame, objectives, experiment) -> pd.Series:
+def by_knee(df: pd.DataFrame, objectives, experiment, floors: tuple | None = None) -> pd.Series:
     """The front point nearest the ideal after normalising each objective over the front
     (see `reports.pareto.knee`)."""
-    f = front(df, objectives, experiment)
+    f = front(df, objectives, experiment, floors)
     if f.empty:
         raise PrunefuseError("no finished (feasible) trial in this experiment yet: nothing to choose from")
     points = f[[n for n, _ in objectives]].astype(float).to_numpy()
@@ -75,9 +96,12 @@ def by_knee(df: pd.DataFrame, objectives, experiment) -> pd.Series:
 
 
 def by_constraints(df: pd.DataFrame, objectives, experiment, *, max_params=None, max_latency_ms=None,
-                   min_accuracy=None, task_floors: dict | None = None) -> pd.Series:
-    """The most accurate front point meeting every limit; if none does, an error listing the nearest."""
-    f = front(df, objectives, experiment)
+                   min_score=None, task_floors: dict | None = None, floors: tuple | None = None) -> pd.Series:
+    """The best-scoring front point meeting every limit; if none does, an error listing the nearest.
+
+    `task_floors` bound each task's metric on its side: a floor where higher is better, a
+    ceiling where lower is (an error metric)."""
+    f = front(df, objectives, experiment, floors)
     if f.empty:
         raise PrunefuseError("no finished (feasible) trial in this experiment yet: nothing to choose from")
     limits = []  # (column, bound, sense): violation = how far past the bound, relative
@@ -85,28 +109,29 @@ def by_constraints(df: pd.DataFrame, objectives, experiment, *, max_params=None,
         limits.append(("params", max_params, "max"))
     if max_latency_ms is not None:
         limits.append(("latency_ms", max_latency_ms, "max"))
-    if min_accuracy is not None:
-        limits.append(("accuracy", min_accuracy, "min"))
-    for task, floor in (task_floors or {}).items():
-        if f"metric/{task}" not in f:
+    if min_score is not None:
+        limits.append((MEAN_SCORE, min_score, "min"))
+    senses = task_senses(experiment)
+    for task, bound in (task_floors or {}).items():
+        if f"{TASK_METRIC}{task}" not in f:
             raise PrunefuseError(f"--min-task names task {task!r}, which this experiment does not have")
-        limits.append((f"metric/{task}", floor, "min"))
+        limits.append((f"{TASK_METRIC}{task}", bound, "max" if senses.get(task, "max") == "min" else "min"))
 
     def violation(row) -> float:
         total = 0.0
         for col, bound, sense in limits:
             over = row[col] - bound if sense == "max" else bound - row[col]
-            total += max(0.0, over) / max(abs(bound), 1e-12)
+            total += max(0.0, over) / max(abs(bound), 1.0 if col == MEAN_SCORE else 1e-12)
         return total
 
     v = f.apply(violation, axis=1)
     ok = f[v <= 0]
     if ok.empty:
         nearest = f.assign(_v=v).nsmallest(3, "_v")
-        listing = "; ".join(f"{r.trial_id} (accuracy {r.accuracy:.4f}, params {int(r.params):,}, "
-                            f"latency {r.latency_ms:.3f} ms)" for r in nearest.itertuples())
+        listing = "; ".join(f"{r['trial_id']} (score {r[MEAN_SCORE]:+.2f}, params {int(r['params']):,}, "
+                            f"latency {r['latency_ms']:.3f} ms)" for _, r in nearest.iterrows())
         raise PrunefuseError(f"no front point meets the constraints; nearest: {listing}")
-    return ok.sort_values("accuracy", ascending=False).iloc[0]
+    return ok.sort_values(MEAN_SCORE, ascending=False).iloc[0]
 
 
 def policy_of(row: pd.Series, experiment, objectives) -> Policy:

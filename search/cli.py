@@ -6,6 +6,7 @@ written is lost (every file is written whole or not at all).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -13,7 +14,8 @@ import time
 import yaml
 
 from spaces.errors import PrunefuseError
-from spaces.vocabulary import POLICY_FILE, REPORT_FILE, suite_spec
+from spaces.files import check_plain_name
+from spaces.vocabulary import LATENCY_BACKENDS, MEAN_SCORE, POLICY_FILE, REPORT_FILE, suite_spec
 
 
 def _key_values(pairs: list[str] | None, flag: str) -> dict:
@@ -27,7 +29,20 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise PrunefuseError(f"{flag} {pair!r}: value is not a valid YAML scalar") from None
+        if isinstance(out[key], float) and not math.isfinite(out[key]):
+            raise PrunefuseError(f"{flag} {pair!r}: expected a finite number")
     return out
+
+
+def finite_float(text: str) -> float:
+    """argparse type for every float flag: NaN and inf pass `<=` checks, so they are refused here."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,43 +68,69 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--measure-option", action="append", metavar="KEY=VALUE",
                    help="latency measurement: latency_batch, threads, runs, warmup")
     s.add_argument("--space", help="a search space YAML file (see README)")
+    s.add_argument("--latency-backend", choices=LATENCY_BACKENDS, default=None,
+                   help="where latency is timed: torch (eager, the default) or onnxruntime (the exported graph); "
+                        "the dense base is timed the same way")
+    s.add_argument("--tracking", default=None, metavar="mlflow[=URI]",
+                   help="log every trial to MLflow (default store: EXPERIMENT/mlruns; mlflow=http://host:5000 for a server)")
     s.add_argument("--trials", type=int, default=None, help="number of trials (default 48)")
-    s.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
+    s.add_argument("--time-budget", type=finite_float, default=None, metavar="S", help="stop starting trials after S seconds")
     s.add_argument("--address", default=None, help="auto | HOST:PORT of a Ray cluster (default: embedded local Ray)")
     s.add_argument("--storage", default="runs", help="folder or URI holding experiments (default ./runs)")
     s.add_argument("--name", default=None, help="experiment name (default: SUITE-DATE-TIME)")
     s.add_argument("--resume", metavar="NAME", default=None, help="continue the search NAME whose driver died")
-    s.add_argument("--cpus-per-trial", type=float, default=1.0)
-    s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions share a GPU, e.g. 0.5")
+    s.add_argument("--cpus-per-trial", type=finite_float, default=1.0)
+    s.add_argument("--gpus-per-trial", type=finite_float, default=0.0, help="fractions share a GPU, e.g. 0.5")
     s.add_argument("--max-concurrent", type=int, default=None)
     s.add_argument("--sampler", default="tpe", help="tpe | nsga2 | random")
-    s.add_argument("--objectives", default="accuracy:max,params:min,latency_ms:min")
+    s.add_argument("--objectives", default="score:max,params:min,latency_ms:min",
+                   help="NAME:max|min, comma-separated; score = the mean oriented task score (0 = the dense base)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-task-drop", type=float, default=None, metavar="POINTS",
-                   help="per-task floor: trials losing more than POINTS on any task vs the dense base are infeasible")
-    s.add_argument("--asha", action="store_true", help="early-stop weak trials (ASHA on accuracy, per pruning step)")
+    s.add_argument("--max-task-drop", type=finite_float, default=None, metavar="POINTS",
+                   help="per-task floor: trials whose oriented score on any task is below -POINTS "
+                        "(percent worse than the dense base) are infeasible")
+    s.add_argument("--asha", action="store_true", help="the same as --early-stop asha")
+    s.add_argument("--early-stop", choices=("asha", "pareto"), default=None,
+                   help="stop weak trials between pruning steps (space pruning.steps > 1): asha = on the score "
+                        "alone; pareto = by non-dominated rank over every objective")
+    s.add_argument("--early-stop-keep", type=finite_float, default=0.5, metavar="FRACTION",
+                   help="--early-stop pareto: the fraction of the trials at each step kept, by rank (default 0.5)")
+    s.add_argument("--warm-start", default=None, metavar="EXPERIMENT",
+                   help="seed the study with the finished trials of an earlier experiment (a folder, or a name "
+                        "under --storage) whose suite, model, training and space are the same")
     s.add_argument("--retries", type=int, default=0, help="retry a failing trial this many times")
     s.add_argument("--references", action="store_true", help="train single-task references; Δm is measured against them")
     s.add_argument("--base-checkpoint", default=None, help="start from this trained base (a weights-only state dict)")
     s.add_argument("--data", default=None, help="tabular suite: a CSV or Parquet file")
     s.add_argument("--features", default=None, help="tabular suite: comma-separated feature columns")
-    s.add_argument("--task", action="append", metavar="NAME:KIND:COLUMN", help="tabular suite: one per task")
+    s.add_argument("--task", action="append", metavar="NAME:KIND:COLUMN",
+                   help="tabular suite: one per task; KIND classification | regression | multilabel "
+                        "(multilabel: NAME:multilabel:COL1,COL2,...)")
     s.add_argument("--no-report", action="store_true", help="skip writing report.html and policy.yaml at the end")
 
     r = sub.add_parser("report", help="write the HTML Pareto report of an experiment")
     r.add_argument("experiment")
     r.add_argument("-o", "--output", default=None, help="default: EXPERIMENT/report.html")
     r.add_argument("--remeasure", action="store_true", help="re-time the front's models one at a time first")
+    r.add_argument("--latency-backend", choices=LATENCY_BACKENDS, default=None,
+                   help="with --remeasure: time in torch or onnxruntime (default: the search's), the dense base too")
 
     e = sub.add_parser("export", help="export one trial's policy as YAML")
     e.add_argument("experiment")
     how = e.add_mutually_exclusive_group()
     how.add_argument("--trial", default=None, help="a trial id")
     how.add_argument("--knee", action="store_true", help="the front's knee (normalised objectives, nearest the ideal)")
-    e.add_argument("--max-params", type=float, default=None)
-    e.add_argument("--max-latency-ms", type=float, default=None)
-    e.add_argument("--min-accuracy", type=float, default=None)
-    e.add_argument("--min-task", action="append", metavar="TASK=VALUE", help="a per-task floor, e.g. left=0.9")
+    e.add_argument("--max-task-drop", type=finite_float, default=None, metavar="POINTS",
+                   help="per-task floors for this export (default: the search's): no task's oriented score more "
+                        "than POINTS below its reference")
+    e.add_argument("--floors-vs", choices=("dense", "control"), default="dense",
+                   help="what floors are measured against: the dense base (default, as the search's constraints "
+                        "were) or the dense control (the base fine-tuned as every trial is)")
+    e.add_argument("--max-params", type=finite_float, default=None)
+    e.add_argument("--max-latency-ms", type=finite_float, default=None)
+    e.add_argument("--min-score", type=finite_float, default=None,
+                   help="the mean oriented task score at least this (0 = the dense base, -2 = 2%% worse)")
+    e.add_argument("--min-task", action="append", metavar="TASK=VALUE", help="a per-task bound on its metric, e.g. left=0.9 (a floor; a ceiling for a lower-is-better metric such as mae)")
     e.add_argument("-o", "--output", required=True)
 
     a = sub.add_parser("apply", help="rebuild the compressed model from a policy and save it")
@@ -97,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", required=True, help="folder for model.pt, policy.yaml, metrics.json")
     a.add_argument("--cache", default=os.path.join("runs", "_artifacts"), help="where trained bases are cached")
     a.add_argument("--threads", type=int, default=1, help="CPU threads (the search's trials used --cpus-per-trial)")
+    a.add_argument("--latency-backend", choices=LATENCY_BACKENDS, default=None,
+                   help="time in torch or onnxruntime (default: the backend the policy's trial was timed with)")
     a.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to train and time (default: the device the policy's trial ran on, where there is one)")
     return p
@@ -104,17 +147,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_search(args) -> int:
     from .config import SearchConfig, join, parse_objectives
-    from .tuner import run_search
+    from .tuner import run_search, search_over
 
     if args.resume:
         _only_resume_flags(args)
-        cfg = SearchConfig.load(join(args.storage, args.resume))
+        cfg = SearchConfig.load(join(args.storage, check_plain_name(args.resume, "--resume")))
         if args.address:
-            cfg.address = args.address
+            cfg = cfg.replace(address=args.address)
+        if search_over(cfg):  # its report and policy stay as they are
+            print(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
+            return 0
         path = run_search(cfg, resume=True)
     else:
         cfg = SearchConfig(
-            name=args.name or f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=args.name if args.name is not None else
+            f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage=args.storage, suite=suite_spec(args.suite, _suite_options(args)),
             model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
             space=_space(args.space), objectives=parse_objectives(args.objectives),
@@ -122,11 +169,12 @@ def cmd_search(args) -> int:
             time_budget_s=args.time_budget, sampler=args.sampler, seed=args.seed,
             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
             max_concurrent=args.max_concurrent, retries=args.retries,
-            train=_checked(_key_values(args.train_option, "--train-option"), "train"),
-            measure=_checked(_key_values(args.measure_option, "--measure-option"), "measure"),
-            references=args.references, max_task_drop=args.max_task_drop, asha=args.asha,
+            train=_key_values(args.train_option, "--train-option"),
+            measure={**_key_values(args.measure_option, "--measure-option"),
+                     **({"latency_backend": args.latency_backend} if args.latency_backend else {})},
+            tracking=args.tracking, references=args.references, max_task_drop=args.max_task_drop, asha=args.asha,
+            early_stop=args.early_stop, early_stop_keep=args.early_stop_keep, warm_start=args.warm_start,
             address=args.address, base_checkpoint=args.base_checkpoint)
-        _check_numbers(cfg)
         path = run_search(cfg)
     if not args.no_report:
         _report_and_export(path)
@@ -162,38 +210,6 @@ def _space(path):
     return SpaceSpec.from_yaml(path).model_dump(mode="json") if path else {}
 
 
-def _checked(values: dict, what: str) -> dict:
-    from dataclasses import fields
-
-    from mtl_models.artifacts import TrainSpec
-    from mtl_models.pipeline import MeasureSpec
-
-    cls = TrainSpec if what == "train" else MeasureSpec
-    valid = [f.name for f in fields(cls) if f.name != "device"]
-    for key in values:
-        if key not in valid:
-            raise PrunefuseError(f"--{what}-option {key!r} is not known; valid: {', '.join(valid)}")
-    cls(**values)  # types and ranges, checked before anything is written
-    return values
-
-
-def _check_numbers(cfg) -> None:
-    if cfg.trials is not None and cfg.trials < 1:
-        raise PrunefuseError(f"--trials {cfg.trials}: expected at least 1")
-    if cfg.time_budget_s is not None and cfg.time_budget_s <= 0:
-        raise PrunefuseError(f"--time-budget {cfg.time_budget_s}: expected seconds > 0")
-    if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
-        raise PrunefuseError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-    from spaces.errors import unknown_name
-
-    from .config import SAMPLERS
-
-    if cfg.sampler not in SAMPLERS:
-        raise unknown_name("sampler", cfg.sampler, SAMPLERS)
-    if cfg.retries < 0:
-        raise PrunefuseError(f"--retries {cfg.retries}: expected 0 or more")
-
-
 def _report_and_export(path) -> None:
     """The end of a search: report.html and the knee's policy.yaml inside the experiment
     (written through `config.write_text`, so a URI storage gets them too)."""
@@ -214,7 +230,7 @@ def _report_and_export(path) -> None:
         return
     out = join(path, POLICY_FILE)
     write_text(out, select.policy_of(row, path, objectives).to_yaml())
-    print(f"knee policy (trial {row['trial_id']}: accuracy {row['accuracy']:.4f}, {int(row['params']):,} params, "
+    print(f"knee policy (trial {row['trial_id']}: score {row[MEAN_SCORE]:+.2f}, {int(row['params']):,} params, "
           f"{row['latency_ms']:.3f} ms): {out}")
     from .config import SearchConfig
     from .shared_artifacts import artifact_cache
@@ -227,11 +243,20 @@ def _report_and_export(path) -> None:
 def cmd_report(args) -> int:
     from reports.html import write_report
 
+    from spaces.files import check_writable_file
+
+    from .config import is_uri, join
+
+    output = args.output or (join(args.experiment, REPORT_FILE) if not is_uri(str(args.experiment)) else None)
+    if output and not is_uri(str(output)):
+        check_writable_file(output, "-o" if args.output else "report")
     latency_source, mismatched = None, []
+    if args.latency_backend and not args.remeasure:
+        raise PrunefuseError("--latency-backend re-times the front: it goes with --remeasure")
     if args.remeasure:
         from .remeasure import remeasure_front
 
-        latency_source, mismatched = remeasure_front(args.experiment)
+        latency_source, mismatched = remeasure_front(args.experiment, backend=args.latency_backend)
     print(f"report: {write_report(args.experiment, args.output, latency_source=latency_source)}")
     if mismatched:
         raise PrunefuseError(f"{len(mismatched)} front model(s) rebuilt are not the ones their trials measured, "
@@ -241,7 +266,9 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from reports import experiment, select
+    from spaces.files import check_writable_file
 
+    check_writable_file(args.output, "-o")
     df = experiment.load_experiment(args.experiment)
     objectives = experiment.objectives(args.experiment)
     floors = {}
@@ -249,23 +276,30 @@ def cmd_export(args) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PrunefuseError(f"--min-task {task}={value!r}: expected a number, e.g. {task}=0.9")
         floors[task] = float(value)
+    if args.max_task_drop is not None and args.max_task_drop < 0:
+        raise PrunefuseError(f"--max-task-drop {args.max_task_drop}: expected 0 or more points")
+    drop = args.max_task_drop if args.max_task_drop is not None else experiment.load_config(args.experiment).get(
+        "max_task_drop")
+    task_drop = (drop, args.floors_vs) if drop is not None else None
+    if task_drop:
+        select.floor_references(args.experiment, args.floors_vs)  # no control recorded: one line, now
     constraints = dict(max_params=args.max_params, max_latency_ms=args.max_latency_ms,
-                       min_accuracy=args.min_accuracy, task_floors=floors or None)
+                       min_score=args.min_score, task_floors=floors or None)
     limited = any(v is not None for v in constraints.values())
     if limited and (args.trial or args.knee):
         raise PrunefuseError("choose one way: --trial ID, --knee, or constraints (--max-params, --max-latency-ms, "
-                             "--min-accuracy, --min-task), not several")
+                             "--min-score, --min-task), not several")
     if args.trial:
         row = select.by_trial(df, args.trial)
     elif limited:
-        row = select.by_constraints(df, objectives, args.experiment, **constraints)
+        row = select.by_constraints(df, objectives, args.experiment, **constraints, floors=task_drop)
     elif args.knee:
-        row = select.by_knee(df, objectives, args.experiment)
+        row = select.by_knee(df, objectives, args.experiment, task_drop)
     else:
         raise PrunefuseError("say which policy: --trial ID, --knee, or constraints (--max-params, --max-latency-ms, "
-                             "--min-accuracy, --min-task)")
+                             "--min-score, --min-task)")
     select.policy_of(row, args.experiment, objectives).to_yaml(args.output)
-    print(f"exported trial {row['trial_id']} (accuracy {row['accuracy']:.4f}, {int(row['params']):,} params, "
+    print(f"exported trial {row['trial_id']} (score {row[MEAN_SCORE]:+.2f}, {int(row['params']):,} params, "
           f"{row['latency_ms']:.3f} ms) to {args.output}")
     return 0
 
@@ -279,8 +313,22 @@ def cmd_apply(args) -> int:
     policy = Policy.from_yaml(args.policy)
     from .apply import apply_and_save
 
-    apply_and_save(policy, args.output, cache=args.cache, threads=args.threads, device=args.device)
+    apply_and_save(policy, args.output, cache=args.cache, threads=args.threads, device=args.device,
+                   latency_backend=args.latency_backend)
     return 0
+
+
+def os_error_line(exc: OSError) -> str:
+    """`cannot write 'runs/x/report.html': No space left on device` from any OSError."""
+    import errno
+
+    reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        reason = f"{exc.strerror} (read-only or not writable)"
+    where = f" {exc.filename!r}" if exc.filename else ""
+    return f"cannot use{where}: {reason}"
 
 
 VERBS = {"search": cmd_search, "report": cmd_report, "export": cmd_export, "apply": cmd_apply}
@@ -292,6 +340,9 @@ def main(argv=None) -> int:
         return VERBS[args.verb](args)
     except PrunefuseError as exc:
         print(f"prunefuse: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write (or read) the system refused: which path, and why
+        print(f"prunefuse: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunefuse: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ trial measures its model, as the report's reference point.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from spaces import SearchSpace
@@ -38,6 +39,11 @@ def load_base_checkpoint(path: str, model):
     if not isinstance(state, dict):
         raise PrunefuseError(f"base checkpoint {path!r} holds a {type(state).__name__}, expected a state dict")
     load_checked(model, state, source=f"base checkpoint {path}")
+    for key, value in state.items():
+        # NaN or inf weights would fail much later (in expert training) as a cryptic error.
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise PrunefuseError(f"base checkpoint {path!r}: {key} holds NaN or inf values; "
+                                 f"it is not a trained model")
     return state
 
 
@@ -96,9 +102,72 @@ def measure_dense(cfg: SearchConfig, suite, art) -> dict:
         torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
         dense = job(None)
     dense["dense_val"] = art.dense_metrics["val"]
+    # Which way each task's metric is better, and its name: readers (floors, export, the
+    # report) orient task metrics by these without rebuilding the suite.
+    dense["senses"] = suite.senses
+    dense["task_metrics"] = {t.name: t.metric for t in suite.tasks}
     if art.references:
         dense["references"] = art.references
     return dense
+
+
+def measure_control(cfg: SearchConfig, suite, art, space: SearchSpace, log) -> dict:
+    """The equal-budget dense control (`SearchSpace.control_policy`): the base fine-tuned exactly
+    as a trial fine-tunes, unpruned and unfused, measured like a trial on a trial's device.
+
+    Trials get more training than the base (experts, then the fine-tune), so comparing them
+    with the base alone credits compression with that training; the control has it too. Its
+    weights are cached beside the base (one fine-tune per base and control policy)."""
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from .cluster import ray_map
+
+    policy = space.control_policy()
+    digest = hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    cached = Path(artifact_cache(cfg), art.key, f"control-{digest}.pt")
+    state = torch.load(cached, map_location="cpu", weights_only=True) if cached.is_file() else None
+    log("reusing the dense control from the cache" if state is not None else
+        f"fine-tuning the dense control ({policy.finetune.epochs:g} epochs at lr {policy.finetune.lr:g}, "
+        f"{policy.weighting.method} weighting: the trials' fine-tune) ...")
+    measure = {"threads": max(1, int(cfg.cpus_per_trial)), **cfg.measure}
+    job = _ControlJob(suite, policy, measure, art, state)
+    if runs_on_ray(cfg):
+        [out] = ray_map(job, [None], num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
+    else:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
+        out = job(None)
+    if state is None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.tmp")
+        torch.save(out["state"], tmp)
+        os.replace(tmp, cached)
+    return {**out["metrics"], "policy": policy.to_dict()}
+
+
+class _ControlJob:
+    """Picklable: fine-tunes (or loads) the control and measures it where it runs."""
+
+    def __init__(self, suite, policy, measure, art, state):
+        self.suite, self.policy, self.measure, self.art, self.state = suite, policy, measure, art, state
+
+    def __call__(self, _item):
+        import dataclasses
+
+        from mtl_models.device import job_device
+        from mtl_models.pipeline import MeasureSpec, apply_policy, measure_model
+
+        spec = MeasureSpec(**{**self.measure, "device": job_device()})
+        if self.state is None:
+            model, metrics = apply_policy(self.suite, self.policy, self.art, measure_spec=spec)
+        else:
+            model = self.suite.build_model(**self.policy.model)
+            model.load_state_dict(self.state)
+            metrics = measure_model(model, self.suite, self.art,
+                                    dataclasses.replace(spec, precision=self.policy.finetune.precision))
+        return {"metrics": metrics, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
 class _DenseMeasureJob:

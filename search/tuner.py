@@ -6,6 +6,7 @@ Tuner(OptunaSearch) over trials → report.html + the knee policy beside the exp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -14,10 +15,11 @@ from dataclasses import asdict
 from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
 
-from spaces.vocabulary import DENSE_FILE, FINISHED_FILE, STUDY_DB
+from spaces.vocabulary import CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCORE, STUDY_DB, TASK_METRIC
 
+from . import tracking
 from .config import SearchConfig, is_uri, join, write_text
-from .shared_artifacts import artifact_cache, load_base_checkpoint, measure_dense, train_artifacts
+from .shared_artifacts import artifact_cache, load_base_checkpoint, measure_control, measure_dense, train_artifacts
 
 
 
@@ -51,11 +53,26 @@ def prepare_inputs(cfg: SearchConfig):
     from mtl_models import suites
 
     suite = suites.from_spec(cfg.suite)
+    for name, _ in cfg.objectives:
+        task = name.removeprefix("metric/")
+        if name.startswith("metric/") and task not in suite.task_names:
+            raise PrunefuseError(f"--objectives {name}: suite {suite.name!r} has no task {task!r}; "
+                                 f"its tasks: {', '.join(suite.task_names)}")
     model = suite.build_model(**cfg.model)
     space = build_space(cfg, suite, model)
     check_precisions(cfg, space)
-    from mtl_models.preflight import check_pruning
+    if space.quantizes:  # an int8 graph is timed in ONNX Runtime: so must every other trial be
+        from mtl_models.pipeline import MeasureSpec, check_quantized_backend
 
+        check_quantized_backend("int8", MeasureSpec(**cfg.measure).latency_backend)
+    if cfg.tracking:
+        tracking.callbacks(cfg)  # mlflow importable and the URI usable: fails before anything is written
+    from mtl_models.preflight import check_pruning
+    from mtl_models.pruning.attention import describe_unsupported
+
+    unpruned = describe_unsupported(model)  # attention of no layout prunefuse knows: said once, kept whole
+    if unpruned:
+        print(unpruned, flush=True)
     check_pruning(suite, space.hardest_pruning())  # a model that pruning breaks fails now, not after training
     base_state = None
     if cfg.base_checkpoint:
@@ -121,7 +138,9 @@ class _QuietTune:
         return not str(record.msg).startswith("Trials did not complete")
 
 
-def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *, restore: bool):
+def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *, trials: int | None):
+    """A fresh Tuner for `trials` more trials (None: until the time budget) over the search's
+    Optuna study; a resumed search gets one too, in the same experiment folder."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -134,28 +153,42 @@ def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *
         tune.with_parameters(run_trial, artifacts=art, measure=cfg.measure, cpus=cfg.cpus_per_trial,
                              experiment=experiment_for_trials(cfg), suite=suite),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    if restore:
-        # Finished trials stay as they are; unfinished ones run again (a trial that had in fact
-        # finished replays its final.json); errored ones stay errored.
-        return tune.Tuner.restore(ray_experiment_path(cfg), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
-    floors = TaskFloors(dense["dense_val"], cfg.max_task_drop) if cfg.max_task_drop is not None else None
+    floors = task_floors(cfg, dense)
     searcher = make_searcher(space, objectives=cfg.objectives, sampler=cfg.sampler, seed=cfg.seed,
                              trials=cfg.trials, storage_url=study_url(cfg), study_name=cfg.name, floors=floors)
-    scheduler = None
-    if cfg.asha:
-        scheduler = tune.schedulers.ASHAScheduler(metric="accuracy", mode="max", grace_period=1, reduction_factor=2)
+    scheduler = make_scheduler(cfg)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.trials or -1,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials or -1,
                                     time_budget_s=cfg.time_budget_s, reuse_actors=True,
                                     max_concurrent_trials=cfg.max_concurrent,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage_for_ray(cfg.storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.retries),
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                                  callbacks=[ProgressPrinter(cfg.trials), JsonLoggerCallback()]),
+                                  callbacks=[ProgressPrinter(trials), JsonLoggerCallback(), *tracking.callbacks(cfg)]),
     )
+
+
+def make_scheduler(cfg: SearchConfig):
+    """`--early-stop`: ASHA on the score alone, or successive halving by non-dominated rank
+    over every objective (search/pareto_stop.py); None runs every trial to its end."""
+    from ray import tune
+
+    if cfg.early_stop == "asha":
+        return tune.schedulers.ASHAScheduler(metric=MEAN_SCORE, mode="max", grace_period=1, reduction_factor=2)
+    if cfg.early_stop == "pareto":
+        from .pareto_stop import ParetoStopScheduler
+
+        return ParetoStopScheduler(cfg.objectives, keep=cfg.early_stop_keep)
+    return None
+
+
+def task_floors(cfg: SearchConfig, dense: dict):
+    from .optuna_search import TaskFloors
+
+    return (TaskFloors(dense["dense_val"], cfg.max_task_drop, senses=dense.get("senses"))
+            if cfg.max_task_drop is not None else None)
 
 
 def experiment_for_trials(cfg: SearchConfig) -> str:
@@ -196,33 +229,45 @@ def experiment_exists(cfg: SearchConfig) -> bool:
     try:
         read_text(join(cfg.path, CONFIG_FILE))
         return True
-    except Exception:
-        return False
-
-
-def can_restore(cfg: SearchConfig) -> bool:
-    from ray import tune
-
-    try:
-        return tune.Tuner.can_restore(ray_experiment_path(cfg))
-    except Exception:
+    except PrunefuseError:  # not found; any other error (permissions, network) is the user's to see
         return False
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
     """Run (or resume) a search; returns the experiment path.
 
-    A resumed search (its driver died) keeps the finished and failed trials, runs the
-    unfinished ones again, and asks the same Optuna study (its sampler sees every trial
-    told so far) for the rest, until the asked number of trials is done.
+    Every path and input is checked before Ray starts or anything is written. The experiment
+    folder is held by one driver at a time (`claim.claimed`). A resumed search (its driver died,
+    at any moment) settles what that driver left (`resume.reconcile`: every trial that wrote its
+    final result is kept, once) and runs a fresh Tuner over the same Optuna study until the asked
+    number of trials has ended. A finished search is left untouched.
     """
     if not resume and experiment_exists(cfg):
         raise PrunefuseError(f"experiment {cfg.path!r} already exists; resume it with --resume {cfg.name} "
                              f"or choose another --name")
-    if resume and _search_over(cfg):
-        log(f"search {cfg.name!r} had finished already; nothing to resume: {cfg.path}")
+    if resume and search_over(cfg):
+        log(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
         return cfg.path
+    check_paths(cfg)
+    warm = None
+    if cfg.warm_start and not resume:  # a resumed search has its carried trials already
+        from .warm_start import check_source
+
+        warm = check_source(cfg)
     suite, space, base_state = prepare_inputs(cfg)
+    from .claim import claimed
+
+    with claimed(cfg.path) if not is_uri(cfg.storage) else contextlib.nullcontext():
+        if not resume and experiment_exists(cfg):  # another driver created it since the first look
+            raise PrunefuseError(f"experiment {cfg.path!r} already exists; resume it with --resume {cfg.name} "
+                                 f"or choose another --name")
+        if resume and search_over(cfg):
+            log(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
+            return cfg.path
+        return _run_claimed(cfg, suite, space, base_state, resume=resume, log=log, warm=warm)
+
+
+def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None) -> str:
     from .cluster import check_fits, connect
 
     started = time.time()
@@ -235,19 +280,30 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
     if dense is None:
         dense = measure_dense(cfg, suite, art)
         write_text(join(cfg.path, DENSE_FILE), json.dumps(dense, indent=1))
-    log(f"dense base: accuracy {dense['accuracy']:.4f}, {dense['params']:,} params, "
+    log(f"dense base: {', '.join(f'{t} {v:.4g}' for t, v in dense['dense_val'].items())}; {dense['params']:,} params, "
         f"{dense['latency_ms']:.3f} ms @ batch {dense['latency_batch']}")
-    restore = resume and can_restore(cfg)
+    if not (resume and _saved_json(cfg, CONTROL_FILE)):
+        control = measure_control(cfg, suite, art, space, log)
+        write_text(join(cfg.path, CONTROL_FILE), json.dumps(control, indent=1))
+        tasks = ", ".join(f"{k.removeprefix(TASK_METRIC)} {v:.4g}" for k, v in control.items() if k.startswith(TASK_METRIC))
+        log(f"dense control (the base fine-tuned as every trial is): {tasks}")
+    remaining = cfg.trials
     if resume:
-        log(f"resuming search {cfg.name!r} from {cfg.path}" if restore else
-            f"search {cfg.name!r} had started no trials before it stopped; starting them now")
-    tuner = make_tuner(cfg, suite, space, art, dense, restore=restore)
-    results = tuner.fit()
-    _after_fit(cfg, results, log, resumed=resume)
+        remaining = _settle_stopped_driver(cfg, dense, log)
+    elif warm is not None:
+        from .warm_start import carry_over
+
+        carry_over(cfg, warm, study_url=study_url(cfg), old_study_url=study_url(warm),
+                   floors=task_floors(cfg, dense), log=log)
+    results = []
+    if remaining is None or remaining > 0:
+        tuner = make_tuner(cfg, suite, space, art, dense, trials=remaining)
+        results = tuner.fit()
+    _after_fit(cfg, results, log)
     elapsed = time.time() - started
     from .progress import ProgressPrinter
 
-    printer = ProgressPrinter.last
+    printer = ProgressPrinter.last if results else None
     write_text(join(cfg.path, FINISHED_FILE), json.dumps({
         "wall_s": elapsed, "finished_at": time.time(), "resumed": bool(resume),
         "trial_wall_s": dict(printer.wall_s) if printer else {}}))
@@ -258,7 +314,36 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
     return cfg.path
 
 
-def _search_over(cfg: SearchConfig) -> bool:
+def _settle_stopped_driver(cfg: SearchConfig, dense: dict, log) -> int | None:
+    """How many trials are still to run after settling what the stopped driver left."""
+    from .resume import reconcile
+
+    if is_uri(cfg.storage):
+        raise PrunefuseError(f"--resume needs the experiment on a local or shared folder; {cfg.storage!r} is a URI")
+    ended = reconcile(cfg.path, study_url(cfg), cfg.name, cfg.objectives, floors=task_floors(cfg, dense), log=log)
+    if cfg.trials is None:
+        log(f"resuming search {cfg.name!r} from {cfg.path}: {ended} trial(s) ended, a new --time-budget of "
+            f"{cfg.time_budget_s:g} s for the rest")
+        return None
+    remaining = max(0, cfg.trials - ended)
+    log(f"resuming search {cfg.name!r} from {cfg.path}: {ended} of {cfg.trials} trials ended, {remaining} to run")
+    return remaining
+
+
+def check_paths(cfg: SearchConfig) -> None:
+    """The storage and the artifact cache are folders this driver can write: found before Ray starts."""
+    from spaces.files import check_writable_folder
+
+    if is_uri(cfg.storage):
+        return
+    check_writable_folder(cfg.storage, "--storage")
+    check_writable_folder(artifact_cache(cfg), "artifact cache")
+    if cfg.base_checkpoint and not os.path.isfile(cfg.base_checkpoint):
+        raise PrunefuseError(f"base checkpoint {cfg.base_checkpoint!r} not found" if not os.path.exists(
+            cfg.base_checkpoint) else f"base checkpoint {cfg.base_checkpoint!r} is not a file")
+
+
+def search_over(cfg: SearchConfig) -> bool:
     from .config import read_text
 
     try:
@@ -269,44 +354,35 @@ def _search_over(cfg: SearchConfig) -> bool:
 
 
 def _saved_dense(cfg: SearchConfig) -> dict | None:
+    return _saved_json(cfg, DENSE_FILE)
+
+
+def _saved_json(cfg: SearchConfig, name: str) -> dict | None:
+    """An experiment file the stopped driver wrote (a resume reuses it), or None."""
     from .config import read_text
 
     try:
-        return json.loads(read_text(join(cfg.path, DENSE_FILE)))
+        return json.loads(read_text(join(cfg.path, name)))
     except (PrunefuseError, ValueError):
         return None
 
 
-def _after_fit(cfg: SearchConfig, results, log, *, resumed: bool) -> None:
-    """Tidy what a dead driver may have left: Optuna trials still RUNNING (no Tune trial will
-    ever tell them) become FAIL; trial folders Tune's last snapshot did not know (their trial
-    was replaced on resume) move to EXPERIMENT/_orphans so every trial_* folder is a trial."""
+def _after_fit(cfg: SearchConfig, results, log) -> None:
+    """Optuna trials still RUNNING when fit() returned (no Tune trial will ever tell them)
+    become FAIL; a retried trial's earlier error is kept aside."""
     from .optuna_search import fail_stale_trials
 
     try:
         stale = fail_stale_trials(study_url(cfg), cfg.name)
-    except Exception as exc:  # the study is a by-product; never fail a finished search over it
-        log(f"could not tidy the Optuna study: {exc}")
+    except Exception as exc:  # noqa: BLE001 (any storage error) the study is a by-product: say so, go on
+        log(f"could not tidy the Optuna study: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         stale = 0
     if stale:
-        log(f"marked {stale} Optuna trial(s) left running by a stopped driver as failed")
-    _keep_retried_errors_aside(results)
-    if not resumed or is_uri(cfg.storage):
-        return
-    from pathlib import Path
-
-    known = {Path(str(r.path)).name for r in results if getattr(r, "path", None)}
-    orphans = [d for d in Path(cfg.path).glob("trial_*") if d.is_dir() and d.name not in known]
-    if orphans and known:
-        target = Path(cfg.path) / "_orphans"
-        target.mkdir(exist_ok=True)
-        for d in orphans:
-            d.replace(target / d.name)
-        log(f"moved {len(orphans)} trial folder(s) of a stopped driver that the resumed search replaced "
-            f"to {target}")
+        log(f"marked {stale} Optuna trial(s) that did not end as failed")
+    _keep_retried_errors_aside(results, log)
 
 
-def _keep_retried_errors_aside(results) -> None:
+def _keep_retried_errors_aside(results, log=print) -> None:
     """A trial that failed, was retried (--retries) and then finished is a finished trial:
     Tune leaves the earlier failure in its error.txt, which readers take as "failed"; it
     moves to error_retried.txt."""
@@ -315,10 +391,10 @@ def _keep_retried_errors_aside(results) -> None:
             continue
         fs = r.filesystem
         src, dst = f"{r.path}/error.txt", f"{r.path}/error_retried.txt"
-        try:
-            from pyarrow import fs as pafs
+        from pyarrow import fs as pafs
 
+        try:
             if fs.get_file_info(src).type == pafs.FileType.File:
                 fs.move(src, dst)
-        except Exception:
-            pass
+        except OSError as exc:  # the report would show the trial failed: say why it could not be fixed
+            log(f"could not move {src} aside: {exc}")

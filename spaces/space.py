@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from .errors import PrunefuseError
 from .files import read_yaml, validation_message
 from .knobs import Knob
-from .policy import Finetune, Fusion, Policy, Pruning, Weighting, _Strict
+from .policy import Distill, Finetune, Fusion, Policy, Pruning, Quantization, Weighting, _Strict
 
 
 class Range(_Strict):
@@ -58,6 +58,19 @@ class FinetuneSpace(_Strict):
     lr: Choice = 1e-3
     batch_size: Choice = 256
     precision: Choice = "fp32"             # fp32 | bf16 | fp16 (fp16: CUDA only)
+    distill: Optional["DistillSpace"] = None  # knowledge distillation (None: labels only)
+
+
+class DistillSpace(_Strict):
+    weight: Choice = 1.0                   # a range with low 0 lets the search turn it off
+    temperature: Choice = 2.0
+    teacher: Choice = "dense"              # dense | fused
+
+
+class QuantizationSpace(_Strict):
+    method: Choice = "none"                # none | dynamic_int8 | static_int8 (ONNX Runtime; needs
+                                           # --latency-backend onnxruntime, where the int8 graph runs)
+    calibration_samples: Choice = 512      # static_int8: training rows calibrating activation ranges
 
 
 class SpaceSpec(_Strict):
@@ -65,6 +78,7 @@ class SpaceSpec(_Strict):
     weighting: WeightingSpace = WeightingSpace()
     fusion: FusionSpace = FusionSpace()
     finetune: FinetuneSpace = FinetuneSpace()
+    quantization: QuantizationSpace = QuantizationSpace()
 
     @classmethod
     def from_yaml(cls, path) -> "SpaceSpec":
@@ -76,7 +90,7 @@ class SpaceSpec(_Strict):
 
 
 # Knobs drawn as whole numbers when given as a range.
-INTEGER_KNOBS = {"pruning.steps", "pruning.round_to", "finetune.batch_size"}
+INTEGER_KNOBS = {"pruning.steps", "pruning.round_to", "finetune.batch_size", "quantization.calibration_samples"}
 
 
 def _suggest(trial, name: str, choice: Choice):
@@ -107,6 +121,10 @@ _POLICY_FIELD = {
     "fusion.coefficient": (Fusion, "coefficients"), "fusion.finetune_epochs": (Fusion, "finetune_epochs"),
     "finetune.epochs": (Finetune, "epochs"), "finetune.lr": (Finetune, "lr"),
     "finetune.batch_size": (Finetune, "batch_size"), "finetune.precision": (Finetune, "precision"),
+    "finetune.distill.weight": (Distill, "weight"), "finetune.distill.temperature": (Distill, "temperature"),
+    "finetune.distill.teacher": (Distill, "teacher"),
+    "quantization.method": (Quantization, "method"),
+    "quantization.calibration_samples": (Quantization, "calibration_samples"),
 }
 _ALLOWED = {"pruning.scope": ("layerwise", "global")}  # a space-only choice: no policy field holds it
 
@@ -203,11 +221,15 @@ class SearchSpace:
                                      f"{', '.join(self.importances)}")
 
     def _entries(self):
-        for section in ("pruning", "weighting", "fusion", "finetune"):
+        for section in ("pruning", "weighting", "fusion", "finetune", "quantization"):
             part = getattr(self.spec, section)
             for field in type(part).model_fields:
-                if field != "layerwise":
-                    yield f"{section}.{field}", getattr(part, field)
+                value = getattr(part, field)
+                if isinstance(value, DistillSpace):  # a nested section: its own entries
+                    for sub in type(value).model_fields:
+                        yield f"{section}.{field}.{sub}", getattr(value, sub)
+                elif field != "layerwise" and field != "distill":
+                    yield f"{section}.{field}", value
 
     @property
     def precisions(self) -> list:
@@ -215,9 +237,31 @@ class SearchSpace:
         return _corners(self.spec.finetune.precision)
 
     @property
+    def quantizes(self) -> bool:
+        """Whether a trial may draw an int8 method (its latency is then ONNX Runtime's)."""
+        return any(m != "none" for m in _corners(self.spec.quantization.method))
+
+    @property
     def fuses(self) -> bool:
         m = self.spec.fusion.method
         return any(x not in (None, "none") for x in (m if isinstance(m, list) else [m]))
+
+    def control_policy(self) -> Policy:
+        """The equal-budget dense control: no fusion, nothing pruned, no quantization, and the
+        trials' fine-tune. Where the space draws a fine-tune knob, the control takes the most
+        training a trial can get (the largest epochs) and the first value of the others, so a
+        trial can never look better than the control for having trained longer. Weighting:
+        the space's method when it is one fixed method other than `static` (whose weights
+        are drawn per trial), else `equal`; its knobs at their defaults."""
+        f, w = self.spec.finetune, self.spec.weighting
+        finetune = {k: _corners(getattr(f, k))[0] for k in ("lr", "batch_size", "precision")}
+        finetune["epochs"] = max(_corners(f.epochs))
+        methods = _corners(w.method)
+        method = methods[0] if len(methods) == 1 and methods[0] != "static" else "equal"
+        return Policy.from_dict({
+            "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "base": self.base,
+            "weighting": {"method": method}, "finetune": finetune, "seed": self.seed,
+        }, source="search space (dense control)")
 
     def hardest_pruning(self) -> list[Policy]:
         """The hardest pruning a trial may draw, once per mode (and, structured, per round_to)
@@ -238,7 +282,8 @@ class SearchSpace:
         return Policy.from_dict({
             "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "base": self.base,
             "weighting": self._weighting(trial), "fusion": self._fusion(trial),
-            "pruning": self._pruning(trial), "finetune": self._finetune(trial), "seed": self.seed,
+            "pruning": self._pruning(trial), "finetune": self._finetune(trial),
+            "quantization": self._quantization(trial), "seed": self.seed,
         }, source="search space")
 
     def _pruning(self, trial) -> dict:
@@ -281,4 +326,15 @@ class SearchSpace:
 
     def _finetune(self, trial) -> dict:
         f = self.spec.finetune
-        return {k: _suggest(trial, f"finetune.{k}", getattr(f, k)) for k in ("epochs", "lr", "batch_size", "precision")}
+        out = {k: _suggest(trial, f"finetune.{k}", getattr(f, k)) for k in ("epochs", "lr", "batch_size", "precision")}
+        if f.distill is not None:
+            out["distill"] = {k: _suggest(trial, f"finetune.distill.{k}", getattr(f.distill, k))
+                              for k in ("weight", "temperature", "teacher")}
+        return out
+
+    def _quantization(self, trial) -> dict:
+        q = self.spec.quantization
+        out = {"method": _suggest(trial, "quantization.method", q.method)}
+        if out["method"] == "static_int8":
+            out["calibration_samples"] = _suggest(trial, "quantization.calibration_samples", q.calibration_samples)
+        return out

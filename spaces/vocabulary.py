@@ -30,6 +30,9 @@ MEAN_SCORE = "score"            # the default objective, the ASHA metric, export
 # timed section's wall-clock bounds.
 MEASUREMENT_FACTS = ("latency_batch", "threads", "device", "device_name", "cuda_peak_mb", "latency_ms_half",
                      "half_precision", "lock_wait_s", "timed_from", "timed_to")
+# Which runtime timed latency_ms (mtl_models.deploy); an int8 policy's method and its fp32 model's figures.
+MEASUREMENT_FACTS += ("latency_backend", "quantization", "fp32_score", "fp32_bytes", "fp32_latency_ms")
+LATENCY_BACKENDS = ("torch", "onnxruntime")  # what times latency (`--latency-backend`); results say which
 TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
 TASK_TEST_METRIC = "test/"      # test/<task>: the same on the test split
 
@@ -74,10 +77,12 @@ DENSE_KINDS = ("segmentation", "depth", "normals")   # heads that emit a map per
 
 CONFIG_FILE = "prunefuse.json"        # the SearchConfig: what the search was asked to do
 DENSE_FILE = "dense.json"             # the dense base measured like a trial
+CONTROL_FILE = "control.json"         # the equal-budget dense control: the base fine-tuned as trials are
 FINISHED_FILE = "finished.json"       # written when fit() returns; absent while running or after a crash
 REMEASURED_FILE = "remeasured.json"   # `report --remeasure`'s latencies of the front
 STUDY_DB = "optuna.db"                # the Optuna study (SQLite)
 FINAL_FILE = "final.json"             # inside trial_<id>/: the trial's final result, written before Tune sees it
+CARRIED_FILE = "carried.json"         # inside trial_<id>/: a trial carried over by --warm-start (from where)
 POLICY_FILE = "policy.yaml"           # inside trial_<id>/ (the trial's policy) and the experiment (the knee's)
 REPORT_FILE = "report.html"           # the Pareto report
 

@@ -213,3 +213,47 @@ def test_a_malformed_experiment_file_is_one_line(tmp_path):
     assert "not valid JSON" in _one_line_error(*run_cli("export", exp, "--knee", "-o", tmp_path / "p.yaml")[::2])
     assert "not a prunefuse experiment file" in _one_line_error(
         *run_cli("search", "--resume", "broken", "--storage", tmp_path / "runs")[::2])
+
+
+def test_the_dense_control_gets_exactly_the_trials_fine_tune(experiment):
+    """control.json: the base fine-tuned with the trials' own fine-tune (epochs, lr, batch size,
+    precision, seed), unpruned and unfused, measured like a trial; the report draws it."""
+    from spaces import Policy
+
+    root, exp, out = experiment
+    control = json.loads((exp / "control.json").read_text())
+    policy = Policy.from_dict(control["policy"])
+    for trial in sorted(exp.glob("trial_*")):
+        trial_policy = Policy.from_yaml(trial / "policy.yaml")
+        assert policy.finetune == trial_policy.finetune and policy.seed == trial_policy.seed
+        assert policy.base == trial_policy.base and policy.model == trial_policy.model
+    assert policy.fusion is None and not policy.pruning.sparsity and policy.pruning.global_sparsity is None
+    dense = json.loads((exp / "dense.json").read_text())
+    assert control["params"] == dense["params"]  # nothing pruned
+    assert any(control[k] != dense[k] for k in control if k.startswith("metric/"))  # but it was fine-tuned
+    assert "dense control (the base fine-tuned as every trial is)" in out
+    html = (exp / "report.html").read_text()
+    assert '"name":"dense control"' in html and "Δm% vs control" in html and "<dt>dense control</dt>" in html
+
+
+def test_export_floors_against_the_control(experiment, tmp_path):
+    root, exp, _ = experiment
+    code, out, err = run_cli("export", exp, "--knee", "--max-task-drop", 100, "--floors-vs", "control",
+                             "-o", tmp_path / "p.yaml", cwd=root)
+    assert code == 0, err
+    # floors no trial can meet: one line, nothing written
+    code, out, err = run_cli("export", exp, "--knee", "--max-task-drop", 0, "--floors-vs", "control",
+                             "-o", tmp_path / "q.yaml", cwd=root)
+    assert code == 2 and not (tmp_path / "q.yaml").exists() and len(err.strip().splitlines()) == 1
+
+
+def test_export_against_a_control_an_old_experiment_lacks(experiment, tmp_path):
+    import shutil
+
+    root, exp, _ = experiment
+    old = tmp_path / "old"
+    shutil.copytree(exp, old)
+    (old / "control.json").unlink()
+    code, out, err = run_cli("export", old, "--knee", "--max-task-drop", 5, "--floors-vs", "control",
+                             "-o", tmp_path / "p.yaml", cwd=root)
+    assert code == 2 and "no dense control" in err and not (tmp_path / "p.yaml").exists()
