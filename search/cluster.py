@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from spaces.errors import PrunefuseError
+from spaces.vocabulary import PLUGIN_PATH_ENV
 
 # What workers never need from the project folder when code ships through runtime_env.
 RUNTIME_EXCLUDES = [".venv", ".venv/**", "runs", "runs/**", ".git", "**/__pycache__", "*.db", "data", "*.parquet",
@@ -45,7 +46,7 @@ def plugin_module_path(suite_name: str | None, cwd: str | None = None) -> str | 
 
 def runtime_env_for(address: str | None, suite_name: str | None = None) -> dict:
     """What Ray needs to run a trial on any node."""
-    env: dict = {"env_vars": {"PRUNEFUSE_PLUGIN_PATH": os.getcwd()}}
+    env: dict = {"env_vars": {PLUGIN_PATH_ENV: os.getcwd()}}
     if address is None:
         return env  # embedded: workers run on this machine with this interpreter and folder
     if ships_source():
@@ -114,7 +115,7 @@ def connect(address: str | None, *, num_cpus: int | None = None, suite_name: str
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Trials import plugin suites from the folder the search was started in.
-    os.environ["PRUNEFUSE_PLUGIN_PATH"] = os.getcwd()
+    os.environ[PLUGIN_PATH_ENV] = os.getcwd()
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR",
                   runtime_env=runtime_env_for(address, suite_name))
     if address is None:

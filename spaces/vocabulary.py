@@ -87,6 +87,13 @@ POLICY_FILE = "policy.yaml"           # inside trial_<id>/ (the trial's policy) 
 REPORT_FILE = "report.html"           # the Pareto report
 
 
+# --- where Ray workers import plugin suites from ---
+
+# The driver's working folder, handed to every trial's process: a plugin suite
+# (`package.module:function`) is imported from the folder the search was started in.
+PLUGIN_PATH_ENV = "PRUNEFUSE_PLUGIN_PATH"
+
+
 # --- the suite spec: {"name": ..., **options}, which rebuilds a suite ---
 
 def suite_spec(name: str, options: dict) -> dict:

@@ -20,7 +20,7 @@ import re
 import sys
 
 from spaces.errors import PrunefuseError, unknown_name
-from spaces.vocabulary import split_suite_spec
+from spaces.vocabulary import PLUGIN_PATH_ENV, TASK_KINDS, split_suite_spec
 
 from .base import Split, Task, TaskSuite
 
@@ -32,10 +32,10 @@ SUITES = {
     "synthetic": "mtl_models.suites.synthetic:make_synthetic",
     "tabular": "mtl_models.suites.tabular:make_tabular",
     "sequences": "mtl_models.suites.sequences:make_sequences",
+    "scenes": "mtl_models.suites.scenes:make_scenes",
 }
 
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-_KINDS = ("classification", "regression")
 
 
 def _load(target: str):
@@ -44,7 +44,7 @@ def _load(target: str):
                              f"my_package.suites:make_suite")
     module_name, _, func_name = target.partition(":")
     # Plugins live in the user's project: import them from the folder the search ran in.
-    for folder in (os.environ.get("PRUNEFUSE_PLUGIN_PATH", ""), os.getcwd()):
+    for folder in (os.environ.get(PLUGIN_PATH_ENV, ""), os.getcwd()):
         if folder and folder not in sys.path:
             sys.path.insert(0, folder)
     try:
@@ -120,8 +120,8 @@ def _check_suite(name: str, suite: TaskSuite) -> None:
         if not re.match(r"^[A-Za-z_]\w*$", t.name) or t.name in seen:
             raise PrunefuseError(f"{where}: task name {t.name!r} must be unique letters, digits and _")
         seen.add(t.name)
-        if t.kind not in _KINDS:
-            raise PrunefuseError(f"{where}: task {t.name!r} has kind {t.kind!r}; expected one of: {', '.join(_KINDS)}")
+        if t.kind not in TASK_KINDS:
+            raise PrunefuseError(f"{where}: task {t.name!r} has kind {t.kind!r}; expected one of: {', '.join(TASK_KINDS)}")
         if t.metric not in METRICS:
             raise PrunefuseError(f"{where}: task {t.name!r} has metric {t.metric!r}; expected one of: "
                                  f"{', '.join(sorted(METRICS))}")
@@ -192,6 +192,18 @@ def check_model(model, suite: TaskSuite, *, where: str = "the model", forward: b
                              f"{sorted(suite.task_names)}; got {got}")
     for t in suite.tasks:
         shape = tuple(out[t.name].shape)
-        want = (2, t.num_outputs)
+        want = expected_output_shape(t, suite.val.y[t.name][:2])
         if shape != want and not (t.kind == "regression" and shape == (2,)):
             raise PrunefuseError(f"{where}: head {t.name!r} outputs shape {shape} for a batch of 2; expected {want}")
+
+
+def expected_output_shape(task: Task, labels) -> tuple[int, ...]:
+    """The shape a head's output must have for these labels (see `Task` for each kind)."""
+    n, rest = labels.shape[0], tuple(labels.shape[1:])
+    if task.kind == "segmentation":
+        return (n, task.num_outputs, *rest)
+    if task.kind == "depth":
+        return (n, 1, *rest)
+    if task.kind == "normals":
+        return tuple(labels.shape)
+    return (n, task.num_outputs)
