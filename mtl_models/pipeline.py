@@ -212,6 +212,18 @@ def _latencies(model, example, spec: MeasureSpec) -> dict:
     return {**out, **slot.facts()}
 
 
+def distill_teacher(suite, policy: Policy, artifacts: Artifacts, start):
+    """The frozen teacher of the fine-tune's distillation (None without one): the dense base, or
+    `start`, the model the cycle begins with (merged when the policy fuses), before pruning."""
+    from .distill import teacher_for
+
+    d, ft = policy.finetune.distill, policy.finetune
+    if d is None or d.weight <= 0 or ft.epochs <= 0:
+        return None
+    return teacher_for(d.teacher, start=start, dense_state=artifacts.base,
+                       build=lambda: suite.build_model(**policy.model))
+
+
 def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: MeasureSpec = MeasureSpec(),
                  on_step=None):
     """Run the whole cycle; returns (compressed model, final metrics).
@@ -233,13 +245,15 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
 
     p, ft = policy.pruning, policy.finetune
     metrics = {}
+    teacher = distill_teacher(suite, policy, artifacts, model.to(device))
 
     def after_step(step, m):
         check_finite(m, f"the model pruned in step {step} of {p.steps}", calib)
         if ft.epochs > 0:
             train(m, suite, epochs=ft.epochs / p.steps, lr=ft.lr, batch_size=ft.batch_size,
                   weighting=weighting_spec(policy), seed=policy.seed + step, device=device,
-                  precision=ft.precision)
+                  precision=ft.precision, teacher=teacher,
+                  distill=ft.distill.model_dump() if teacher is not None else None)
         metrics.clear()
         metrics.update(measure_model(without_masks(m), suite, artifacts, measure_spec))
         if on_step:

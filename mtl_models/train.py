@@ -17,7 +17,7 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
           weighting: dict | None = None, tasks: list[str] | None = None, seed: int = 0,
           device: str = "cpu", weight_decay: float = 0.0, on_epoch=None,
           anchor: dict[str, torch.Tensor] | None = None, anchor_weight: float = 0.0,
-          precision: str = "fp32") -> list[dict[str, float]]:
+          precision: str = "fp32", teacher=None, distill: dict | None = None) -> list[dict[str, float]]:
     """Train `model` in place on `suite.train` with Adam; returns each epoch's mean task losses.
 
     `tasks` restricts the loss to some tasks (an expert or a single-task reference);
@@ -27,8 +27,11 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
     adds `anchor_weight` × its mean squared deviation from them, over their variance.
     `precision` ("fp32", "bf16", "fp16"): the forward pass and losses run under autocast,
     weights and optimizer state stay fp32; fp16 scales the loss (a GradScaler) and needs CUDA.
+    `teacher` (a frozen model) with `distill` ({weight, temperature}): each batch also learns
+    the teacher's outputs on it, computed once with no grad (`mtl_models.distill`).
     """
     from .device import autocast, check_precision, grad_scaler
+    from .distill import combined as distill_term
     from .weighting import make_weighter
 
     check_precision(precision, device)  # fp16 on the CPU fails here, before any step
@@ -68,6 +71,11 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
             out = {t: o.float() for t, o in out.items()}
             losses = {t: task_loss(suite.task(t), out[t], data.y[t][idx].to(device)) for t in tasks}
             total = weighter.combine(losses, shared_params=shared)
+            if teacher is not None:
+                with torch.no_grad(), autocast(precision, device):
+                    taught = teacher(x)
+                total = total + distill_term([suite.task(t) for t in tasks], out, taught,
+                                             weight=distill["weight"], temperature=distill["temperature"])
             for t, target in anchor.items():
                 total = total + anchor_weight * ((out[t] - target[idx.to(device)]) ** 2).mean() / anchor_scale[t]
             if not torch.isfinite(total):

@@ -73,11 +73,27 @@ class Pruning(_Strict):
         return self
 
 
+class Distill(_Strict):
+    """Knowledge distillation in the fine-tune (mtl_models.distill): KL at `temperature` for
+    class-logit heads, MSE to the teacher's outputs for the others, mixed in by `weight`."""
+    weight: float = Field(1.0, ge=0.0, le=100.0)
+    temperature: float = Field(2.0, gt=0.0, le=100.0)
+    teacher: Literal["dense", "fused"] = "dense"  # the dense base, or the (fused) model before pruning
+
+
 class Finetune(_Strict):
     epochs: float = Field(2.0, ge=0.0, le=100.0)  # total; spread evenly over the pruning steps
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(256, ge=1, le=1 << 20)
     precision: Precision = "fp32"             # latency is also timed in bf16 / fp16 on CUDA
+    distill: Optional[Distill] = None         # None: labels only
+
+
+class Quantization(_Strict):
+    """Post-training int8 quantization after the fine-tune (mtl_models.quantize, by ONNX Runtime);
+    the quantized model is the one measured, exported and timed in ONNX Runtime."""
+    method: Literal["none", "dynamic_int8", "static_int8"] = "none"
+    calibration_samples: int = Field(512, ge=1, le=1 << 20)  # static_int8: training rows calibrating activations
 
 
 class Base(_Strict):
@@ -102,6 +118,7 @@ class Policy(_Strict):
     fusion: Optional[Fusion] = None
     pruning: Pruning = Pruning()
     finetune: Finetune = Finetune()
+    quantization: Quantization = Quantization()
     seed: int = 0
     provenance: Optional[dict[str, Any]] = None  # written by export: experiment, trial, metrics
 
