@@ -1,10 +1,10 @@
 """Reload of anything pruning can change: a structurally pruned model saved as a plain state dict
 comes back (fresh model, `checkpoint.resize_to`, strict load) computing what the saved one did.
 
-Pruned with torch-pruning directly (50% of every coupled group, heads' outputs kept), so these
-tests pin the reload, not a policy format: every built-in trunk (parametrized over
-`models.TRUNKS`, so new trunks are covered when they are added), the shapes example, and
-models written the way people write them: a torchvision-style ResNet (BasicBlock stages,
+Every built-in trunk (parametrized over `models.TRUNKS`, so new trunks are covered when they
+are added) and the shapes example are pruned by prunefuse's own structured pruning (half the
+units, ranked globally); models written the way people write them are pruned by torch-pruning
+directly (50% of every coupled group, heads' outputs kept): a torchvision-style ResNet (BasicBlock stages,
 1×1 downsample branches), a MobileNetV2-style net (inverted residuals, depthwise convs,
 a grouped conv) and a token model (nn.Embedding, a cls token, a position embedding,
 LayerNorm).
@@ -151,6 +151,15 @@ def prune_half(model, x):
     return trained_like(model, x, seed=1)
 
 
+def prune_with_prunefuse(model, x):
+    """Half of the trunk's units, ranked globally, by prunefuse's own structured pruning (which
+    removes whole attention heads: the form `resize` gives back)."""
+    from mtl_models.pruning import prune
+
+    prune(model, {}, global_sparsity=0.5, example_inputs=x)
+    return trained_like(model, x, seed=1)
+
+
 def outputs(model, x):
     with torch.no_grad():
         return model.eval()(x)
@@ -286,7 +295,9 @@ def test_every_builtin_trunk_reloads_after_pruning(trunk, tiny_suite, tmp_path):
     model = suite.build_model(trunk=trunk)
     _needs_a_resizer_not_written_yet(model)
     x = suite.train.x[:16]
-    prune_half(trained_like(model, x), x)
+    dense = {k: v.shape for k, v in model.state_dict().items()}
+    prune_with_prunefuse(trained_like(model, x), x)
+    assert any(dense[k] != v.shape for k, v in model.state_dict().items())
     checkpoint.save(model, tiny_policy(suite, model={"trunk": trunk}), {}, tmp_path / trunk)
     loaded, _ = checkpoint.load(tmp_path / trunk)
     assert_same_outputs(loaded, model, suite.test.x[:16])
@@ -298,7 +309,7 @@ def test_the_shapes_example_reloads_after_pruning(trunk, tmp_path):
     torch.manual_seed(0)
     model = suite.build_model(trunk=trunk)
     x = suite.train.x[:16]
-    prune_half(trained_like(model, x), x)
+    prune_with_prunefuse(trained_like(model, x), x)
     checkpoint.save(model, tiny_policy(suite, model={"trunk": trunk}), {}, tmp_path / trunk)
     loaded, _ = checkpoint.load(tmp_path / trunk)
     assert type(loaded).__name__ == "ShapesNet"
