@@ -5,5 +5,5 @@ Submodules are imported by name (`from mtl_models import fusion`); nothing heavy
 imported here, so `import mtl_models.suites` stays cheap.
 """
 
-__all__ = ["artifacts", "checkpoint", "fusion", "measure", "models", "pipeline", "pruning", "suites",
-           "tasks", "train", "weighting"]
+__all__ = ["artifacts", "checkpoint", "deploy", "fusion", "measure", "models", "pipeline", "pruning", "quantize",
+           "suites", "tasks", "train", "weighting"]

@@ -24,7 +24,10 @@ from spaces.policy import Policy
 from .resize import RESIZERS, resize_to  # noqa: F401  (how each module type takes saved shapes)
 
 
-def save(model, policy: Policy, metrics: dict, out_dir) -> Path:
+SAVED_FILES = {"model.pt", "policy.yaml", "metrics.json", "model.onnx"}  # what `save` writes
+
+
+def save(model, policy: Policy, metrics: dict, out_dir, *, files: dict | None = None) -> Path:
     """Write model.pt + policy.yaml + metrics.json into `out_dir`, replacing it only when complete.
 
     An existing model folder is swapped for the new one in one atomic exchange of names
@@ -41,6 +44,8 @@ def save(model, policy: Policy, metrics: dict, out_dir) -> Path:
         _write_synced(staging / "model.pt", buffer.getvalue())
         _write_synced(staging / "policy.yaml", policy.to_yaml().encode())
         _write_synced(staging / "metrics.json", json.dumps(metrics, indent=1, default=str).encode())
+        for name, data in (files or {}).items():  # model.onnx: SAVED_FILES names what may be here
+            _write_synced(staging / name, data)
         if out.exists():
             if _exchange(staging, out):
                 shutil.rmtree(staging, ignore_errors=True)   # now the old model
@@ -117,7 +122,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _replaceable(folder: Path) -> bool:
     """Only an empty folder or an earlier `save` may be replaced: never a user's other files."""
     names = {p.name for p in folder.iterdir()}
-    return not names or names <= {"model.pt", "policy.yaml", "metrics.json"} and "model.pt" in names
+    return not names or names <= SAVED_FILES and "model.pt" in names
 
 
 def load(out_dir, *, suite=None):

@@ -15,7 +15,7 @@ from spaces.knobs import coerce_number
 from spaces.policy import Policy
 from spaces.scores import mean_score
 
-from . import fusion, measure
+from . import deploy, fusion, measure, quantize
 from .artifacts import Artifacts
 from .finite import check_finite
 from .device import check_precision, device_name, half_dtype
@@ -34,10 +34,12 @@ class MeasureSpec:
     warmup: int = 5
     device: str = "cpu"        # set per job by mtl_models.device.job_device, not by the user
     precision: str = "fp32"    # the policy's fine-tune precision: bf16 / fp16 also time latency in it on CUDA
+    latency_backend: str = "torch"  # torch (eager) | onnxruntime (the exported graph): mtl_models.deploy
 
     def __post_init__(self):
         for name, low in (("latency_batch", 1), ("threads", 1), ("runs", 1), ("warmup", 0)):
             object.__setattr__(self, name, coerce_number("measure", name, getattr(self, name), int, low=low))
+        deploy.check_backend(self.latency_backend)
 
 
 def _first_difference(policy_spec: dict, here: dict) -> tuple[str, str]:
@@ -204,12 +206,47 @@ def _latencies(model, example, spec: MeasureSpec) -> dict:
 
     timing = dict(threads=spec.threads, runs=spec.runs, warmup=spec.warmup, device=spec.device)
     half = half_dtype(spec.precision, spec.device)
+    timed = deploy.for_backend(model, example, spec.latency_backend)  # an ONNX export happens before the lock
     with timed_alone() as slot:
-        out = {"latency_ms": measure.latency_ms(model, example, **timing)}
+        out = {"latency_ms": deploy.latency_ms(timed, example, backend=spec.latency_backend, **timing),
+               "latency_backend": spec.latency_backend}
         if half is not None:
             out.update(latency_ms_half=measure.latency_ms(model, example, **timing, dtype=half),
                        half_precision=spec.precision)
     return {**out, **slot.facts()}
+
+
+def check_quantized_backend(method: str, backend: str) -> None:
+    """An int8 graph runs in ONNX Runtime only; timing it beside torch-eager trials would mix runtimes."""
+    if method != "none" and backend != "onnxruntime":
+        raise PrunefuseError(f"quantization {method!r} makes an ONNX Runtime int8 graph; time it (and the dense "
+                             f"base) with --latency-backend onnxruntime, not {backend!r}")
+
+
+def measure_quantized(model, suite, policy: Policy, artifacts: Artifacts, spec: MeasureSpec, fp32: dict) -> dict:
+    """The metrics that quantization changes, taken on the int8 graph in ONNX Runtime (on the
+    CPU): task quality, `bytes` (int8 weights at one byte), latency; the fp32 model's score,
+    bytes and latency stay beside them as fp32_*. Parameters and MACs are the fp32 model's."""
+    from .timing_lock import timed_alone
+
+    q = quantize.quantize(model, suite, policy.quantization, threads=spec.threads)
+    val, test = evaluate(q, suite, "val"), evaluate(q, suite, "test")
+    reference = artifacts.references.get("val") or artifacts.dense_metrics["val"]
+    higher = {t.name: t.higher_is_better for t in suite.tasks}
+    out = {f"fp32_{k}": fp32[k] for k in ("score", "bytes", "latency_ms")}
+    with timed_alone():
+        latency = deploy.latency_ms(q, suite.example_inputs(spec.latency_batch), backend="onnxruntime",
+                                    threads=spec.threads, runs=spec.runs, warmup=spec.warmup)
+    out.update({
+        "score": mean_score(val, artifacts.dense_metrics["val"], suite.senses),
+        "test_score": mean_score(test, artifacts.dense_metrics["test"], suite.senses),
+        "delta_m": measure.delta_m(val, reference, higher),
+        "bytes": deploy.graph_bytes(q.onnx_model), "latency_ms": latency,
+        "latency_backend": "onnxruntime", "device": "cpu", "quantization": policy.quantization.method,
+    })
+    out.update({f"metric/{t}": v for t, v in val.items()})
+    out.update({f"test/{t}": v for t, v in test.items()})
+    return out
 
 
 def distill_teacher(suite, policy: Policy, artifacts: Artifacts, start):
@@ -232,6 +269,7 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     trial can report each step to Tune (early stopping) before the final result.
     """
     check_fits(suite, policy, artifacts)
+    check_quantized_backend(policy.quantization.method, measure_spec.latency_backend)
     device = measure_spec.device
     check_precision(policy.finetune.precision, device)
     measure_spec = dataclasses.replace(measure_spec, precision=policy.finetune.precision)
@@ -256,6 +294,8 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
                   distill=ft.distill.model_dump() if teacher is not None else None)
         metrics.clear()
         metrics.update(measure_model(without_masks(m), suite, artifacts, measure_spec))
+        if step == p.steps and quantize.quantizes(policy.quantization):
+            metrics.update(measure_quantized(without_masks(m), suite, policy, artifacts, measure_spec, metrics))
         if on_step:
             on_step(step, p.steps, dict(metrics))
 

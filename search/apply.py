@@ -39,8 +39,17 @@ def apply_device(policy: Policy, requested: str | None = None) -> str:
     return device
 
 
+def apply_backend(policy: Policy, requested: str | None = None) -> str:
+    """`--latency-backend`, or else the backend the policy's trial was timed with; an int8
+    policy without a record runs (and is timed) in ONNX Runtime."""
+    if requested:
+        return requested
+    measured = (policy.provenance or {}).get("metrics", {}).get("latency_backend")
+    return measured or ("onnxruntime" if policy.quantization.method != "none" else "torch")
+
+
 def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print,
-                   device: str | None = None):
+                   device: str | None = None, latency_backend: str | None = None):
     from mtl_models import checkpoint
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
@@ -48,7 +57,8 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     device = apply_device(policy, device)  # before any training: fp16 on a CPU fails here
     suite, art = rebuild(policy, cache=cache, log=log, device=device)
     measured = (policy.provenance or {}).get("metrics", {})
-    spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads, device=device)
+    spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads, device=device,
+                       latency_backend=apply_backend(policy, latency_backend))
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)
     from mtl_models.deploy import shipped_graph
 

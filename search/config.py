@@ -41,7 +41,8 @@ FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives",
          "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
          "max_concurrent": "--max-concurrent", "retries": "--retries", "train": "--train-option",
          "measure": "--measure-option", "max_task_drop": "--max-task-drop", "address": "--address",
-         "base_checkpoint": "--base-checkpoint", "suite": "--suite", "model": "--model-option", "space": "--space"}
+         "base_checkpoint": "--base-checkpoint", "suite": "--suite", "model": "--model-option", "space": "--space",
+         "tracking": "--tracking"}
 
 
 class SearchConfig(_Strict):
@@ -69,6 +70,7 @@ class SearchConfig(_Strict):
     asha: bool = False                                        # early-stop bad trials on accuracy
     address: Optional[str] = None
     base_checkpoint: Optional[str] = None
+    tracking: Optional[str] = None                            # "mlflow" or "mlflow=URI" (search.tracking)
 
     def __init__(self, **data):
         try:
@@ -115,6 +117,15 @@ class SearchConfig(_Strict):
     def _known_sampler(cls, v):
         if v not in SAMPLERS:
             raise ValueError(str(unknown_name("sampler", v, SAMPLERS)))
+        return v
+
+    @field_validator("tracking")
+    @classmethod
+    def _known_tracker(cls, v):
+        if v is not None:
+            from .tracking import parse
+
+            parse(v)
         return v
 
     @field_validator("train", "measure")

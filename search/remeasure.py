@@ -14,12 +14,17 @@ from spaces import Policy
 from spaces.vocabulary import REMEASURED_FILE
 
 
-def remeasure_front(experiment, *, log=print) -> tuple[str, list[str]]:
-    """Re-time the front; returns (how latency was measured, for the report; one line per
-    front model whose rebuild does not match its trial's params / per-task metrics)."""
+# remeasured.json's key for the dense base, re-timed when `backend` is not the search's.
+DENSE_KEY = "dense"
+
+
+def remeasure_front(experiment, *, backend: str | None = None, log=print) -> tuple[str, list[str]]:
+    """Re-time the front (in `backend`, default the search's); returns (how latency was measured,
+    for the report; one line per front model whose rebuild does not match its trial's params /
+    per-task metrics). In another backend than the search's, the dense base is re-timed too."""
     import torch
 
-    from mtl_models.pipeline import MeasureSpec, apply_policy, measure_model
+    from mtl_models.pipeline import MeasureSpec, apply_policy, measure_model, measure_quantized
     from reports import experiment as exp_io
     from reports import select
 
@@ -30,19 +35,30 @@ def remeasure_front(experiment, *, log=print) -> tuple[str, list[str]]:
     cfg = SearchConfig.load(str(experiment))
     df = exp_io.load_experiment(experiment)
     front = select.front(df, exp_io.objectives(experiment), experiment)
-    spec = MeasureSpec(**cfg.measure)
+    searched = cfg.measure.get("latency_backend", "torch")
+    measure = {**cfg.measure, "latency_backend": backend or searched}
+    spec = MeasureSpec(**measure)
     torch.set_num_threads(spec.threads)
     timings, mismatched = {}, []
     for _, row in front.iterrows():
         policy = Policy.from_dict(row["policy"], source=f"trial {row['trial_id']}")
         suite, art = rebuild(policy, cache=artifact_cache(cfg), log=lambda *a: None)
-        model, metrics = apply_policy(suite, policy, art, measure_spec=MeasureSpec(**{**cfg.measure, "runs": 1}))
+        model, metrics = apply_policy(suite, policy, art, measure_spec=MeasureSpec(**{**measure, "runs": 1}))
         problem = mismatch(metrics, {k: row[k] for k in row.index if k == "params" or k.startswith(("metric/", "test/"))})
         if problem:
             mismatched.append(f"trial {row['trial_id']}: {problem}")
-        timings[row["trial_id"]] = measure_model(model, suite, art, spec)["latency_ms"]
+        timings[row["trial_id"]] = (measure_quantized(model, suite, policy, art, spec, metrics) if
+                                    policy.quantization.method != "none" else
+                                    measure_model(model, suite, art, spec))["latency_ms"]
         log(f"  {row['trial_id']}: {row['latency_ms']:.3f} ms in the search, {timings[row['trial_id']]:.3f} ms alone"
             + (f"; rebuilt model does not match: {problem}" if problem else ""))
+    if spec.latency_backend != searched and len(front):
+        from .shared_artifacts import measure_dense
+
+        timings[DENSE_KEY] = measure_dense(cfg.replace(measure=measure), suite, art)["latency_ms"]
+        log(f"  dense base: {timings[DENSE_KEY]:.3f} ms in {spec.latency_backend}")
     write_text(join(str(experiment), REMEASURED_FILE), json.dumps(timings, indent=1))
-    return (f"front re-measured one model at a time ({spec.threads} thread(s), batch {spec.latency_batch}, "
-            f"median of {spec.runs}); other trials: measured during the search"), mismatched
+    other = ("measured during the search" if spec.latency_backend == searched else
+             f"measured during the search in {searched}")
+    return (f"front re-measured one model at a time in {spec.latency_backend} ({spec.threads} thread(s), batch "
+            f"{spec.latency_batch}, median of {spec.runs}); other trials: {other}"), mismatched
