@@ -204,3 +204,20 @@ def test_a_model_fx_cannot_trace_folds_only_sequential_pairs(suite):
     got = outputs(form, x)
     for task, want in outputs(model, x).items():
         torch.testing.assert_close(got[task], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("trunk", ["cnn", "resnet", "mobilenet"])
+def test_every_batchnorm_of_the_builtin_image_trunks_is_folded(suite, trunk):
+    """In these trunks each BatchNorm reads one conv's output (none follows an add)."""
+    from mtl_models.models import TRUNKS
+
+    if trunk not in TRUNKS:
+        pytest.skip(f"no built-in {trunk!r} trunk here")
+    model = trained_like(suite.build_model(trunk=trunk), suite)
+    assert _norms(model)
+    form = measure.inference_form(model)
+    assert _norms(form) == []
+    x = suite.test.x[:32]
+    got = outputs(form, x.contiguous(memory_format=torch.channels_last))
+    for task, want in outputs(model, x).items():
+        torch.testing.assert_close(got[task], want, rtol=1e-4, atol=1e-5)
