@@ -45,10 +45,9 @@ def make_config(args, name: str, storage: str, address=None):
 
     cfg = SearchConfig(name=name, storage=storage, trials=args.trials, sampler="random", seed=args.seed,
                        cpus_per_trial=1.0, address=address)
-    if args.tiny:
-        cfg.suite.update(TINY["suite"])
-        cfg.model.update(TINY["model"])
-        cfg.train.update(TINY["train"])
+    if args.tiny:  # a frozen config: changed by a validated copy
+        cfg = cfg.replace(suite={**cfg.suite, **TINY["suite"]}, model={**cfg.model, **TINY["model"]},
+                          train={**cfg.train, **TINY["train"]})
     return cfg
 
 

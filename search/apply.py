@@ -54,6 +54,10 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
     torch.set_num_threads(threads)
+    from spaces.files import check_writable_folder
+
+    checkpoint.check_target(output)  # -o and --cache are checked (and a killed save tidied) before training
+    check_writable_folder(cache, "--cache")
     device = apply_device(policy, device)  # before any training: fp16 on a CPU fails here
     suite, art = rebuild(policy, cache=cache, log=log, device=device)
     measured = (policy.provenance or {}).get("metrics", {})

@@ -18,6 +18,10 @@ from spaces.vocabulary import CONFIG_FILE, SCALAR_METRICS, TASK_METRIC
 
 OBJECTIVE_NAMES = tuple(SCALAR_METRICS)
 SAMPLERS = ("tpe", "nsga2", "random")  # the names `--sampler` takes
+try:  # names older experiments used for today's metrics (an experiment written before a rename still loads)
+    from spaces.vocabulary import LEGACY_METRICS as _LEGACY
+except ImportError:
+    _LEGACY = {}
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:
@@ -33,6 +37,10 @@ def parse_objectives(text: str) -> list[tuple[str, str]]:
     if len(out) < 1:
         raise PrunefuseError("--objectives needs at least one NAME:max|min")
     return out
+
+
+# The mean task metric (the first scalar metric), size and latency.
+DEFAULT_OBJECTIVES = [(name, SCALAR_METRICS[name]) for name in (next(iter(SCALAR_METRICS)), "params", "latency_ms")]
 
 
 # The flag a user sets each field with: errors name what the user typed.
@@ -53,8 +61,7 @@ class SearchConfig(_Strict):
     suite: dict[str, Any] = {"name": "multidigits"}          # name + options
     model: dict[str, Any] = {"trunk": "mlp"}
     space: dict[str, Any] = {}                                # a SpaceSpec as plain data
-    objectives: list[tuple[str, Literal["max", "min"]]] = [("accuracy", "max"), ("params", "min"),
-                                                          ("latency_ms", "min")]
+    objectives: list[tuple[str, Literal["max", "min"]]] = DEFAULT_OBJECTIVES
     trials: Optional[StrictInt] = Field(48, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0)      # finite: NaN would mean "forever"
     sampler: str = "tpe"
@@ -104,7 +111,8 @@ class SearchConfig(_Strict):
             raise ValueError("needs at least one NAME:max|min")
         names = [name for name, _ in v]
         for name in names:
-            if name not in OBJECTIVE_NAMES and not (name.startswith(TASK_METRIC) and len(name) > len(TASK_METRIC)):
+            if name not in OBJECTIVE_NAMES and name not in _LEGACY and \
+                    not (name.startswith(TASK_METRIC) and len(name) > len(TASK_METRIC)):
                 raise ValueError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} "
                                  f"or metric/<task>")
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -196,9 +204,10 @@ def _message(exc: ValidationError) -> str:
         return f"search config: {field!r} is not a setting (check its spelling)"
     if not field:
         return msg
-    if first["type"] == "value_error" and field in ("train", "measure", "sampler", "objectives") and \
-            not msg.startswith("needs"):
+    if first["type"] == "value_error" and field in ("train", "measure", "sampler"):
         return msg
+    if first["type"] == "value_error" and field == "objectives":
+        return f"--objectives: {msg}"
     flag = FLAGS.get(field, field)
     value = first.get("input")
     shown = f" {value!r}" if not isinstance(value, (dict, list)) else ""
@@ -228,8 +237,8 @@ def write_text(path: str, text: str) -> None:
     if parent:
         try:
             filesystem.create_dir(parent, recursive=True)  # a local file:// URI needs its folders
-        except Exception:
-            pass
+        except OSError:
+            pass  # object stores have no folders to make; a real failure shows in the write below
     with filesystem.open_output_stream(inner) as f:
         f.write(text.encode())
 

@@ -51,6 +51,15 @@ class PrunefuseOptunaSearch(OptunaSearch):
             # Stopped early (ASHA) after an intermediate step: its metrics are not the policy's,
             # so Optuna records the trial as pruned instead of learning from them.
             result = None
+    def suggest(self, trial_id):
+        out = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            # The Tune trial's id on its Optuna trial: a resumed search matches study and folders by it.
+            from .resume import TUNE_ID_ATTR
+
+            self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
+        return out
+
         if self._floors is not None and result and not error and trial_id in self._ot_trials:
             try:
                 values = self._floors.values(result)

@@ -100,22 +100,22 @@ def read_final(experiment: str | None, trial_id: str) -> dict | None:
     path = final_path(experiment, trial_id)
     if not is_uri(path) and not os.path.isfile(path):
         return None
+    from spaces.errors import PrunefuseError
+
     try:
         data = json.loads(read_text(path))
-    except Exception:  # absent, unreadable or half-written: run the trial
+    except (PrunefuseError, ValueError):  # absent or damaged: run the trial (an OS error is shown)
         return None
     return data if isinstance(data, dict) and data.get("final") else None
 
 
 def write_final(experiment: str | None, trial_id: str, result: dict) -> None:
-    """Best effort: where the experiment is not reachable from this node, nothing is written."""
+    """Where the experiment is not reachable from this node, nothing is written; an OS error
+    writing it (no space, read-only) fails the trial with that reason."""
     if not experiment:
         return
     from .config import is_uri, write_text
 
     if not is_uri(experiment) and not os.path.isdir(experiment):
         return  # a local storage path that is not shared with this node
-    try:
-        write_text(final_path(experiment, trial_id), json.dumps(result))
-    except Exception:
-        pass
+    write_text(final_path(experiment, trial_id), json.dumps(result))

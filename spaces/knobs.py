@@ -33,7 +33,9 @@ def coerce_number(owner: str, name: str, value, cast, *, low=None, high=None, lo
         if isinstance(value, bool) or (cast is int and float(value) != int(float(value))):
             raise ValueError
         out = cast(value) if cast is float else int(float(value))
-    except (TypeError, ValueError):
+        if out != out or abs(out) == float("inf"):
+            raise ValueError  # NaN / inf: no epoch count, rate or size means that
+    except (TypeError, ValueError, OverflowError):
         raise PrunefuseError(f"{owner} {name}={value!r}: expected {'a whole number' if cast is int else 'a number'}"
                              f"{' ' + bounds if bounds else ''}") from None
     if (low is not None and (out <= low if low_open else out < low)) or (high is not None and out > high):

@@ -125,3 +125,25 @@ class TaskSuite:
         x = self.val.x
         reps = -(-batch // len(x))
         return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch].contiguous()
+
+
+def check_sizes(suite: str, sizes: dict, bytes_per_row: int, *, low: int = 1) -> None:
+    """Split sizes are whole numbers >= `low` whose data fits in a quarter of the memory free
+    now: a size with three zeros too many fails here in one line, not in the allocator."""
+    import os
+
+    from spaces.errors import PrunefuseError
+
+    for name, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < low:
+            raise PrunefuseError(f"{suite} {name}={n!r} is out of range; expected a whole number >= {low}")
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    need = sum(sizes.values()) * bytes_per_row
+    if need > free // 4:
+        names = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise PrunefuseError(f"{suite} {names} needs about {need / 2**30:.1f} GiB of data; "
+                             f"{free / 2**30:.1f} GiB of memory is free (at most a quarter of it is used)")

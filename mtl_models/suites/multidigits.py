@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Split, Task, TaskSuite
+from .base import Split, Task, TaskSuite, check_sizes
 
 TASKS = (
     Task("left", "classification", 10),
@@ -53,6 +53,8 @@ def make_multidigits(*, seed: int = 0, offset: int = 2, train_pairs: int = 20000
 
     if not 0 <= offset <= 8:
         raise PrunefuseError(f"multidigits offset={offset} is out of range; expected 0 <= offset <= 8")
+    sizes = {"train_pairs": train_pairs, "val_pairs": val_pairs, "test_pairs": test_pairs}
+    check_sizes("multidigits", sizes, bytes_per_row=4 * (8 + offset) ** 2 + 3 * 8)
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int64)

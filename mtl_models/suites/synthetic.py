@@ -20,7 +20,7 @@ import torch
 
 from spaces.errors import PrunefuseError
 
-from .base import Split, Task, TaskSuite
+from .base import Split, Task, TaskSuite, check_sizes
 
 
 def _integer(name: str, value, low: int, high: int | None = None) -> int:
@@ -61,6 +61,8 @@ def make_synthetic(*, seed: int = 0, tasks: int = 2, correlation: float = 0.5, d
     c, noise = _real("c", c, positive=True), _real("noise", noise)
     for name, n in (("train_samples", train_samples), ("val_samples", val_samples), ("test_samples", test_samples)):
         _integer(name, n, 2)  # R² needs at least two labels
+    check_sizes("synthetic", {"train_samples": train_samples, "val_samples": val_samples,
+                              "test_samples": test_samples}, bytes_per_row=4 * dim + 8 * tasks, low=2)
     scales = _scales(label_scale, tasks)
     rng = np.random.default_rng(seed)
     u, _ = np.linalg.qr(rng.standard_normal((dim, tasks)))     # orthonormal columns u_1..u_T
