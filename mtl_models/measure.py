@@ -206,8 +206,6 @@ def delta_m(metrics: dict[str, float], reference: dict[str, float], higher_is_be
 
     (Maninis et al. 2019; Vandenhende et al. 2021.) Positive is better than the reference.
     """
-    terms = []
-    for task, ref in reference.items():
-        sign = 1.0 if higher_is_better[task] else -1.0
-        terms.append(sign * (metrics[task] - ref) / max(abs(ref), 1e-12) * 100.0)
-    return sum(terms) / len(terms)
+    from spaces.scores import mean_score
+
+    return mean_score(metrics, reference, {t: "max" if h else "min" for t, h in higher_is_better.items()})

@@ -192,19 +192,85 @@ def _checked_size(trunk: str, key: str, value):
     return coerce_number(f"trunk {trunk!r}", key, value, int, low=1)
 
 
+def cnn_feature_trunk(input_shape, *, channels=(16, 32, 64)) -> tuple[nn.Module, int]:
+    """The CNN trunk for dense tasks: conv-bn-relu blocks with a 2×2 max-pool before every block
+    but the first, no fc; it returns the feature map (n, channels[-1], H / 2^(k-1), W / 2^(k-1)).
+    Narrower by default than the per-image CNN: its first convolutions run at full resolution."""
+    layers, c_in, side = [], input_shape[0], min(input_shape[1:])
+    for i, c_out in enumerate(channels, start=1):
+        if i > 1 and side >= 2:
+            layers.append((f"pool{i}", nn.MaxPool2d(2)))
+            side //= 2
+        layers += [(f"conv{i}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)),
+                   (f"bn{i}", nn.BatchNorm2d(c_out)), (f"relu{i}", nn.ReLU())]
+        c_in = c_out
+    return nn.Sequential(OrderedDict(layers)), c_in
+
+
+def dense_head(c_in: int, num_outputs: int, size: tuple[int, int], *, hidden: int = 32) -> nn.Module:
+    """A light decoder: conv 3×3 + BN + ReLU on the trunk's map, bilinear upsampling to the
+    input's size, a 1×1 conv to the task's channels (class logits, depth, a normal)."""
+    return nn.Sequential(OrderedDict([
+        ("conv", nn.Conv2d(c_in, hidden, 3, padding=1, bias=False)), ("bn", nn.BatchNorm2d(hidden)),
+        ("relu", nn.ReLU()), ("up", nn.Upsample(size=tuple(size), mode="bilinear", align_corners=False)),
+        ("out", nn.Conv2d(hidden, num_outputs, 1))]))
+
+
+def pooled_head(c_in: int, num_outputs: int) -> nn.Module:
+    """A per-image task on a feature map: global average pool, then a linear layer."""
+    return nn.Sequential(OrderedDict([("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+                                      ("out", nn.Linear(c_in, num_outputs))]))
+
+
+def _dense_outputs(task) -> int:
+    return {"depth": 1, "normals": 3}.get(task.kind, task.num_outputs)
+
+
+def build_dense_model(suite, *, trunk: str, spec: dict) -> MTLModel:
+    """Dense mode (a suite with segmentation / depth / normals tasks): the trunk returns its
+    feature map; each dense task gets a `dense_head`, every other task a `pooled_head`.
+    Structured pruning keeps each head's input channels in step with the trunk's output,
+    because the heads are part of the model torch-pruning traces."""
+    from spaces.vocabulary import DENSE_KINDS
+
+    conv_trunks = ("cnn", "resnet", "mobilenet")
+    if trunk not in conv_trunks or len(suite.input_shape) != 3:
+        raise PrunefuseError(f"suite {suite.name!r} has dense tasks (segmentation / depth / normals): use "
+                             f"--trunk {' | '.join(conv_trunks)}, whose feature map the built-in decoder heads upsample")
+    if "fc" in spec:
+        raise PrunefuseError("trunk 'cnn' on dense tasks has no fc layer (the heads read its feature map); "
+                             "leave out fc")
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    if trunk == "cnn":
+        body, c_out = cnn_feature_trunk(suite.input_shape, **spec)
+    else:  # the residual trunks without their global pool: the last stage's map
+        body, c_out = {"resnet": resnet_trunk, "mobilenet": mobilenet_trunk}[trunk](suite.input_shape, **spec)
+        body = nn.Sequential(OrderedDict((n, m) for n, m in body.named_children() if n not in ("avgpool", "flatten")))
+    size = tuple(suite.input_shape[1:])
+    heads = {t.name: dense_head(c_out, _dense_outputs(t), size) if t.kind in DENSE_KINDS else pooled_head(c_out, t.num_outputs)
+             for t in suite.tasks}
+    return MTLModel(body, heads)
+
+
 def build_model(suite, *, trunk: str = "mlp", **spec) -> MTLModel:
     """A fresh MTLModel for `suite`; `spec` holds the trunk's own options (width, depth / channels, fc)."""
+    from spaces.vocabulary import DENSE_KINDS
+
     if trunk not in TRUNKS:
         raise unknown_name("trunk", trunk, TRUNKS)
     for key in spec:
         if key not in TRUNKS[trunk]:
             raise PrunefuseError(f"trunk {trunk!r} has no option {key!r}; valid options: {', '.join(TRUNKS[trunk])}")
     spec = {k: _checked_size(trunk, k, v) for k, v in spec.items()}
+    if any(t.kind in DENSE_KINDS for t in suite.tasks):
+        return build_dense_model(suite, trunk=trunk, spec=spec)
     if trunk == "mlp":
         in_features = 1
         for d in suite.input_shape:
             in_features *= d
         body, out = mlp_trunk(in_features, **spec)
+    elif trunk == "transformer":
+        body, out = _token_trunk(suite, spec), spec.get("dim", 64)
     else:
         if len(suite.input_shape) != 3:
             raise PrunefuseError(f"trunk {trunk!r} needs image inputs (C, H, W); suite {suite.name!r} has "
@@ -218,8 +284,6 @@ def build_model(suite, *, trunk: str = "mlp", **spec) -> MTLModel:
             body, out = build(suite.input_shape, **spec)
     heads = {t.name: nn.Linear(out, t.num_outputs) for t in suite.tasks}
     return MTLModel(body, heads)
-    elif trunk == "transformer":
-        body, out = _token_trunk(suite, spec), spec.get("dim", 64)
 
 
 def _divisible_heads(trunk: str, spec: dict) -> None:

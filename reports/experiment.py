@@ -71,7 +71,7 @@ def load_dense(path) -> dict | None:
     dense = _with_current_names(_read_json(f))
     remeasured = experiment_dir(path) / REMEASURED_FILE
     if isinstance(dense, dict) and remeasured.is_file():
-        # `report --remeasure --latency-backend X` re-times the dense base in X as well ("dense")
+        # the front's re-timing (end of search, `report --remeasure`) times the dense base with it ("dense")
         timings = _read_json(remeasured)
         if isinstance(timings, dict) and "dense" in timings:
             dense.update(latency_ms_search=dense.get("latency_ms"), latency_ms=timings["dense"])

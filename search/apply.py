@@ -5,6 +5,7 @@ import torch
 
 from spaces import Policy
 from spaces.errors import PrunefuseError
+from spaces.vocabulary import MEAN_SCORE
 
 
 def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
@@ -53,11 +54,11 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     from mtl_models import checkpoint
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
-    torch.set_num_threads(threads)
     from spaces.files import check_writable_folder
 
     checkpoint.check_target(output)  # -o and --cache are checked (and a killed save tidied) before training
     check_writable_folder(cache, "--cache")
+    torch.set_num_threads(threads)
     device = apply_device(policy, device)  # before any training: fp16 on a CPU fails here
     suite, art = rebuild(policy, cache=cache, log=log, device=device)
     measured = (policy.provenance or {}).get("metrics", {})
@@ -101,10 +102,8 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
     return None
 
 
-
-
 def _print_comparison(metrics: dict, measured: dict, log) -> None:
-    keys = [k for k in metrics if k == "accuracy" or k.startswith(("metric/", "test/"))] + \
+    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith(("metric/", "test/"))] + \
            ["params", "macs", "latency_ms"]
     log(f"{'metric':<16}{'applied':>14}{'in search':>14}")
     for k in keys:

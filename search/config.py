@@ -25,10 +25,13 @@ except ImportError:
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:
-    """`accuracy:max,params:min` -> [("accuracy", "max"), ("params", "min")]."""
+    """`score:max,params:min` -> [("score", "max"), ("params", "min")].
+
+    An old name (`accuracy`, the mean metric before senses counted) means today's `score`."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, sense = part.partition(":")
+        name = _LEGACY.get(name, name)
         if name not in OBJECTIVE_NAMES and not name.startswith(TASK_METRIC):
             raise PrunefuseError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} or metric/<task>")
         if sense not in ("max", "min"):
@@ -50,7 +53,8 @@ FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives",
          "max_concurrent": "--max-concurrent", "retries": "--retries", "train": "--train-option",
          "measure": "--measure-option", "max_task_drop": "--max-task-drop", "address": "--address",
          "base_checkpoint": "--base-checkpoint", "suite": "--suite", "model": "--model-option", "space": "--space",
-         "tracking": "--tracking"}
+         "tracking": "--tracking", "early_stop": "--early-stop", "early_stop_keep": "--early-stop-keep",
+         "warm_start": "--warm-start"}
 
 
 class SearchConfig(_Strict):
@@ -74,7 +78,10 @@ class SearchConfig(_Strict):
     measure: dict[str, Any] = {}                              # mtl_models.pipeline.MeasureSpec fields
     references: bool = False                                  # train single-task references for Δm
     max_task_drop: Optional[float] = Field(None, ge=0)       # points vs dense base; infeasible trials kept off the front
-    asha: bool = False                                        # early-stop bad trials on accuracy
+    asha: bool = False                                        # the old spelling of early_stop="asha"
+    early_stop: Optional[Literal["asha", "pareto"]] = None   # stop weak trials between pruning steps
+    early_stop_keep: float = Field(0.5, gt=0, le=1)          # pareto: the fraction of each rung kept by rank
+    warm_start: Optional[str] = None                          # an earlier experiment whose trials seed the study
     address: Optional[str] = None
     base_checkpoint: Optional[str] = None
     tracking: Optional[str] = None                            # "mlflow" or "mlflow=URI" (search.tracking)
@@ -141,6 +148,16 @@ class SearchConfig(_Strict):
     def _spec_options(cls, v, info):
         _check_spec_options(v, info.field_name)
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _asha_is_early_stop(cls, data):
+        # `--asha` (and experiments saved before --early-stop) mean --early-stop asha.
+        if isinstance(data, dict) and data.get("asha"):
+            if data.get("early_stop") not in (None, "asha"):
+                raise ValueError(f"--asha means --early-stop asha; it cannot go with --early-stop {data['early_stop']}")
+            data = {**data, "early_stop": "asha"}
+        return data
 
     @model_validator(mode="after")
     def _ends(self):

@@ -7,6 +7,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from spaces import SearchSpace
 from spaces.errors import unknown_name
+from spaces.scores import floor_violations
+from spaces.vocabulary import TASK_METRIC
 
 from .config import SAMPLERS
 
@@ -25,14 +27,17 @@ class ProposePolicy:
 
 
 class TaskFloors:
-    """Per-task accuracy floors as Optuna constraints: value = drop in points − allowed drop
-    (<= 0 is feasible). Picklable, so it survives a resumed search."""
+    """Per-task floors as Optuna constraints: how far each task's oriented score is below
+    −max_drop (`spaces.scores.floor_violations`, which export uses too; <= 0 is feasible).
+    Picklable, so it survives a resumed search."""
 
-    def __init__(self, dense: dict[str, float], max_drop: float):
-        self.dense, self.max_drop = dict(dense), max_drop
+    def __init__(self, dense: dict[str, float], max_drop: float, *, senses: dict[str, str] | None = None):
+        self.dense, self.max_drop, self.senses = dict(dense), max_drop, dict(senses or {})
 
     def values(self, result: dict) -> list[float]:
-        return [(ref - result[f"metric/{t}"]) * 100.0 - self.max_drop for t, ref in self.dense.items()]
+        if any(f"{TASK_METRIC}{t}" not in result for t in self.dense):
+            raise KeyError("a task metric is missing")
+        return floor_violations(result, self.dense, getattr(self, "senses", {}), self.max_drop)
 
     def __call__(self, frozen_trial) -> list[float]:
         # A failed trial has no values; Optuna only asks for complete ones, this is a guard.
@@ -46,11 +51,6 @@ class PrunefuseOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._floors = floors
 
-    def on_trial_complete(self, trial_id, result=None, error=False):
-        if result and not error and not result.get("final", True):
-            # Stopped early (ASHA) after an intermediate step: its metrics are not the policy's,
-            # so Optuna records the trial as pruned instead of learning from them.
-            result = None
     def suggest(self, trial_id):
         out = super().suggest(trial_id)
         if trial_id in self._ot_trials:
@@ -60,6 +60,11 @@ class PrunefuseOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
         return out
 
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and not error and not result.get("final", True):
+            # Stopped early (ASHA) after an intermediate step: its metrics are not the policy's,
+            # so Optuna records the trial as pruned instead of learning from them.
+            result = None
         if self._floors is not None and result and not error and trial_id in self._ot_trials:
             try:
                 values = self._floors.values(result)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from spaces.vocabulary import POLICY_FILE
+from spaces.vocabulary import MEAN_SCORE, POLICY_FILE
 
 
 def error_reason(trial) -> str:
@@ -56,10 +56,10 @@ class ProgressPrinter(Callback):
         self._stop_clock(trial)
         self.done += 1
         r = trial.last_result or {}
-        if "accuracy" not in r:
+        if MEAN_SCORE not in r:
             return
         of = f"/{self.total}" if self.total else ""
-        print(f"  trial {self.done}{of} {trial.trial_id}: accuracy {r['accuracy']:.4f}  "
+        print(f"  trial {self.done}{of} {trial.trial_id}: score {r[MEAN_SCORE]:+.2f}  "
               f"params {r['params']:,}  latency {r['latency_ms']:.3f} ms", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):

@@ -19,7 +19,7 @@ import numpy as np
 
 FUSION_METHODS = ("none", "ties", "task_arithmetic")
 IMPORTANCE = ("l2", "multitask_taylor")
-OBJECTIVES = (("accuracy", "max"), ("params", "min"), ("latency_ms", "min"))
+OBJECTIVES = (("score", "max"), ("params", "min"), ("latency_ms", "min"))
 FAILURES = (
     "spaces.errors.PrunefuseError: sparsity of trunk.fc2 is 0.97; expected 0 <= sparsity <= 0.95",
     "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total)",
@@ -81,10 +81,13 @@ def _metrics(rng, policy: dict, dense: dict, tasks) -> dict:
     for t in tasks:
         metrics[f"metric/{t}"] = float(np.clip(dense["dense_val"][t] - drop + rng.normal(0, 0.012), 0, 1))
         metrics[f"test/{t}"] = float(np.clip(metrics[f"metric/{t}"] + rng.normal(0, 0.008), 0, 1))
-    accuracy = float(np.mean([metrics[f"metric/{t}"] for t in tasks]))
+    from spaces.scores import mean_score
+
+    score = mean_score({t: metrics[f"metric/{t}"] for t in tasks}, dense["dense_val"], {})
+    test_ref = {t: dense[f"test/{t}"] for t in tasks}
     latency = dense["latency_ms"] * (0.1 + 0.9 * params / dense["params"]) * float(rng.lognormal(0, 0.08))
-    return {"accuracy": accuracy, "test_accuracy": float(np.mean([metrics[f"test/{t}"] for t in tasks])),
-            "delta_m": float((accuracy - dense["accuracy"]) / dense["accuracy"] * 100), "params": params,
+    return {"score": score, "test_score": mean_score({t: metrics[f"test/{t}"] for t in tasks}, test_ref, {}),
+            "delta_m": score, "params": params,
             "nonzero_params": params, "bytes": 4 * params, "macs": int(params * 1.005), "latency_ms": latency,
             "latency_batch": 256, "threads": 1, "device": "cpu", **metrics}
 
@@ -125,13 +128,15 @@ def make_experiment(root, n_trials: int, *, seed: int = 0, n_failed: int = 0, n_
               "max_task_drop": max_task_drop, "asha": False, "address": None, "base_checkpoint": None}
     _write_json(exp / "prunefuse.json", config)
     dense_val = {t: float(v) for t, v in zip(tasks, rng.uniform(0.72, 0.95, len(tasks)))}
-    dense = {"accuracy": float(np.mean(list(dense_val.values()))), "params": 162837, "latency_ms": 0.812,
+    dense = {"score": 0.0, "params": 162837, "latency_ms": 0.812,
              "latency_batch": 256, "threads": 1, "device": "cpu"}
-    dense.update({"test_accuracy": dense["accuracy"] - 0.008, "delta_m": 0.0, "nonzero_params": dense["params"],
+    dense.update({"test_score": 0.0, "delta_m": 0.0, "nonzero_params": dense["params"],
                   "bytes": 4 * dense["params"], "macs": 163605})
     dense.update({f"metric/{t}": v for t, v in dense_val.items()})
     dense.update({f"test/{t}": v - 0.008 for t, v in dense_val.items()})
     dense["dense_val"] = dense_val
+    dense["senses"] = {t: "max" for t in tasks}
+    dense["task_metrics"] = {t: "accuracy" for t in tasks}
     _write_json(exp / "dense.json", dense)
 
     done = max(0, n_trials - n_running)

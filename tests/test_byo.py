@@ -232,7 +232,7 @@ def test_tabular_csv_search_report_export_apply(data, tmp_path, capsys):
     assert code == 0, err[-3000:]
     assert "reusing the dense base" in out
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
-    assert metrics["accuracy"] == pytest.approx(policy.provenance["metrics"]["accuracy"], abs=1e-6)
+    assert metrics["score"] == pytest.approx(policy.provenance["metrics"]["score"], abs=1e-6)
 
     _apply_mismatches(policy, data, tmp_path, storage, capsys)
 

@@ -35,6 +35,9 @@ def test_search_leaves_experiment_report_and_policy(experiment):
     assert "--cache" not in [line for line in out.splitlines() if line.startswith("next:")][0]
     html = (exp / "report.html").read_text()
     assert "<script src=\"http" not in html and len(html) > 1_000_000  # plotly.js inlined
+    # the end of a search re-timed the front and the dense base in one process; the report shows both figures
+    timings = json.loads((exp / "remeasured.json").read_text())
+    assert "dense" in timings and len(timings) >= 2 and "latency_ms during the search" in html
     # the report of a real search: every figure drawn, and each front point's export command
     assert html.count('class="plotly-graph-div"') == 6 and f"prunefuse export {exp} --trial" in html
 
@@ -177,15 +180,18 @@ def test_report_remeasure_times_the_front_alone(experiment, tmp_path):
     from reports import select
 
     root, exp, _ = experiment
+    searched = (exp / "remeasured.json").read_text()  # the search's own end-of-search re-timing
     front = select.front(exp_io.load_experiment(exp), exp_io.objectives(exp), exp)
     code, out, err = run_cli("report", exp, "--remeasure", "-o", tmp_path / "r.html", cwd=root)
     assert code == 0, err
     timings = json.loads((exp / "remeasured.json").read_text())
-    assert set(front["trial_id"]) == set(timings) and all(v > 0 for v in timings.values())
+    dense = timings.pop("dense")
+    assert set(front["trial_id"]) == set(timings) and all(v > 0 for v in [dense, *timings.values()])
     df = exp_io.load_experiment(exp)
     assert (df.set_index("trial_id").loc[list(timings), "latency_ms"].to_numpy() == list(timings.values())).all()
-    assert "re-measured one model at a time" in (tmp_path / "r.html").read_text()
-    (exp / "remeasured.json").unlink()  # leave the shared experiment as the search wrote it
+    assert exp_io.load_dense(exp)["latency_ms"] == dense  # the dense base re-timed with the front
+    assert "re-measured in one process, interleaved with the dense base" in (tmp_path / "r.html").read_text()
+    (exp / "remeasured.json").write_text(searched)  # leave the shared experiment as the search wrote it
 
 
 @pytest.mark.parametrize("args, words", [

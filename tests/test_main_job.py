@@ -30,7 +30,7 @@ def test_default_search_front_and_reproduction(tmp_path):
         return (row["metric/left"] + row["metric/right"]) / 2
 
     dense_lr = left_right(dense)
-    best = front.loc[front["accuracy"].idxmax()]
+    best = front.loc[front["score"].idxmax()]
     assert left_right(best) >= 0.95 * dense_lr
     small = front[front["params"] <= dense["params"] / 3]
     assert len(small) and max(left_right(r) for _, r in small.iterrows()) >= 0.85 * dense_lr

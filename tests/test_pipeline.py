@@ -14,7 +14,7 @@ def test_same_policy_same_metrics(tiny_suite, tiny_artifacts):
     policy = tiny_policy(tiny_suite)
     _, a = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST)
     _, b = apply_policy(tiny_suite, policy, tiny_artifacts, measure_spec=FAST)
-    quality = [k for k in a if k == "accuracy" or k.startswith(("metric/", "test/"))]
+    quality = [k for k in a if k == "score" or k.startswith(("metric/", "test/"))]
     assert {k: a[k] for k in quality} == {k: b[k] for k in quality}
     assert a["params"] == b["params"] < sum(v.numel() for k, v in tiny_artifacts.base.items() if "running" not in k)
 
@@ -159,7 +159,11 @@ def test_measured_costs_are_consistent(tiny_suite, tiny_artifacts):
     assert m["bytes"] <= 4 * (m["params"] + 64)  # fp32 weights (+ nothing hidden)
     assert m["macs"] > 0 and m["latency_ms"] > 0
     assert m["latency_batch"] == 32 and m["device"] == "cpu"
-    assert m["accuracy"] == pytest.approx(sum(m[f"metric/{t}"] for t in tiny_suite.task_names) / 3)
+    # The score is the mean oriented change vs the dense base, in percent (spaces.scores).
+    dense = tiny_artifacts.dense_metrics["val"]
+    expected = sum((1 if t.higher_is_better else -1) * (m[f"metric/{t.name}"] - dense[t.name]) / abs(dense[t.name])
+                   for t in tiny_suite.tasks) / 3 * 100
+    assert m["score"] == pytest.approx(expected)
 
 
 def test_save_never_replaces_a_folder_with_other_files(tiny_suite, tiny_artifacts, tmp_path):

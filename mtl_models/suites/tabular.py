@@ -1,14 +1,17 @@
 """tabular: a user's CSV or Parquet file with several label columns.
 
     prunefuse search --suite tabular --data customers.csv --features age,plan,region \
-        --task churn:classification:churned --task spend:regression:monthly_spend
+        --task churn:classification:churned --task spend:regression:monthly_spend \
+        --task products:multilabel:has_card,has_loan,has_savings
 
 Features: numeric columns standardised with the training split's statistics, categorical
 (non-numeric) columns one-hot with the training split's categories (a category first seen
 in validation or test rows encodes as all zeros). Tasks are given as
-`NAME:classification|regression:COLUMN`; a classification label may be any values (its
-sorted distinct values are the classes), a regression label must be numeric and is learned
-standardised (scored by R²). Splits are seeded 70 / 15 / 15 over the rows.
+`NAME:classification|regression:COLUMN` or `NAME:multilabel:COL1,COL2,...`; a classification
+label may be any values (its sorted distinct values are the classes), a regression label must
+be numeric and is learned standardised (scored by R²), a multi-label task has one 0/1 (or
+true/false) column per label (binary cross-entropy, scored by mean per-label accuracy).
+Splits are seeded 70 / 15 / 15 over the rows.
 
 Everything a user can get wrong about the file (a missing column, a missing value, text in a
 numeric column) is a one-line `PrunefuseError` naming the column. The file's SHA-256 is
@@ -29,7 +32,7 @@ from spaces.errors import PrunefuseError
 
 from .base import Split, Task, TaskSuite
 
-KINDS = ("classification", "regression")
+KINDS = ("classification", "regression", "multilabel")
 MIN_ROWS = 20
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -60,15 +63,25 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def parse_task(spec: str) -> tuple[str, str, str]:
+def parse_task(spec: str) -> tuple[str, str, list[str]]:
+    """`NAME:KIND:COLUMN` (or `NAME:multilabel:COL1,COL2,...`) -> (name, kind, label columns)."""
     parts = str(spec).split(":")
     if len(parts) != 3 or not all(parts):
-        raise PrunefuseError(f"--task {spec!r}: expected NAME:KIND:COLUMN, e.g. churn:classification:churned")
+        raise PrunefuseError(f"--task {spec!r}: expected NAME:KIND:COLUMN, e.g. churn:classification:churned "
+                             f"(or NAME:multilabel:COL1,COL2,...)")
     name, kind, column = parts
     if kind not in KINDS:
         raise PrunefuseError(f"--task {spec!r}: kind {kind!r} is not one of: {', '.join(KINDS)}")
     _check_task_name(name, spec)
-    return name, kind, column
+    columns = [c.strip() for c in column.split(",")] if kind == "multilabel" else [column]
+    if not all(columns):
+        raise PrunefuseError(f"--task {spec!r}: an empty column name in {column!r}")
+    if len(set(columns)) != len(columns):
+        raise PrunefuseError(f"--task {spec!r}: a label column is named twice")
+    if kind == "multilabel" and len(columns) < 2:
+        raise PrunefuseError(f"--task {spec!r}: a multilabel task needs two or more columns, e.g. "
+                             f"{name}:multilabel:a,b; one 0/1 column is {name}:classification:{column}")
+    return name, kind, columns
 
 
 def _check_task_name(name: str, spec: str) -> None:
@@ -156,9 +169,28 @@ def _encode_features(df, features, train_idx):
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
-def _encode_label(df, name, kind, column, train_idx):
+def _binary(df, column: str, name: str) -> np.ndarray:
+    """A multi-label column as 0.0 / 1.0: booleans, or numbers that are all 0 or 1."""
+    values = df[column]
+    if not _is_numeric(values):
+        raise PrunefuseError(f"task {name!r}: label column {column!r} holds text ({values.iloc[0]!r} at {_row(0)}); "
+                             f"a multilabel column holds 0/1 or true/false")
+    v = values.astype(np.float64).to_numpy()
+    bad = ~np.isin(v, (0.0, 1.0))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise PrunefuseError(f"task {name!r}: label column {column!r} holds {v[first]:g} at {_row(first)}; "
+                             f"a multilabel column holds 0/1 or true/false")
+    return v.astype(np.float32)
+
+
+def _encode_label(df, name, kind, columns, train_idx):
     import pandas as pd
 
+    if kind == "multilabel":
+        y = np.stack([_binary(df, c, name) for c in columns], axis=1)
+        return Task(name, kind, len(columns)), torch.from_numpy(y)
+    column = columns[0]
     values = df[column]
     if kind == "classification":
         numeric = _is_numeric(values)
@@ -206,10 +238,11 @@ def make_tabular(*, path: str, features: list, tasks: list, seed: int = 0,
                              f"(sha256 {digest[:12]}..., the policy expects {str(data_sha256)[:12]}...)")
     for col in features:
         _check_column(df, col, "feature")
-    for name, _, col in parsed:
-        _check_column(df, col, f"label (task {name!r})")
-        if col in features:
-            raise PrunefuseError(f"column {col!r} is both a feature and task {name!r}'s label")
+    for name, _, cols in parsed:
+        for col in cols:
+            _check_column(df, col, f"label (task {name!r})")
+            if col in features:
+                raise PrunefuseError(f"column {col!r} is both a feature and task {name!r}'s label")
     if len(df) < MIN_ROWS:
         raise PrunefuseError(f"data file {path!r} has {len(df)} rows; need at least {MIN_ROWS} to split 70/15/15")
     df = df.reset_index(drop=True)
