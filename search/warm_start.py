@@ -1,0 +1,131 @@
+"""`--warm-start EXPERIMENT`: seed a new search's study with an earlier experiment's finished trials.
+
+Only an experiment that searched the same thing can lend its trials: the same suite, model,
+base training, space and measurement (`MATCHED`), else its results are not this search's.
+`check_source` says in one line what differs, before anything is written. `carry_over` then
+adds every finished trial (Optuna `add_trials`: the old trial's parameters and distributions,
+values read for this search's objectives from its `final.json`) to the new study, and copies
+its folder into the new experiment with a `carried.json` marker, so the report shows it and
+marks it. Carried trials do not count towards `--trials` (resume's `ended_trials` skips them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from spaces.errors import PrunefuseError
+from spaces.vocabulary import CARRIED_FILE, CONFIG_FILE, FINAL_FILE
+
+from .config import SearchConfig, is_uri, join
+
+# What must be the same for an old trial's result to be one this search could have measured.
+MATCHED = ("suite", "model", "train", "base_checkpoint", "space", "measure")
+CARRIED_ATTR = "carried_from"   # Optuna user attr: the experiment a trial was carried over from
+
+
+def source_path(cfg: SearchConfig) -> str:
+    """The --warm-start experiment: a folder as given, else a name under --storage."""
+    given = cfg.warm_start
+    if os.path.isfile(os.path.join(given, CONFIG_FILE)):
+        return os.path.abspath(given)
+    under = join(cfg.storage, given)
+    if os.path.isfile(os.path.join(under, CONFIG_FILE)):
+        return os.path.abspath(under)
+    raise PrunefuseError(f"--warm-start {given!r}: no experiment there (no {CONFIG_FILE} in {given!r} "
+                         f"nor in {under!r})")
+
+
+def _normalised(cfg: SearchConfig, field: str):
+    value = getattr(cfg, field)
+    if field == "space":  # the defaults spelled out, so {} and the same space written in full match
+        from spaces import SpaceSpec
+
+        return SpaceSpec.model_validate(value).model_dump(mode="json")
+    if field == "base_checkpoint" and value:
+        return os.path.abspath(value)
+    return value
+
+
+def differences(cfg: SearchConfig, old: SearchConfig) -> list[str]:
+    """`MATCHED` fields that differ, each as `field: old → new` (the first differing key of a mapping)."""
+    out = []
+    for field in MATCHED:
+        a, b = _normalised(old, field), _normalised(cfg, field)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            key = next(k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k))
+            out.append(f"{field}.{key}: {a.get(key)!r} there, {b.get(key)!r} here")
+        else:
+            out.append(f"{field}: {a!r} there, {b!r} here")
+    return out
+
+
+def check_source(cfg: SearchConfig) -> SearchConfig:
+    """The warm-start experiment, refused in one line when it searched something else."""
+    if is_uri(cfg.storage):
+        raise PrunefuseError("--warm-start needs the experiments on a local or shared folder, not a URI")
+    path = source_path(cfg)
+    old = SearchConfig.load(path)
+    if os.path.abspath(old.path) == os.path.abspath(cfg.path):
+        raise PrunefuseError(f"--warm-start {cfg.warm_start!r} is this experiment; name an earlier one")
+    diff = differences(cfg, old)
+    if diff:
+        raise PrunefuseError(f"--warm-start {cfg.warm_start!r} searched something else, its trials do not carry "
+                             f"over: {'; '.join(diff)}")
+    return old
+
+
+def carry_over(cfg: SearchConfig, old: SearchConfig, *, study_url: str, old_study_url: str, floors=None,
+               log=print) -> int:
+    """Add `old`'s finished trials to this search's study (created here) and its folder; returns how many."""
+    import optuna
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+    from optuna.trial import TrialState
+
+    from .optuna_search import CONSTRAINTS_ATTR
+    from .resume import TUNE_ID_ATTR
+
+    source = Path(old.path).resolve()
+    old_study = optuna.load_study(study_name=old.name, storage=old_study_url)
+    carried, folders = [], []
+    for t in old_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        tune_id = t.user_attrs.get(TUNE_ID_ATTR)
+        final = _final(source / f"trial_{tune_id}") if tune_id else None
+        values = [final.get(name) for name, _ in cfg.objectives] if final else None
+        if not values or not all(isinstance(v, (int, float)) for v in values):
+            continue  # no result for one of this search's objectives: nothing to learn from
+        system_attrs = {}
+        user_attrs = {**t.user_attrs, CARRIED_ATTR: str(source)}
+        if floors is not None:
+            try:
+                constraints = floors.values(final)
+            except KeyError:
+                continue  # a result without a task metric cannot be judged feasible
+            user_attrs[CONSTRAINTS_ATTR] = constraints
+            system_attrs[_CONSTRAINTS_KEY] = tuple(constraints)
+        carried.append(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                 values=[float(v) for v in values], user_attrs=user_attrs,
+                                                 system_attrs=system_attrs))
+        folders.append(tune_id)
+    study = optuna.create_study(study_name=cfg.name, storage=optuna.storages.RDBStorage(study_url),
+                                directions=["maximize" if s == "max" else "minimize" for _, s in cfg.objectives],
+                                load_if_exists=True)
+    study.add_trials(carried)
+    for tune_id in folders:
+        target = Path(cfg.path) / f"trial_{tune_id}"
+        if not target.exists():
+            shutil.copytree(source / f"trial_{tune_id}", target)
+        (target / CARRIED_FILE).write_text(json.dumps({"from": str(source), "trial_id": tune_id}))
+    log(f"warm start: {len(carried)} finished trial(s) carried over from {source}")
+    return len(carried)
+
+
+def _final(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / FINAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("final") else None
