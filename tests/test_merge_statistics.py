@@ -103,12 +103,10 @@ def _policy(suite, spec, method, drop_rate, **extra):
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_up_to_095_on_a_resnet_trunk_gives_no_nan_trial(resnet, method):
     suite, art, spec = resnet
-    for drop_rate in (0.5, 0.9, 0.95):
-        for seed in (0, 1):
-            _, metrics = apply_policy(suite, _policy(suite, spec, method, drop_rate, seed=seed), art,
-                                      measure_spec=FAST)
-            values = [v for v in metrics.values() if isinstance(v, float)]
-            assert values and all(torch.isfinite(torch.tensor(values))), (drop_rate, seed, metrics)
+    for seed, drop_rate in enumerate((0.5, 0.9, 0.95, 0.95)):
+        _, metrics = apply_policy(suite, _policy(suite, spec, method, drop_rate, seed=seed), art, measure_spec=FAST)
+        values = [v for v in metrics.values() if isinstance(v, float)]
+        assert values and all(torch.isfinite(torch.tensor(values))), (drop_rate, seed, metrics)
 
 
 def test_recalibrated_statistics_fit_the_merged_weights(resnet):
