@@ -24,13 +24,14 @@ def check_pruning(suite, policies) -> None:
     x = suite.example_inputs(2)
     for policy in policies:
         p = policy.pruning
-        what = f"{p.mode} pruning at sparsity {max(p.sparsity.values(), default=0.0):g}" + \
+        what = f"{p.mode} pruning at " + (f"global sparsity {p.global_sparsity:g}" if p.global_sparsity is not None
+                                          else f"sparsity {max(p.sparsity.values(), default=0.0):g}") + \
             (f", round_to {p.round_to}" if p.round_to != 1 else "")
         torch.manual_seed(policy.seed)
         model = suite.build_model(**policy.model).eval()
         try:
-            model = without_masks(prune(model, dict(p.sparsity), mode=p.mode, importance="l2",
-                                        example_inputs=x, round_to=p.round_to)).eval()
+            model = without_masks(prune(model, dict(p.sparsity), mode=p.mode, importance="l2", example_inputs=x,
+                                        global_sparsity=p.global_sparsity, round_to=p.round_to)).eval()
         except Exception as exc:  # noqa: BLE001 (any failure is the user's model's: say where)
             raise PrunefuseError(f"pruning check ({what}) failed before any training: {_reason(exc)}") from None
         expected = _forward(model, x, what)

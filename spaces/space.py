@@ -264,17 +264,21 @@ class SearchSpace:
         }, source="search space (dense control)")
 
     def hardest_pruning(self) -> list[Policy]:
-        """The hardest pruning a trial may draw, once per mode (and, structured, per round_to)
-        the space allows: every layer at the highest sparsity, nothing else changed. A search
-        applies these to a fresh model before it trains anything (fail fast)."""
+        """The hardest pruning a trial may draw, once per mode, scope (and, structured,
+        round_to) the space allows: every layer (or, global, all together) at the highest
+        sparsity, nothing else changed. A search applies these to a fresh model before it
+        trains anything (fail fast)."""
         p, out = self.spec.pruning, []
+        highest = float(max(_corners(p.sparsity)))
         for mode in _corners(p.mode):
             for round_to in (_corners(p.round_to) if mode == "structured" else [1]):
-                out.append(Policy.from_dict({
-                    "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "seed": self.seed,
-                    "pruning": {"mode": mode, "importance": "l2", "round_to": int(round_to),
-                                "sparsity": {layer: float(max(_corners(p.sparsity))) for layer in self.layers}},
-                }, source="search space"))
+                for scope in _corners(p.scope):
+                    where = {"global_sparsity": highest} if scope == "global" else \
+                        {"sparsity": {layer: highest for layer in self.layers}}
+                    out.append(Policy.from_dict({
+                        "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "seed": self.seed,
+                        "pruning": {"mode": mode, "importance": "l2", "round_to": int(round_to), **where},
+                    }, source="search space"))
         return out
 
     def suggest(self, trial) -> Policy:

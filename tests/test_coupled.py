@@ -131,6 +131,19 @@ def test_unstructured_masks_every_member_at_its_groups_value(plugin):
     assert (modules["trunk.layer2.0.conv1"].weight != 0).all()
 
 
+def test_hardest_pruning_covers_every_mode_scope_and_round_to():
+    from spaces.space import SearchSpace, SpaceSpec
+
+    spec = SpaceSpec.model_validate({"pruning": {"mode": ["structured", "unstructured"], "scope": ["layerwise", "global"],
+                                                 "round_to": [1, 8], "sparsity": {"low": 0.1, "high": 0.7}}})
+    space = SearchSpace(spec, layers=["trunk.a", "trunk.b"], tasks=["t"], suite={"name": "x"}, model={"trunk": "mlp"})
+    got = sorted((p.pruning.mode, p.pruning.round_to, p.pruning.global_sparsity or -1, tuple(p.pruning.sparsity.items()))
+                 for p in space.hardest_pruning())
+    every = (("trunk.a", 0.7), ("trunk.b", 0.7))
+    assert got == [("structured", 1, -1, every), ("structured", 1, 0.7, ()), ("structured", 8, -1, every),
+                   ("structured", 8, 0.7, ()), ("unstructured", 1, -1, every), ("unstructured", 1, 0.7, ())]
+
+
 def test_search_fails_fast_on_a_model_pruning_breaks(tmp_path):
     start, cpu = time.time(), _children_cpu()
     code, out, err = run_cli("search", "--suite", PLUGIN.format("broken"), "--storage", tmp_path / "runs",
@@ -152,3 +165,71 @@ def _children_cpu() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+# --- apply checks what it rebuilt ---
+
+def _applied(policy, tmp_path, name):
+    from search.apply import apply_and_save
+
+    return apply_and_save(policy, str(tmp_path / name), cache=str(tmp_path / "cache"), log=lambda *a: None)
+
+
+def test_apply_says_when_the_rebuilt_model_is_not_the_trials(tmp_path):
+    s = suites.get("synthetic", dim=8, train_samples=200, val_samples=50, test_samples=50)
+    policy = Policy.from_dict({"schema": "prunefuse.policy/1", "suite": s.spec,
+                               "model": {"trunk": "mlp", "width": 16, "depth": 1},
+                               "base": {"epochs": 1, "expert_epochs": 0},
+                               "pruning": {"sparsity": {"trunk.fc1": 0.5}}, "finetune": {"epochs": 0}})
+    _, metrics = _applied(policy, tmp_path, "plain")                   # nothing measured: nothing to compare
+    assert "matches_trial" not in metrics
+    measured = {k: v for k, v in metrics.items() if k == "params" or k.startswith(("metric/", "test/"))}
+    same = policy.model_copy(update={"provenance": {"metrics": measured}})
+    assert _applied(same, tmp_path, "same")[1]["matches_trial"] is True
+    for wrong, words in (({"params": measured["params"] + 1}, "params rebuilt"),
+                         ({"metric/" + s.task_names[0]: measured["metric/" + s.task_names[0]] + 0.01},
+                          "more than 0.5 points")):
+        tampered = policy.model_copy(update={"provenance": {"metrics": {**measured, **wrong}}})
+        with pytest.raises(PrunefuseError, match=words):
+            _applied(tampered, tmp_path, "tampered")
+        saved = json.loads((tmp_path / "tampered" / "metrics.json").read_text())
+        assert saved["matches_trial"] is False and words.split()[-1] in saved["mismatch"]   # still written
+
+
+# --- done when: a searched knee policy on the resnet and mobilenet trunks rebuilds its trial's model ---
+
+KNEE_SPACE = "fusion: {method: none}\npruning: {importance: l2, sparsity: {low: 0.0, high: 0.8}}\nfinetune: {epochs: 0.5}\n"
+KNEE_ARGS = ["--trials", "4", "--suite-option", "train_pairs=1500", "--suite-option", "val_pairs=400",
+             "--suite-option", "test_pairs=400", "--train-option", "epochs=6", "--train-option", "expert_epochs=1",
+             "--measure-option", "latency_batch=64", "--measure-option", "runs=5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trunk", ["resnet", "mobilenet"])
+def test_knee_policy_rebuilds_its_trial_also_after_sorted_key_json(tmp_path, trunk):
+    import yaml
+
+    (tmp_path / "space.yaml").write_text(KNEE_SPACE)
+    code, out, err = run_cli("search", "--storage", tmp_path / "runs", "--name", trunk, "--trunk", trunk,
+                             "--space", tmp_path / "space.yaml", *KNEE_ARGS, cwd=tmp_path, timeout=900)
+    assert code == 0, err[-3000:]
+    exp = tmp_path / "runs" / trunk
+    code, out, err = run_cli("export", exp, "--knee", "-o", tmp_path / "knee.yaml", cwd=tmp_path)
+    assert code == 0, err
+    knee = yaml.safe_load((tmp_path / "knee.yaml").read_text())
+    groups = list(knee["pruning"]["sparsity"])
+    assert any(len(m) > 1 for m in coupled_groups(suites.from_spec(knee["suite"]).build_model(**knee["model"]),
+                                                  suites.from_spec(knee["suite"]).example_inputs(2)).values())
+    # Through a JSON file with sorted keys (what Ray's params.json does to a policy), then back.
+    (tmp_path / "sorted.json").write_text(json.dumps(knee, sort_keys=True))
+    Policy.from_dict(json.loads((tmp_path / "sorted.json").read_text())).to_yaml(tmp_path / "sorted.yaml")
+    assert set(yaml.safe_load((tmp_path / "sorted.yaml").read_text())["pruning"]["sparsity"]) == set(groups)
+    measured = knee["provenance"]["metrics"]
+    for policy_file in ("knee.yaml", "sorted.yaml"):
+        code, out, err = run_cli("apply", tmp_path / policy_file, "-o", tmp_path / f"model-{policy_file}",
+                                 "--cache", tmp_path / "runs" / "_artifacts", cwd=tmp_path)
+        assert code == 0, err
+        applied = json.loads((tmp_path / f"model-{policy_file}" / "metrics.json").read_text())
+        assert applied["matches_trial"] is True and applied["params"] == measured["params"]
+        for key in [k for k in measured if k.startswith(("metric/", "test/"))]:
+            assert abs(applied[key] - measured[key]) * 100 <= 0.5, (policy_file, key)
