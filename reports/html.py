@@ -402,8 +402,10 @@ def _header(d: _Data, latency_source: str | None) -> str:
                                   + f" (the base fine-tuned as the trials are: {_fmt(ft.get('epochs'))} epochs at lr "
                                     f"{_fmt(ft.get('lr'))}, unpruned, unfused; {beat} of {len(d.front)} front "
                                     f"point(s) score above it)")
-    batch = (f" (batch {_fmt(db['latency_batch'])}, {_fmt(db.get('threads'))} thread(s), timed in "
-             f"{db.get('latency_backend') or 'torch'})") if "latency_batch" in db else ""
+    # A re-measurement names its own backend; the search's is the one dense.json records.
+    backend = "" if latency_source else f", timed in {db.get('latency_backend') or 'torch'}"
+    batch = f" (batch {_fmt(db['latency_batch'])}, {_fmt(db.get('threads'))} thread(s){backend})" \
+        if "latency_batch" in db else ""
     facts["latency shown"] = (latency_source or DEFAULT_LATENCY) + batch
     if c.get("early_stop"):
         facts["early stopping"] = {"pareto": f"pareto: each pruning step keeps the best {c.get('early_stop_keep', 0.5):g} "

@@ -91,7 +91,7 @@ TRIALS = 2
 def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     (root / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    code, out, err = run_cli("search", "--storage", root / "runs", "--name", "int8", "--trials", TRIALS,
+    code, _, err = run_cli("search", "--storage", root / "runs", "--name", "int8", "--trials", TRIALS,
                              "--space", root / "space.yaml", "--latency-backend", "onnxruntime",
                              "--tracking", "mlflow", "--no-report", *TINY, cwd=root)
     assert code == 0, err[-3000:]
