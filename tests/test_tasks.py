@@ -201,3 +201,16 @@ def test_dense_tasks_need_a_conv_trunk(tiny_scenes):
 
     with pytest.raises(PrunefuseError, match="has dense tasks"):
         tiny_scenes.build_model(trunk="mlp")
+
+
+def test_the_report_shows_each_tasks_sense_and_delta_m(tmp_path):
+    from report_fixtures import make_experiment
+    from reports.html import build_report
+
+    exp = make_experiment(tmp_path, 10, seed=2)
+    dense = json.loads((exp / "dense.json").read_text())
+    dense["senses"]["sum"], dense["task_metrics"]["sum"] = "min", "mae"
+    (exp / "dense.json").write_text(json.dumps(dense))
+    page = build_report(exp)
+    assert "sum: mae ↓ (lower is better)" in page and "left: accuracy ↑" in page
+    assert "Δm% vs dense" in page and "m vs dense: " in page   # the table and the hover text
