@@ -33,7 +33,7 @@ def space(cuda: bool) -> str:
             f"finetune: {{epochs: 1.0, precision: {'fp16' if cuda else 'fp32'}}}\n")
 
 
-def cli(*args, timeout=240) -> str:
+def cli(*args, timeout=400) -> str:
     proc = subprocess.run([PRUNEFUSE, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         sys.exit(f"gpu_check: `prunefuse {' '.join(map(str, args[:2]))} ...` failed ({proc.returncode}):\n"
@@ -95,7 +95,7 @@ def main() -> int:
 
     cli("search", "--storage", work / "runs", "--name", "check", "--trials", TRIALS, "--space", work / "space.yaml",
         "--asha", "--gpus-per-trial", gpus, "--cpus-per-trial", "1", *SUITE, *TRAIN, *MEASURE, "--no-report",
-        timeout=300)
+        timeout=600)
     finals = {p.parent.name.removeprefix("trial_"): json.loads(p.read_text()) for p in exp.glob("trial_*/final.json")}
     stopped = TRIALS - len(finals)
     device = "cuda" if cuda else "cpu"
