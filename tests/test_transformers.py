@@ -233,3 +233,72 @@ def test_attention_that_cannot_be_head_pruned_is_named_in_one_line():
     model.trunk.blocks[1].attn = HardcodedTimm(32, 4)
     found = attention.probe(model, suite.example_inputs(2))
     assert list(found) == ["trunk.blocks.1.attn"] and "one head fewer" in found["trunk.blocks.1.attn"]
+
+
+# --- the real CLI on the three layouts (slow: a few minutes on 2 busy cores) ---
+
+E2E = ["--suite-option", "val_pairs=100", "--suite-option", "test_pairs=100", "--model-option", "dim=16",
+       "--train-option", "epochs=2", "--train-option", "expert_epochs=0.5", "--train-option", "lr=0.003",
+       "--measure-option", "latency_batch=16", "--measure-option", "runs=3", "--trials", "6"]
+
+
+def _e2e_args(layout):
+    suite = f"tests.plugins.attention_suites:make_{layout}"
+    sizes = ["--suite-option", "train_pairs=400"] + E2E
+    if layout == "hf":
+        sizes = [a.replace("_pairs", "_samples") for a in sizes]
+    return ["--suite", suite, *sizes]
+
+
+def _search(tmp, layout, name, space):
+    import yaml
+
+    from conftest import ROOT, run_cli
+    from reports import load_experiment
+
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(space))
+    code, out, err = run_cli("search", *_e2e_args(layout), "--space", tmp / f"{name}.yaml",
+                             "--storage", tmp / "runs", "--name", name, cwd=ROOT, timeout=900)
+    assert code == 0, err[-3000:]
+    df = load_experiment(tmp / "runs" / name)
+    return df[df["status"] == "finished"], out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_searches_finish_and_the_knee_reapplies(layout, tmp_path):
+    import json
+
+    import yaml
+
+    from conftest import ROOT, run_cli
+    from mtl_models import checkpoint
+
+    finished, _ = _search(tmp_path, layout, "default", {"finetune": {"epochs": 0.5}})
+    assert len(finished) >= 5
+    finished, _ = _search(tmp_path, layout, "structured", {"pruning": {"sparsity": {"low": 0.5, "high": 0.8}},
+                                                          "finetune": {"epochs": 0.5}})
+    assert len(finished) >= 5
+    dense = json.loads((tmp_path / "runs" / "structured" / "dense.json").read_text())
+    assert finished["params"].min() <= 0.7 * dense["params"]
+    exp = tmp_path / "runs" / "structured"
+    code, _, err = run_cli("export", exp, "--knee", "-o", tmp_path / "knee.yaml", cwd=ROOT)
+    assert code == 0, err
+    measured = yaml.safe_load((tmp_path / "knee.yaml").read_text())["provenance"]["metrics"]
+    code, out, err = run_cli("apply", tmp_path / "knee.yaml", "-o", tmp_path / "model", "--cache",
+                             tmp_path / "runs" / "_artifacts", cwd=ROOT, timeout=900)
+    assert code == 0, err[-3000:]
+    applied = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert applied["params"] == measured["params"]
+    for key in [k for k in measured if k.startswith(("metric/", "test/"))]:
+        assert abs(applied[key] - measured[key]) * 100 <= 0.5, key
+    model, _ = checkpoint.load(tmp_path / "model")
+    assert sum(p.numel() for p in model.parameters()) == measured["params"]
+
+
+@pytest.mark.slow
+def test_unstructured_search_on_multihead_attention(tmp_path):
+    finished, _ = _search(tmp_path, "mha", "unstructured", {"pruning": {"mode": "unstructured"},
+                                                           "fusion": {"method": "none"}, "finetune": {"epochs": 0.5}})
+    assert len(finished) >= 5
+    assert (finished["nonzero_params"] < finished["params"]).all()

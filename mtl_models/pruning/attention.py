@@ -83,6 +83,25 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
 
+def _count_macs(m, inputs, output) -> None:
+    """torch-pruning's MAC counter for the pruned form, as it counts nn.MultiheadAttention:
+    q/k/v projections, q scaling and the heads' two matmuls and softmax (`out_proj` is called
+    as a module here, so its own Linear counter counts it)."""
+    q, k = inputs[0], inputs[1]
+    batched = q.dim() == 3
+    batch = (q.shape[0] if m.batch_first else q.shape[1]) if batched else 1
+    length, source = (q.shape[-2], k.shape[-2]) if m.batch_first or not batched else (q.shape[0], k.shape[0])
+    inner = m.num_heads * m.head_dim
+    macs = length * inner + (length + 2 * source) * m.embed_dim * inner
+    if m.in_proj_bias is not None:
+        macs += (length + 2 * source) * inner
+    macs += m.num_heads * (2 * length * source * m.head_dim + length * source)
+    m.__flops__ += int(macs * batch)
+
+
+tp.utils.op_counter.MODULES_MAPPING[PrunedMultiheadAttention] = _count_macs
+
+
 def _additive_mask(attn_mask, key_padding_mask, batch, heads, length, source, dtype):
     """MultiheadAttention's masks (bool: True = may not attend; float: added) as one additive
     mask broadcastable to (B, heads, L, S), or None."""
