@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import json
-import os
-import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
+import pytest
 import torch
 
 from conftest import ROOT, run_cli
 
+# Saves the model twice (the second replaces the first), SIGKILLing itself just before its
+# K-th filesystem step (a write's fsync, a rename, an exchange, a removal): every point a
+# real kill could land between two steps.
 SAVER = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, sys.argv[2])
+    import os, shutil, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
     from mtl_models import checkpoint, suites
     from spaces import Policy
     suite = suites.get("multidigits", train_pairs=50, val_pairs=20, test_pairs=20)
     model = suite.build_model(trunk="mlp", width=32, depth=2)
-    policy = Policy.from_dict({"schema": "prunefuse.policy/1", "suite": {"name": suite.name, **suite.options}, "model": {"trunk": "mlp", "width": 32, "depth": 2}})
-    i = 0
-    while True:
-        checkpoint.save(model, policy, {"i": i}, sys.argv[1])
-        print(i, flush=True)
-        i += 1
+    policy = Policy.from_dict({"schema": "prunefuse.policy/1", "suite": {"name": suite.name, **suite.options},
+                               "model": {"trunk": "mlp", "width": 32, "depth": 2}})
+    checkpoint.save(model, policy, {"i": 0}, sys.argv[1])
+    kill_at, steps = int(sys.argv[2]), [0]
+
+    def step(fn):
+        def run(*args, **kwargs):
+            steps[0] += 1
+            if steps[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return run
+
+    os.fsync, shutil.rmtree, Path.rename = step(os.fsync), step(shutil.rmtree), step(Path.rename)
+    checkpoint._exchange = step(checkpoint._exchange)
+    checkpoint.save(model, policy, {"i": 1}, sys.argv[1])
+    print("steps", steps[0])
 """)
 
 
@@ -39,26 +53,29 @@ def _complete(folder) -> bool:
     return isinstance(json.loads((folder / "metrics.json").read_text())["i"], int)
 
 
+@pytest.mark.slow  # a fresh interpreter per kill point (~7 of them)
 def test_a_killed_save_leaves_the_old_or_the_new_model(tmp_path):
     from mtl_models import checkpoint
 
-    out = tmp_path / "model"
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
-    rng = random.Random(0)
-    for round_ in range(12):
-        proc = subprocess.Popen([sys.executable, str(script), str(out), str(ROOT)], stdout=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        if round_ == 0:
-            proc.stdout.readline()  # the first save completes: every later kill replaces a model
-        else:
-            time.sleep(rng.uniform(0.0, 0.4))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert out.is_dir() and _complete(out), f"round {round_}: no complete model at the path"
+    out = tmp_path / "model"
+    seen = set()
+    for kill_at in range(1, 8):
+        proc = subprocess.run([sys.executable, str(script), str(out), str(kill_at), str(ROOT)],
+                              capture_output=True, text=True, timeout=120)
+        assert out.is_dir() and _complete(out), f"killed before step {kill_at}: no complete model at the path"
+        seen.add(json.loads((out / "metrics.json").read_text())["i"])
         checkpoint.check_target(out)  # what the next run does first
-        leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("model", "saver.py")]
-        assert not leftovers, leftovers
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "saver.py"], f"step {kill_at}: leftovers"
+        if proc.returncode == 0:  # past the last step: the save ran through
+            assert "steps" in proc.stdout and json.loads((out / "metrics.json").read_text())["i"] == 1
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        shutil.rmtree(out)
+    else:
+        raise AssertionError("the save never ran through: more steps than expected")
+    assert seen == {0, 1}  # kills before the swap kept the old model, after it the new one
 
 
 def test_the_next_apply_restores_a_model_left_aside(tmp_path, tiny_suite):
