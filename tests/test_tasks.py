@@ -214,3 +214,16 @@ def test_the_report_shows_each_tasks_sense_and_delta_m(tmp_path):
     page = build_report(exp)
     assert "sum: mae ↓ (lower is better)" in page and "left: accuracy ↑" in page
     assert "Δm% vs dense" in page and "m vs dense: " in page   # the table and the hover text
+
+
+def test_a_plugin_model_for_dense_tasks_is_checked_against_its_labels(tiny_scenes):
+    from torch import nn
+
+    from mtl_models.suites import check_model
+    from spaces.errors import PrunefuseError
+
+    model = tiny_scenes.build_model(trunk="cnn", channels=[4, 8])
+    check_model(model, tiny_scenes)                       # the built-in dense model fits
+    model.heads["depth"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1))
+    with pytest.raises(PrunefuseError, match=r"head 'depth' outputs shape \(2, 1\).*expected \(2, 1, 16, 16\)"):
+        check_model(model, tiny_scenes)
