@@ -240,7 +240,12 @@ def _save(state, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        import io
+
+        buffer = io.BytesIO()  # serialised here, written by Python: a full disk is an OSError naming the file
+        torch.save(state, buffer)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -265,3 +265,30 @@ def test_a_second_driver_is_refused_while_one_holds_the_experiment(land):
         assert snapshot(land) == before
     with claimed(exp):  # released when its holder let go (or died)
         pass
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line(land, cli, small_disk):
+    """Too little space is found before anything runs; a write that fills the disk later ends in
+    one line naming the file and the reason, not a traceback, and leaves no partial file."""
+    line = one_line(*cli(land, "search", "--storage", small_disk / "runs"))
+    assert "no space left on its device" in line, line
+    exp = make_experiment(land / "runs", 4)
+    (small_disk / "filler").write_bytes(b"\0" * (2 << 20 | 512 << 10))  # leaves ~1.5 MiB: less than a report
+    line = one_line(*cli(land, "report", exp, "-o", small_disk / "r.html"))
+    assert "r.html" in line and "no space left on the device" in line, line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
