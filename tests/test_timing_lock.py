@@ -61,6 +61,8 @@ def test_two_trials_on_one_node_never_time_at_once(tmp_path):
         sections += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     assert len(sections) == 4 and len({s["pid"] for s in sections}) == 2  # 2 steps each, 2 processes
     assert all(s["timed_to"] - s["timed_from"] > 0.05 for s in sections)
+    # On the CPU: no CUDA memory, and the device decided from Ray's resources (no GPU given).
+    assert all(s["cuda_peak_mb"] == 0.0 and s["device"] == "cpu" and s["device_name"] == "cpu" for s in sections)
     for i, a in enumerate(sections):
         for b in sections[i + 1:]:
             assert not _overlap(a, b), (a["timed_from"], a["timed_to"], b["timed_from"], b["timed_to"])
