@@ -83,8 +83,13 @@ def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, lo
 
 def runs_on_ray(cfg: SearchConfig) -> bool:
     """Whether the base's jobs run as Ray tasks with the trials' resources (on a cluster, or where
-    trials get GPUs: then the base trains and is timed on the device trials have) or here."""
-    return cfg.address is not None or cfg.gpus_per_trial > 0
+    trials get GPUs: then the base trains and is timed on the device trials have) or here. Only
+    a driver connected to Ray sends them there: `report --remeasure` (no Ray) measures here."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    connected = ray is not None and ray.is_initialized()
+    return connected and (cfg.address is not None or cfg.gpus_per_trial > 0)
 
 
 def measure_dense(cfg: SearchConfig, suite, art) -> dict:
