@@ -3,10 +3,19 @@ the three attention layouts people write (nn.MultiheadAttention, timm's fused qk
 Face's separate query / key / value) through pruning, reload and fusion."""
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
+import yaml
+from torch import nn
 
-from mtl_models import suites
+from conftest import ROOT, run_cli
+from mtl_models import checkpoint, fusion, suites
+from mtl_models.pruning import attention, coupled_groups, prune, without_masks
+from mtl_models.resize import resize_to
+from mtl_models.tasks import task_loss
 from mtl_models.train import evaluate, train
 from spaces.errors import PrunefuseError
 from tests.plugins import attention_suites
@@ -67,16 +76,6 @@ def test_plugin_layouts_follow_the_model_contract(layout):
 
 
 # --- pruning, reload, masks and fusion over the three layouts ---
-
-import copy  # noqa: E402
-
-from torch import nn  # noqa: E402
-
-from mtl_models import fusion  # noqa: E402
-from mtl_models.pruning import attention, coupled_groups, prune, without_masks  # noqa: E402
-from mtl_models.resize import resize_to  # noqa: E402
-from mtl_models.tasks import task_loss  # noqa: E402
-
 
 def calibration(suite, n=16):
     def losses(model):
@@ -251,9 +250,6 @@ def _e2e_args(layout):
 
 
 def _search(tmp, layout, name, space):
-    import yaml
-
-    from conftest import ROOT, run_cli
     from reports import load_experiment
 
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(space))
@@ -267,13 +263,6 @@ def _search(tmp, layout, name, space):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_searches_finish_and_the_knee_reapplies(layout, tmp_path):
-    import json
-
-    import yaml
-
-    from conftest import ROOT, run_cli
-    from mtl_models import checkpoint
-
     finished, _ = _search(tmp_path, layout, "default", {"finetune": {"epochs": 0.5}})
     assert len(finished) >= 5
     finished, _ = _search(tmp_path, layout, "structured", {"pruning": {"sparsity": {"low": 0.5, "high": 0.8}},
@@ -285,7 +274,7 @@ def test_searches_finish_and_the_knee_reapplies(layout, tmp_path):
     code, _, err = run_cli("export", exp, "--knee", "-o", tmp_path / "knee.yaml", cwd=ROOT)
     assert code == 0, err
     measured = yaml.safe_load((tmp_path / "knee.yaml").read_text())["provenance"]["metrics"]
-    code, out, err = run_cli("apply", tmp_path / "knee.yaml", "-o", tmp_path / "model", "--cache",
+    code, _, err = run_cli("apply", tmp_path / "knee.yaml", "-o", tmp_path / "model", "--cache",
                              tmp_path / "runs" / "_artifacts", cwd=ROOT, timeout=900)
     assert code == 0, err[-3000:]
     applied = json.loads((tmp_path / "model" / "metrics.json").read_text())
