@@ -10,7 +10,10 @@ deterministically by how far the policy pruned the first trunk layer (`trunk.fc1
 
 Each is a list of sparsities of trunk.fc1 (matched within 0.04), so a space file with
 `pruning: {sparsity: [0.0, 0.25, 0.5, 0.75]}` decides which trials fail and how. The dense
-model (sparsity 0) always works, so the base and experts train normally. `train_delay`
+model (sparsity 0) always works, so the base and experts train normally. A model that was
+never trained never fails (an `armed` buffer, set by the first training step and carried in
+the base's state dict): the search's pruning check on a fresh model passes, and the faults
+are what trials meet at run time. `train_delay`
 sleeps that many seconds per training step of a pruned model: slow trials, for the tests
 that kill a search while trials run.
 """
@@ -43,7 +46,9 @@ class FaultyModel(MTLModel):
         return None
 
     def forward(self, x):
-        kind = self.fault() if self.full_width else None
+        if self.training:
+            self.armed.fill_(1.0)
+        kind = self.fault() if self.full_width and bool(self.armed) else None
         if kind == "raise":
             raise RuntimeError(f"injected fault: trunk.fc1 pruned to {self.sparsity():.2f}")
         if kind == "oom":
@@ -65,6 +70,7 @@ class FaultyFactory:
     def __call__(self, suite, trunk: str = "mlp", **spec):
         model = build_model(suite, trunk="mlp", **spec)
         model.__class__ = FaultyModel
+        model.register_buffer("armed", torch.zeros(()))
         model.full_width = model.trunk.fc1.weight.shape[0]
         model.faults, model.train_delay = self.faults, self.train_delay
         return model
