@@ -176,18 +176,24 @@ def _error_reason(trial_dir: Path) -> str | None:
 
 def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
     params = trial_dir / "params.json"
-    if not params.is_file():
+    if not params.is_file() and not (trial_dir / FINAL_FILE).is_file():
         return None
     try:
-        try:
-            config = json.loads(_text(params))
-        except ValueError:
-            if not search_over and not _settled(params):
-                return None  # being written or synced right now: the next read will have it
-            raise _Unreadable("params.json is not JSON") from None
-        if not isinstance(config, dict):
-            raise _Unreadable("params.json is not a JSON object")
+        config = None
+        if params.is_file():
+            try:
+                config = json.loads(_text(params))
+            except ValueError:
+                if not search_over and not _settled(params):
+                    return None  # being written or synced right now: the next read will have it
+                raise _Unreadable("params.json is not JSON") from None
         result = _last_result(trial_dir, search_over=search_over) or {}
+        # A driver killed before Tune synced the trial's folder leaves only final.json, which
+        # carries the trial's config too.
+        carried_config = result.pop("config", None)
+        config = config if config is not None else carried_config
+        if not isinstance(config, dict):
+            raise _Unreadable("params.json is missing or not a JSON object")
     except _Unreadable as exc:
         return _unreadable_row(trial_dir, str(exc))
     error = _error_reason(trial_dir)
@@ -200,7 +206,8 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
         status = "stopped" if search_over else "running"
     row = {"trial_id": trial_dir.name.removeprefix("trial_"), "status": status, "error": error,
            "node_id": result.get("node_id"), "device": result.get("device"),
-           "started": params.stat().st_mtime, "step": result.get("step"), "steps": result.get("steps")}
+           "started": (params if params.is_file() else trial_dir / FINAL_FILE).stat().st_mtime,
+           "step": result.get("step"), "steps": result.get("steps")}
     for key, value in _with_current_names(dict(result)).items():
         if is_recorded_metric(key):
             row[key] = value

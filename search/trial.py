@@ -48,7 +48,7 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
     trial_id = tune.get_context().get_trial_id()
     done = read_final(experiment, trial_id)
     if done is not None:
-        tune.report({**done, "replayed": True})
+        tune.report({**{k: v for k, v in done.items() if k != "config"}, "replayed": True})
         return
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
@@ -73,7 +73,8 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
                   "pid": os.getpid(), "cycle_s": now - clock["start"] - clock["reporting"], "setup_s": setup_s,
                   "cuda_peak_mb": peak_memory_mb(device), "started_at": started_at, "reported_at": time.time()}
         if step == steps:
-            write_final(experiment, trial_id, result)
+            # with the trial's config: Tune's params.json reaches the storage only when it syncs
+            write_final(experiment, trial_id, {**result, "config": config})
         tune.report(result)
         clock["reporting"] += time.perf_counter() - now
 
