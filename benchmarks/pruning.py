@@ -4,6 +4,7 @@ per-layer allocation beats a uniform one, and whether the multi-task criterion b
     .venv/bin/python benchmarks/pruning.py                   # the full run (< 15 min on 2 cores)
     .venv/bin/python benchmarks/pruning.py --seeds 0 --trials 6 --epochs 4   # a quick look
     .venv/bin/python benchmarks/pruning.py --parts a                         # the cost table only
+    .venv/bin/python benchmarks/pruning.py --parts d                         # the coupled trunks only
 
 Setting: `multidigits` with its default options (20k training pairs; tasks left, right:
 accuracy; sum: R²), the CNN trunk with channels [32, 64, 128] and fc 128 (≈ 3.8 M MACs and
@@ -28,6 +29,10 @@ b) Allocation. A target parameter count (that of uniform sparsity TARGET_UNIFORM
 c) Criterion. Uniform sparsity 0.5 / 0.7 / 0.85 on all four layers, l2 magnitude vs
    multitask_taylor ("max"), 3 seeds (the seed draws the 512 calibration samples and orders
    the fine-tune), FT_C epochs, test accuracy.
+d) Coupled trunks. The built-in resnet and mobilenet trunks (COUPLED), each base trained once:
+   one uniform sparsity over the coupled groups (`pruning.coupled_groups`), found by bisection
+   on MACs so that about 50 % go, kept widths rounded to the channel block; params, MACs,
+   latency at batch 256 vs the dense base fine-tuned alike, test accuracy.
 """
 from __future__ import annotations
 
@@ -46,11 +51,15 @@ import torch  # noqa: E402
 
 from _common import goals_table, markdown_table, mean, setup_threads  # noqa: E402
 from mtl_models import artifacts, measure, suites  # noqa: E402
-from mtl_models.pruning import MAX_SPARSITY, kept_units, prunable_layers, prune, without_masks  # noqa: E402
+from mtl_models.pruning import (MAX_SPARSITY, coupled_groups, kept_units, prunable_layers, prune,  # noqa: E402
+                                 without_masks)
 from mtl_models.tasks import task_loss  # noqa: E402
 from mtl_models.train import evaluate, train  # noqa: E402
 
 SPEC = {"trunk": "cnn", "channels": [32, 64, 128], "fc": 128}
+# d): the built-in coupled trunks, wider than their defaults so that batch-256 time is compute, not calls.
+COUPLED = {"resnet": {"trunk": "resnet", "channels": [16, 32, 64], "blocks": 1},
+           "mobilenet": {"trunk": "mobilenet", "channels": [16, 24, 24, 32], "expand": 4}}
 MAC_TARGETS = (0.0, 0.5, 0.8)
 UNSTRUCTURED = 0.8
 TARGET_UNIFORM = 0.7
@@ -120,11 +129,11 @@ def calibration(suite, seed):
     return task_losses
 
 
-def pruned(suite, base, sparsity, *, mode="structured", importance="l2", seed=0, ft=1.0, round_to=1):
+def pruned(suite, base, sparsity, *, mode="structured", importance="l2", seed=0, ft=1.0, round_to=1, spec=None):
     """Base → prune → fine-tune (inside `after_step`, as the pipeline does, so that
     unstructured masks are still live and the zeros stay zero); returns the model as stored."""
     torch.manual_seed(seed)
-    model = suite.build_model(**SPEC)
+    model = suite.build_model(**(spec or SPEC))
     model.load_state_dict(base)
     model.eval()
 
@@ -195,6 +204,43 @@ def part_a(suite, art, rounds):
             "ratio256_rounded": lat256[rounded] / lat256[dense_name], "round_to": block,
             "macs_rounded": measure.count_macs(variants[rounded], suite.example_inputs(1)) / dense_macs,
             "ratio256_unstructured": lat256[f"unstructured, {UNSTRUCTURED:.0%} of weights"] / lat256[dense_name]}
+
+
+# --- d) coupled trunks: ResNet (residual adds, downsample branches), MobileNetV2 (depthwise) ---
+
+def part_d(suite, epochs, cache, rounds):
+    """Per trunk: one uniform sparsity over its coupled groups, found by bisection on MACs so
+    that about half of them go, kept widths rounded to the channel block; dense and pruned
+    fine-tuned alike, timed interleaved at batch 256."""
+    block, out, ratios = channel_block(), [], {}
+    for name, spec in COUPLED.items():
+        art = artifacts.prepare(suite, spec, artifacts.TrainSpec(epochs=epochs), cache_dir=cache, log=log)
+        x = suite.example_inputs(2)
+        groups = list(coupled_groups(suite.build_model(**spec), x))
+        dense_macs = measure.count_macs(suite.build_model(**spec), x[:1])
+
+        def macs(t):
+            m = prune(suite.build_model(**spec).eval(), uniform(groups, t), example_inputs=x, round_to=block)
+            return measure.count_macs(m, x[:1])
+
+        s = bisect(macs, dense_macs * (1 - MAC_TARGETS[1]), iters=12)
+        log(f"d) {name}: {len(groups)} coupled groups, uniform sparsity {s:.3f}, round_to {block}")
+        variants = {"dense": pruned(suite, art.base, uniform(groups, 0.0), ft=FT_A, spec=spec),
+                    "pruned": pruned(suite, art.base, uniform(groups, s), ft=FT_A, round_to=block, spec=spec)}
+        lat = measure.interleaved_latency_ms(variants, suite.example_inputs(256), rounds=rounds, runs=10, warmup=2)
+        ratios[name] = lat["pruned"] / lat["dense"]
+        for variant, model in variants.items():
+            m = measure.count_macs(model, x[:1])
+            out.append([name, variant if variant == "dense" else f"{s:.3f} per group, round_to {block}",
+                        f"{measure.stored_params(model):,}", f"{m / 1e6:.2f} ({m / dense_macs:.2f}×)",
+                        f"{lat[variant]:.2f} ({lat[variant] / lat['dense']:.2f}×)", f"{score(model, suite, 'test'):.4f}"])
+    print(f"\n### d) Coupled trunks at about {MAC_TARGETS[1]:.0%} of MACs removed (l2 magnitude, one sparsity "
+          f"per coupled group, {FT_A:g} epoch fine-tune, base {epochs:g} epochs)\n")
+    print(markdown_table(["trunk", "sparsity", "params (stored)", "MACs M (vs dense)", "latency ms @256 (vs dense)",
+                          "test accuracy"], out))
+    print(f"\nTrunks: {'; '.join(f'{n} {spec}' for n, spec in COUPLED.items())}. Latency as in a) (inference form, "
+          f"one thread, median over {rounds} interleaved rounds of 10 runs).")
+    return ratios
 
 
 # --- b) searched allocation vs uniform at equal parameter count ---
@@ -282,8 +328,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--trials", type=int, default=20, help="search trials per seed in b)")
     p.add_argument("--epochs", type=float, default=10.0, help="dense base training epochs")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds in a)")
-    p.add_argument("--parts", default="abc", help="which of the parts a, b, c to run")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds in a) and d)")
+    p.add_argument("--coupled-epochs", type=float, default=4.0, help="d): the coupled trunks' base training epochs")
+    p.add_argument("--parts", default="abcd", help="which of the parts a, b, c, d to run")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "prunefuse-bench-pruning"))
     args = p.parse_args(argv)
     setup_threads(1)
@@ -318,6 +365,12 @@ def main(argv=None):
         timings["c"] = time.perf_counter() - t0
         goals.append((f"multitask_taylor ≥ l2 at sparsity {max(CRITERION_SPARSITIES)} in ≥ {need} of {c_n} seeds",
                       c_wins >= need, f"{c_wins} of {c_n}"))
+    if "d" in args.parts:
+        t0 = time.perf_counter()
+        d = part_d(suite, min(args.epochs, args.coupled_epochs), args.cache, args.rounds)
+        timings["d"] = time.perf_counter() - t0
+        for name, ratio in d.items():
+            goals.append((f"{name} trunk, 50 % MACs removed: latency @256 ≤ 0.65× dense", ratio <= 0.65, f"{ratio:.2f}×"))
     print("\n### Goals\n")
     print(goals_table(goals))
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
