@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-trial", type=finite_float, default=1.0)
     s.add_argument("--gpus-per-trial", type=finite_float, default=0.0, help="fractions share a GPU, e.g. 0.5")
     s.add_argument("--max-concurrent", type=int, default=None)
-    s.add_argument("--sampler", default="tpe", help="tpe | nsga2 | random")
+    s.add_argument("--sampler", default="tpe", help="tpe | nsga2 | gp | random")
     s.add_argument("--objectives", default="score:max,params:min,latency_ms:min",
                    help="NAME:max|min, comma-separated; score = the mean oriented task score (0 = the dense base)")
     s.add_argument("--seed", type=int, default=0)
@@ -324,7 +324,7 @@ def cmd_apply(args) -> int:
         raise PrunefuseError(f"--threads {args.threads}: expected 1 or more")
 
     policy = Policy.from_yaml(args.policy)
-    from .apply import apply_and_save
+    from mtl_models.apply import apply_and_save
 
     apply_and_save(policy, args.output, cache=args.cache, threads=args.threads, device=args.device,
                    latency_backend=args.latency_backend)

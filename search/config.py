@@ -17,7 +17,7 @@ from spaces.policy import _Strict
 from spaces.vocabulary import CONFIG_FILE, SCALAR_METRICS, TASK_METRIC
 
 OBJECTIVE_NAMES = tuple(SCALAR_METRICS)
-SAMPLERS = ("tpe", "nsga2", "random")  # the names `--sampler` takes
+SAMPLERS = ("tpe", "nsga2", "gp", "random")  # the names `--sampler` takes
 try:  # names older experiments used for today's metrics (an experiment written before a rename still loads)
     from spaces.vocabulary import LEGACY_METRICS as _LEGACY
 except ImportError:

@@ -87,6 +87,11 @@ def make_sampler(name: str, *, seed: int, trials: int | None, floors: TaskFloors
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=floors,
                                              population_size=max(8, min(50, (trials or 40) // 4)))
+    if name == "gp":
+        # Gaussian process, log expected hypervolume improvement; its cost per trial grows with the
+        # trials (benchmarks/search.py). Knobs outside the space every trial has are sampled at random.
+        return optuna.samplers.GPSampler(seed=seed, constraints_func=floors, warn_independent_sampling=False,
+                                         n_startup_trials=min(10, max(4, (trials or 40) // 4)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise unknown_name("sampler", name, SAMPLERS)
