@@ -3,9 +3,9 @@
 Done by ONNX Runtime's quantization tools on the exported graph (`deploy.export_onnx`), and
 run by ONNX Runtime: the int8 model measured is the `model.onnx` that ships. Chosen over
 torch.ao by measured speed on these CPUs (AVX2, no VNNI; one thread): torch.ao's int8 MLP took
-0.63 ms at batch 1 against ONNX Runtime's 0.07 ms, and neither torch.ao flavour beat fp32
-eager at batch 256 (benchmarks/deploy.py has the full table); torch.ao's quantized modules
-also do not export to ONNX.
+0.72 ms at batch 1 against ONNX Runtime's 0.115 ms (CNN: 1.51 vs 0.35 ms), and at batch 256
+the two static int8 forms were level (benchmarks/deploy.py, README); torch.ao's quantized
+modules also do not export to ONNX.
 
 Methods (`METHODS`, names as in `spaces.policy.Quantization.method`):
 - `dynamic_int8`: int8 weights, per output channel; activations quantized per batch at run time.
