@@ -11,17 +11,15 @@ from spaces.vocabulary import MEAN_SCORE
 def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
     """(suite, artifacts) a policy starts from: its suite, and the base (trained, reused from
     `cache`, or the user's checkpoint) with experts when it fuses. Checks fit before training."""
-    from mtl_models import artifacts, suites
-    from mtl_models.pipeline import check_fits
-
-    from .shared_artifacts import load_base_checkpoint
+    from . import artifacts, suites
+    from .pipeline import check_fits
 
     suite = suites.from_spec(policy.suite)
     model = suite.build_model(**policy.model)  # checks the model spec against the suite
     check_fits(suite, policy, model=model)  # another suite, tasks, layers or method: fail before training
     base = policy.base.model_dump()
     checkpoint_path = base.pop("checkpoint")
-    base_state = load_base_checkpoint(checkpoint_path, model) if checkpoint_path else None
+    base_state = artifacts.load_base_checkpoint(checkpoint_path, model) if checkpoint_path else None
     art = artifacts.prepare(suite, policy.model, artifacts.TrainSpec(**base), cache_dir=cache,
                             experts=policy.fusion is not None, base_state=base_state, log=log, device=device)
     return suite, art
@@ -29,7 +27,7 @@ def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
 
 def apply_device(policy: Policy, requested: str | None = None) -> str:
     """`--device`, or else the device the policy's trial ran on where this machine has it, else the CPU."""
-    from mtl_models.device import check_precision, job_device
+    from .device import check_precision, job_device
 
     if requested is None:
         measured = (policy.provenance or {}).get("metrics", {}).get("device", "cpu")
@@ -51,8 +49,8 @@ def apply_backend(policy: Policy, requested: str | None = None) -> str:
 
 def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print,
                    device: str | None = None, latency_backend: str | None = None):
-    from mtl_models import checkpoint
-    from mtl_models.pipeline import MeasureSpec, apply_policy
+    from . import checkpoint
+    from .pipeline import MeasureSpec, apply_policy
 
     from spaces.files import check_writable_folder
 
@@ -65,7 +63,7 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads, device=device,
                        latency_backend=apply_backend(policy, latency_backend))
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)
-    from mtl_models.deploy import shipped_graph
+    from .deploy import shipped_graph
 
     graph, parity = shipped_graph(model, suite, policy.quantization, threads=threads)  # parity fails in one line
     log(f"model.onnx: ONNX Runtime vs PyTorch on {parity['onnx_parity_rows']} validation inputs, "

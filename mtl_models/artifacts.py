@@ -264,3 +264,39 @@ def _write_json(path: Path, data) -> None:
     from spaces.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def load_base_checkpoint(path: str, model):
+    """A user's trained base (`--base-checkpoint`): a plain state dict, loaded with
+    weights_only=True and checked key by key against `model` and for finite weights."""
+    if not os.path.isfile(path):
+        raise PrunefuseError(f"base checkpoint {path!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PrunefuseError(_unreadable_checkpoint(path, exc)) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PrunefuseError(f"base checkpoint {path!r} holds a {type(state).__name__}, expected a state dict")
+    load_checked(model, state, source=f"base checkpoint {path}")
+    for key, value in state.items():
+        # NaN or inf weights would fail much later (in expert training) as a cryptic error.
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise PrunefuseError(f"base checkpoint {path!r}: {key} holds NaN or inf values; "
+                                 f"it is not a trained model")
+    return state
+
+
+def _unreadable_checkpoint(path: str, exc: Exception) -> str:
+    """One line for a file torch.load(weights_only=True) refuses: pickled objects, or not torch at all."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return (f"base checkpoint {path!r} pickles Python objects ({pickled.group(1)}), not just weights; "
+                f"save a state dict instead: torch.save(model.state_dict(), {path!r})")
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"base checkpoint {path!r} is not a torch state dict file (torch.load(weights_only=True): {reason})"

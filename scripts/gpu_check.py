@@ -123,7 +123,7 @@ def main() -> int:
 
     from mtl_models import checkpoint
     from mtl_models import measure
-    from search.apply import rebuild
+    from mtl_models.apply import rebuild
 
     pruned, policy = checkpoint.load(work / "model")
     suite, art = rebuild(policy, cache=str(work / "runs" / "_artifacts"), log=lambda *a: None)

@@ -31,7 +31,7 @@ def remeasure_front(experiment, *, backend: str | None = None, log=print) -> tup
     from reports import experiment as exp_io
     from reports import select
 
-    from .apply import mismatch, rebuild
+    from mtl_models.apply import mismatch, rebuild
     from .config import SearchConfig, join, write_text
     from .shared_artifacts import artifact_cache
 

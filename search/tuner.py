@@ -19,7 +19,7 @@ from spaces.vocabulary import CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCOR
 
 from . import tracking
 from .config import SearchConfig, is_uri, join, write_text
-from .shared_artifacts import artifact_cache, load_base_checkpoint, measure_control, measure_dense, train_artifacts
+from .shared_artifacts import artifact_cache, measure_control, measure_dense, train_artifacts
 
 
 
@@ -50,7 +50,7 @@ def base_spec(cfg: SearchConfig) -> dict:
 
 def prepare_inputs(cfg: SearchConfig):
     """Everything that can be wrong with the user's request is found here, before any write."""
-    from mtl_models import suites
+    from mtl_models import artifacts, suites
 
     suite = suites.from_spec(cfg.suite)
     for name, _ in cfg.objectives:
@@ -76,7 +76,7 @@ def prepare_inputs(cfg: SearchConfig):
     check_pruning(suite, space.hardest_pruning())  # a model that pruning breaks fails now, not after training
     base_state = None
     if cfg.base_checkpoint:
-        base_state = load_base_checkpoint(cfg.base_checkpoint, model)
+        base_state = artifacts.load_base_checkpoint(cfg.base_checkpoint, model)
     return suite, space, base_state
 
 

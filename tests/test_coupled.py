@@ -170,7 +170,7 @@ def _children_cpu() -> float:
 # --- apply checks what it rebuilt ---
 
 def _applied(policy, tmp_path, name):
-    from search.apply import apply_and_save
+    from mtl_models.apply import apply_and_save
 
     return apply_and_save(policy, str(tmp_path / name), cache=str(tmp_path / "cache"), log=lambda *a: None)
 

@@ -116,7 +116,7 @@ def test_precision_is_recorded_in_the_policy_and_checked(tiny_suite):
 
 
 def test_apply_refuses_fp16_on_the_cpu_before_training(tiny_suite, tmp_path):
-    from search.apply import apply_device
+    from mtl_models.apply import apply_device
 
     policy = tiny_policy(tiny_suite, finetune={"epochs": 0.5, "precision": "fp16"})
     if torch.cuda.is_available():
