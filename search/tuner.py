@@ -248,6 +248,8 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
     if resume and search_over(cfg):
         log(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
         return cfg.path
+    if resume and is_uri(cfg.storage):  # settling a stopped driver reads the trial folders directly
+        raise PrunefuseError(f"--resume needs the experiment on a local or shared folder; {cfg.storage!r} is a URI")
     check_paths(cfg)
     warm = None
     if cfg.warm_start and not resume:  # a resumed search has its carried trials already
