@@ -292,3 +292,11 @@ def test_a_full_disk_is_one_line(land, cli, small_disk):
     line = one_line(*cli(land, "report", exp, "-o", small_disk / "r.html"))
     assert "r.html" in line and "no space left on the device" in line, line
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_resume_of_a_uri_experiment_refuses_before_ray(land, cli):
+    make_experiment(land / "uri", 2, name="u", finished=False)
+    before = snapshot(land)
+    line = one_line(*cli(land, "search", "--resume", "u", "--storage", f"file://{land / 'uri'}"))
+    assert "--resume needs the experiment on a local or shared folder" in line
+    assert snapshot(land) == before
