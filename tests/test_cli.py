@@ -108,7 +108,7 @@ def _one_line_error(code, err):
     (["search", "--suite", "nope"], "unknown suite 'nope'"),
     (["search", "--suite-option", "offset=12"], "offset=12 is out of range"),
     (["search", "--suite-option", "colour=red"], "has no option 'colour'"),
-    (["search", "--trunk", "resnet"], "unknown trunk 'resnet'"),
+    (["search", "--trunk", "resnext"], "unknown trunk 'resnext'"),
     (["search", "--objectives", "score:max,speed:min"], "unknown objective 'speed'"),
     (["search", "--sampler", "grid"], "unknown sampler 'grid'"),
     (["search", "--train-option", "epoch=3"], "'epoch' is not known"),
