@@ -19,6 +19,7 @@ RUNS = {
                   "--eval-samples", "200", "--jobs", "1", "--cache-dir", "{tmp}"],
     "overhead": ["--tiny", "--trials", "3", "--variants", "a,b", "--cache", "{tmp}"],
     "report": ["--trials", "50", "--repeats", "1"],
+    "search": ["--quick", "--cache", "{tmp}", "--out", "{tmp}/search.html"],
     "deploy": ["--quick", "--cache", "{tmp}"],
     "distill": ["--quick", "--cache", "{tmp}"],
 }
