@@ -5,6 +5,7 @@ per-layer allocation beats a uniform one, and whether the multi-task criterion b
     .venv/bin/python benchmarks/pruning.py --seeds 0 --trials 6 --epochs 4   # a quick look
     .venv/bin/python benchmarks/pruning.py --parts a                         # the cost table only
     .venv/bin/python benchmarks/pruning.py --parts d                         # the coupled trunks only
+    .venv/bin/python benchmarks/pruning.py --parts e                         # the ViT only
 
 Setting: `multidigits` with its default options (20k training pairs; tasks left, right:
 accuracy; sum: R²), the CNN trunk with channels [32, 64, 128] and fc 128 (≈ 3.8 M MACs and
@@ -33,6 +34,11 @@ d) Coupled trunks. The built-in resnet and mobilenet trunks (COUPLED), each base
    one uniform sparsity over the coupled groups (`pruning.coupled_groups`), found by bisection
    on MACs so that about 50 % go, kept widths rounded to the channel block; params, MACs,
    latency at batch 256 vs the dense base fine-tuned alike, test accuracy.
+e) A ViT. The built-in `vit` trunk (nn.MultiheadAttention blocks), base trained 1.5 × --epochs
+   (15) on 5k pairs at lr 2e-3: half of every block's heads and the MLP width found by bisection on
+   MACs so that about 50 % go (params, MACs, latency at batch 256 of the inference form, test
+   accuracy, vs the dense base fine-tuned alike); then l2 vs multitask_taylor with heads and
+   MLP at the highest sparsity of c), one line per seed.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ import torch  # noqa: E402
 
 from _common import goals_table, markdown_table, mean, setup_threads  # noqa: E402
 from mtl_models import artifacts, measure, suites  # noqa: E402
+from mtl_models.pruning import attention  # noqa: E402
 from mtl_models.pruning import (MAX_SPARSITY, coupled_groups, kept_units, prunable_layers, prune,  # noqa: E402
                                  without_masks)
 from mtl_models.tasks import task_loss  # noqa: E402
@@ -66,6 +73,9 @@ TARGET_UNIFORM = 0.7
 CRITERION_SPARSITIES = (0.5, 0.7, 0.85)
 FT_A, FT_B, FT_C = 1.0, 0.5, 1.0
 CALIBRATION = 512
+# e): the built-in ViT; a smaller training split than a)-d) (attention is the slow part on 2 cores).
+VIT = {"trunk": "vit", "dim": 64, "depth": 2, "heads": 4, "mlp": 128, "patch": 2}
+VIT_PAIRS = 5000
 
 
 def log(*a):
@@ -243,6 +253,54 @@ def part_d(suite, epochs, cache, rounds):
     return ratios
 
 
+# --- e) a ViT: attention heads + MLP width ---
+
+def part_e(epochs, cache, rounds, seeds):
+    """The built-in ViT (nn.MultiheadAttention blocks) on multidigits: half of every block's
+    heads and the MLP width that brings the MACs to about half, l2 magnitude; then l2 vs
+    multitask_taylor with heads and MLP at the highest criterion sparsity, over `seeds`."""
+    suite = suites.get("multidigits", train_pairs=VIT_PAIRS)
+    art = artifacts.prepare(suite, VIT, artifacts.TrainSpec(epochs=epochs, lr=2e-3), cache_dir=cache, log=log)
+    x = suite.example_inputs(2)
+    fresh = suite.build_model(**VIT)
+    heads = [n for n in coupled_groups(fresh, x) if n in attention.sites(fresh)]
+    mlp = [n for n in coupled_groups(fresh, x) if n.endswith(".fc1")]
+    dense_macs = measure.count_macs(fresh, x[:1])
+
+    def macs(t):
+        m = prune(suite.build_model(**VIT).eval(), {**uniform(heads, 0.5), **uniform(mlp, t)}, example_inputs=x)
+        return measure.count_macs(m, x[:1])
+
+    s = bisect(macs, dense_macs * (1 - MAC_TARGETS[1]), iters=12)
+    log(f"e) vit: heads 0.5, mlp {s:.3f}")
+    variants = {"dense": pruned(suite, art.base, uniform(heads, 0.0), ft=FT_A, spec=VIT),
+                "pruned": pruned(suite, art.base, {**uniform(heads, 0.5), **uniform(mlp, s)}, ft=FT_A, spec=VIT)}
+    lat = measure.interleaved_latency_ms(variants, suite.example_inputs(256), rounds=rounds, runs=10, warmup=2)
+    rows = []
+    for variant, model in variants.items():
+        m = measure.count_macs(model, x[:1])
+        kept = [attention.heads_of(dict(model.named_modules())[n]) for n in heads]
+        width = [dict(model.named_modules())[n].out_features for n in mlp]
+        rows.append([variant, f"{kept} heads, MLP {width}", f"{measure.stored_params(model):,}",
+                     f"{m / 1e6:.2f} ({m / dense_macs:.2f}×)", f"{lat[variant]:.2f} ({lat[variant] / lat['dense']:.2f}×)",
+                     f"{score(model, suite, 'test'):.4f}"])
+    print(f"\n### e) ViT {VIT} on multidigits ({VIT_PAIRS} training pairs, base {epochs:g} epochs at lr 2e-3): "
+          f"heads + MLP at about {MAC_TARGETS[1]:.0%} of MACs removed (l2, {FT_A:g} epoch fine-tune)\n")
+    print(markdown_table(["variant", "kept", "params (stored)", "MACs M (vs dense)", "latency ms @256 (vs dense)",
+                          "test accuracy"], rows))
+    top, crit = max(CRITERION_SPARSITIES), []
+    for seed in seeds:
+        got = {imp: score(pruned(suite, art.base, {**uniform(heads, top), **uniform(mlp, top)}, importance=imp,
+                                 seed=seed, ft=FT_C, spec=VIT), suite, "test") for imp in ("l2", "multitask_taylor")}
+        log(f"e) vit s={top} seed {seed}: {got}")
+        crit.append([seed, f"{got['l2']:.4f}", f"{got['multitask_taylor']:.4f}",
+                     f"{got['multitask_taylor'] - got['l2']:+.4f}"])
+    print(f"\nHeads and MLP at sparsity {top}, {FT_C:g} epoch fine-tune, test accuracy:\n")
+    print(markdown_table(["seed", "l2", "multitask_taylor", "multitask − l2"], crit))
+    wins = sum(float(r[2]) >= float(r[1]) for r in crit)
+    return lat["pruned"] / lat["dense"], variants, dense_macs, wins, len(crit)
+
+
 # --- b) searched allocation vs uniform at equal parameter count ---
 
 def part_b(suite, art, seeds, trials):
@@ -330,7 +388,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=float, default=10.0, help="dense base training epochs")
     p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds in a) and d)")
     p.add_argument("--coupled-epochs", type=float, default=4.0, help="d): the coupled trunks' base training epochs")
-    p.add_argument("--parts", default="abcd", help="which of the parts a, b, c, d to run")
+    p.add_argument("--vit-epochs", type=float, default=None, help="e)'s ViT base epochs (default: 1.5 × --epochs)")
+    p.add_argument("--parts", default="abcde", help="which of the parts a, b, c, d, e to run")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "prunefuse-bench-pruning"))
     args = p.parse_args(argv)
     setup_threads(1)
@@ -371,6 +430,13 @@ def main(argv=None):
         timings["d"] = time.perf_counter() - t0
         for name, ratio in d.items():
             goals.append((f"{name} trunk, 50 % MACs removed: latency @256 ≤ 0.65× dense", ratio <= 0.65, f"{ratio:.2f}×"))
+    if "e" in args.parts:
+        t0 = time.perf_counter()
+        ratio, _, _, e_wins, e_n = part_e(args.vit_epochs or 1.5 * args.epochs, args.cache, args.rounds, args.seeds)
+        timings["e"] = time.perf_counter() - t0
+        goals.append(("ViT, heads + MLP, 50 % MACs removed: latency @256 ≤ 0.65× dense", ratio <= 0.65, f"{ratio:.2f}×"))
+        goals.append((f"ViT: multitask_taylor ≥ l2 at sparsity {max(CRITERION_SPARSITIES)} in ≥ {need} of {e_n} seeds",
+                      e_wins >= need, f"{e_wins} of {e_n}"))
     print("\n### Goals\n")
     print(goals_table(goals))
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
