@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -96,8 +97,29 @@ def _with_current_names(metrics: dict) -> dict:
 
 def task_senses(path) -> dict[str, str]:
     """task -> "max" / "min" as the search recorded them (dense.json); "max" where not recorded."""
-    dense = load_dense(path) or {}
-    return {t: (dense.get("senses") or {}).get(t, "max") for t in dense.get("dense_val", {})}
+    return records(path).senses
+
+
+@dataclass(frozen=True)
+class Records:
+    """An experiment's own files besides its trials, read once: what choosing a policy and
+    drawing the report need (the search's config, the dense base, the dense control)."""
+    path: str
+    config: dict
+    dense: dict | None
+    control: dict | None
+
+    @property
+    def senses(self) -> dict[str, str]:
+        dense = self.dense or {}
+        return {t: (dense.get("senses") or {}).get(t, "max") for t in dense.get("dense_val", {})}
+
+
+def records(experiment) -> Records:
+    """The experiment's records (an experiment path, or records already read: passed through)."""
+    if isinstance(experiment, Records):
+        return experiment
+    return Records(str(experiment), load_config(experiment), load_dense(experiment), load_control(experiment))
 
 
 class _Unreadable(Exception):

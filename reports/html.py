@@ -28,7 +28,7 @@ from spaces.scores import mean_score
 from spaces.vocabulary import MEAN_SCORE, REPORT_FILE
 
 from . import pareto, select
-from .experiment import FINISHED_FILE, STATUS, experiment_dir, load_config, load_control, load_dense, load_experiment
+from .experiment import FINISHED_FILE, STATUS, experiment_dir, load_experiment, records
 
 DEFAULT_LATENCY = "measured during the search, trials running side by side"
 SPARSITY = "policy/pruning/sparsity/"
@@ -83,20 +83,20 @@ class _Data:
 
 
 def _gather(experiment) -> _Data:
-    config, trials = load_config(experiment), load_experiment(experiment)  # PrunefuseError if missing
+    rec, trials = records(experiment), load_experiment(experiment)  # PrunefuseError if missing
+    config = rec.config
     objectives = [(str(n), str(s)) for n, s in config["objectives"]]
     done = select.finished(trials, objectives)
-    front = select.front(trials, objectives, experiment)
-    done = done.assign(_feasible=select.feasible(done, experiment).to_numpy(bool),
+    front = select.front(trials, objectives, rec)
+    done = done.assign(_feasible=select.feasible(done, rec).to_numpy(bool),
                        _front=done.index.isin(front.index))
     if not front.empty:
         front = front.sort_values(objectives[0][0], ascending=objectives[0][1] == "min", kind="stable")
     try:
-        knee = str(select.by_knee(trials, objectives, experiment)["trial_id"])
+        knee = str(select.by_knee(trials, objectives, rec)["trial_id"])
     except PrunefuseError:  # no finished feasible trial
         knee = None
-    d = _Data(str(experiment), config, load_dense(experiment), trials, objectives, done, front, knee,
-              load_control(experiment))
+    d = _Data(str(experiment), config, rec.dense, trials, objectives, done, front, knee, rec.control)
     d.done, d.front = d.done.assign(_delta_m=d.delta_m(d.done)), d.front.assign(_delta_m=d.delta_m(d.front))
     d.front = d.front.assign(_vs_control=d.delta_m(d.front, against="dense control"))
     return d

@@ -1,7 +1,9 @@
 """Choosing a policy from an experiment: by trial id, by knee, or by constraints.
 
 The front is computed over finished, feasible trials (those within the search's per-task
-floors, if it had any). Pareto math lives in `reports.pareto`; this module only picks rows.
+floors, if it had any). Pareto math lives in `reports.pareto`; this module only picks rows
+and reads no file itself: `experiment` is the experiment's records
+(`reports.experiment.records`, read once by the caller) or a path they are read from.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from spaces.scores import within_floors
 from spaces.vocabulary import MEAN_SCORE, TASK_METRIC, is_recorded_metric
 
 from . import pareto
-from .experiment import load_config, load_control, load_dense, task_senses
+from .experiment import Records, records
 
 
 def finished(df: pd.DataFrame, objectives) -> pd.DataFrame:
@@ -41,9 +43,10 @@ def floor_references(experiment, against: str = "dense") -> dict[str, float] | N
     """task -> the reference metric floors are measured from, or None if it was not recorded."""
     if against not in FLOOR_REFERENCES:
         raise PrunefuseError(f"floors against {against!r}: expected one of {', '.join(FLOOR_REFERENCES)}")
+    rec = records(experiment)
     if against == "dense":
-        return (load_dense(experiment) or {}).get("dense_val")
-    control = load_control(experiment)
+        return (rec.dense or {}).get("dense_val")
+    control = rec.control
     if control is None:
         raise PrunefuseError("this experiment has no dense control (control.json; searches before it existed): "
                              "measure floors against the dense base")
@@ -54,11 +57,12 @@ def feasible(df: pd.DataFrame, experiment, floors: tuple | None = None) -> pd.Se
     """True where every task is within the search's --max-task-drop of the dense base
     (`spaces.scores.within_floors`, the rule the search's constraints follow); `floors`
     = (max_drop, "dense" | "control") measures that instead."""
-    max_drop, against = floors or (load_config(experiment).get("max_task_drop"), "dense")
-    refs = floor_references(experiment, against) if max_drop is not None else None
+    rec = records(experiment)
+    max_drop, against = floors or (rec.config.get("max_task_drop"), "dense")
+    refs = floor_references(rec, against) if max_drop is not None else None
     if max_drop is None or not refs or df.empty:
         return pd.Series(True, index=df.index)
-    senses = task_senses(experiment)
+    senses = rec.senses
     refs = {t: r for t, r in refs.items() if f"{TASK_METRIC}{t}" in df}
     return df.apply(lambda row: within_floors(row.to_dict(), refs, senses, max_drop), axis=1).astype(bool)
 
@@ -66,7 +70,7 @@ def feasible(df: pd.DataFrame, experiment, floors: tuple | None = None) -> pd.Se
 def front(df: pd.DataFrame, objectives, experiment, floors: tuple | None = None) -> pd.DataFrame:
     """The Pareto-optimal rows among finished, feasible trials (`feasible`'s floors)."""
     done = finished(df, objectives)
-    done = done[feasible(done, experiment, floors)]
+    done = done[feasible(done, records(experiment), floors)]
     if done.empty:
         return done
     points = done[[n for n, _ in objectives]].astype(float).to_numpy()
@@ -88,7 +92,7 @@ def by_trial(df: pd.DataFrame, trial_id: str) -> pd.Series:
 def by_knee(df: pd.DataFrame, objectives, experiment, floors: tuple | None = None) -> pd.Series:
     """The front point nearest the ideal after normalising each objective over the front
     (see `reports.pareto.knee`)."""
-    f = front(df, objectives, experiment, floors)
+    f = front(df, objectives, records(experiment), floors)
     if f.empty:
         raise PrunefuseError("no finished (feasible) trial in this experiment yet: nothing to choose from")
     points = f[[n for n, _ in objectives]].astype(float).to_numpy()
@@ -101,7 +105,8 @@ def by_constraints(df: pd.DataFrame, objectives, experiment, *, max_params=None,
 
     `task_floors` bound each task's metric on its side: a floor where higher is better, a
     ceiling where lower is (an error metric)."""
-    f = front(df, objectives, experiment, floors)
+    rec = records(experiment)
+    f = front(df, objectives, rec, floors)
     if f.empty:
         raise PrunefuseError("no finished (feasible) trial in this experiment yet: nothing to choose from")
     limits = []  # (column, bound, sense): violation = how far past the bound, relative
@@ -111,7 +116,7 @@ def by_constraints(df: pd.DataFrame, objectives, experiment, *, max_params=None,
         limits.append(("latency_ms", max_latency_ms, "max"))
     if min_score is not None:
         limits.append((MEAN_SCORE, min_score, "min"))
-    senses = task_senses(experiment)
+    senses = rec.senses
     for task, bound in (task_floors or {}).items():
         if f"{TASK_METRIC}{task}" not in f:
             raise PrunefuseError(f"--min-task names task {task!r}, which this experiment does not have")
@@ -139,5 +144,6 @@ def policy_of(row: pd.Series, experiment, objectives) -> Policy:
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()
                if is_recorded_metric(k)}
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
-    provenance = {"experiment": str(experiment), "trial": row["trial_id"], "metrics": metrics}
+    where = experiment.path if isinstance(experiment, Records) else str(experiment)
+    provenance = {"experiment": where, "trial": row["trial_id"], "metrics": metrics}
     return Policy.from_dict({**row["policy"], "provenance": provenance}, source=f"trial {row['trial_id']}")

@@ -291,11 +291,11 @@ def cmd_export(args) -> int:
         floors[task] = float(value)
     if args.max_task_drop is not None and args.max_task_drop < 0:
         raise PrunefuseError(f"--max-task-drop {args.max_task_drop}: expected 0 or more points")
-    drop = args.max_task_drop if args.max_task_drop is not None else experiment.load_config(args.experiment).get(
-        "max_task_drop")
+    rec = experiment.records(args.experiment)  # the experiment's own files, read once
+    drop = args.max_task_drop if args.max_task_drop is not None else rec.config.get("max_task_drop")
     task_drop = (drop, args.floors_vs) if drop is not None else None
     if task_drop:
-        select.floor_references(args.experiment, args.floors_vs)  # no control recorded: one line, now
+        select.floor_references(rec, args.floors_vs)  # no control recorded: one line, now
     constraints = dict(max_params=args.max_params, max_latency_ms=args.max_latency_ms,
                        min_score=args.min_score, task_floors=floors or None)
     limited = any(v is not None for v in constraints.values())
@@ -305,9 +305,9 @@ def cmd_export(args) -> int:
     if args.trial:
         row = select.by_trial(df, args.trial)
     elif limited:
-        row = select.by_constraints(df, objectives, args.experiment, **constraints, floors=task_drop)
+        row = select.by_constraints(df, objectives, rec, **constraints, floors=task_drop)
     elif args.knee:
-        row = select.by_knee(df, objectives, args.experiment, task_drop)
+        row = select.by_knee(df, objectives, rec, task_drop)
     else:
         raise PrunefuseError("say which policy: --trial ID, --knee, or constraints (--max-params, --max-latency-ms, "
                              "--min-score, --min-task)")
