@@ -9,8 +9,8 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "test: could not install chromium; the browser test will be skipped" >&2
 fi
 # With no arguments, the tests marked slow are left out: real end-to-end searches on every
-# architecture, every benchmark's smoke run and the driver kills take about an hour on 2
-# cores. Run them with `./scripts/test.sh -m slow`, everything with `./scripts/test.sh -m "slow or not slow"`.
+# architecture, every benchmark's smoke run and the driver kills, each minutes on 2 cores.
+# Run them with `./scripts/test.sh -m slow`, everything with `./scripts/test.sh -m "slow or not slow"`.
 if [ "$#" -eq 0 ]; then
   set -- -m "not slow"
 fi
