@@ -43,7 +43,6 @@ e) A ViT. The built-in `vit` trunk (nn.MultiheadAttention blocks), base trained 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time

@@ -144,7 +144,7 @@ def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    from .optuna_search import TaskFloors, make_searcher
+    from .optuna_search import make_searcher
     from .progress import ProgressPrinter
     from .trial import run_trial
 
