@@ -38,6 +38,8 @@ def claimed(folder, *, what: str = "experiment"):
     the lock file (a search that stopped before writing anything leaves nothing)."""
     folder = Path(folder)
     created = not folder.exists()
+    # The folders this claim makes (the storage too, where it is new): removed again with it.
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -54,8 +56,9 @@ def claimed(folder, *, what: str = "experiment"):
         except BaseException:
             if created and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
                 lock.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+                for made_folder in made:  # innermost first; one that holds anything else stays
+                    with contextlib.suppress(OSError):
+                        made_folder.rmdir()
             raise
     finally:
         os.close(fd)  # releases the lock
