@@ -66,17 +66,21 @@ def storage_bytes(model) -> int:
 
 def count_macs(model, example_inputs: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass of one sample (dense kernels: zeros in
-    unstructured-pruned weights are multiplied like any other weight)."""
+    unstructured-pruned weights are multiplied like any other weight): torch-pruning's count
+    of the layers, plus the heads' matmuls of attention modules written as Linears
+    (`attention.head_matmul_macs`), which it does not see."""
     import torch_pruning as tp
 
     from .pruning import without_masks
+    from .pruning.attention import head_matmul_macs
 
     # torch-pruning counts on its own deep copy; the sample goes to the model's device, so the
     # model is neither moved nor changed.
     stored = without_masks(model)
     device = next((t.device for t in [*stored.parameters(), *stored.buffers()]), torch.device("cpu"))
-    macs, _ = tp.utils.count_ops_and_params(stored, example_inputs[:1].to(device))
-    return int(macs)
+    sample = example_inputs[:1].to(device)
+    macs, _ = tp.utils.count_ops_and_params(stored, sample)
+    return int(macs) + head_matmul_macs(stored, sample)
 
 
 def inference_form(model):

@@ -119,6 +119,54 @@ def test_pruning_heads_removes_whole_heads_exactly(layout):
         torch.testing.assert_close(got[task], want[task], atol=1e-5, rtol=1e-4)
 
 
+def _flop_counter_macs(model, x) -> int:
+    """MACs as torch's own FlopCounterMode sees them: every conv, matmul and attention kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.train()(x)  # train mode: MultiheadAttention's eval fast path is one kernel it does not count
+    model.eval()
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_macs_count_the_heads_matmuls_in_every_layout(layout):
+    """count_macs counts at least what torch's FlopCounterMode counts (it adds bias, norm and
+    softmax terms): the heads' q·kᵀ and weights·v included, dense and with heads pruned, and
+    removing half of every block's heads removes their matmuls too."""
+    from mtl_models.measure import count_macs
+
+    suite = tiny(layout)
+    torch.manual_seed(0)
+    model = suite.build_model().eval()
+    x = suite.example_inputs(1)
+    dense = count_macs(model, x)
+    assert dense >= _flop_counter_macs(model, x)
+    prune(model, {name: 0.5 for name in attention.sites(model)}, importance="l2", example_inputs=suite.example_inputs(2))
+    assert count_macs(model, x) >= _flop_counter_macs(model, x)
+    if layout != "mha":
+        assert attention.head_matmul_macs(model, x) > 0
+    assert count_macs(model, x) < dense
+
+
+@pytest.mark.parametrize("trunk, suite_name, options", [
+    ("vit", "multidigits", dict(train_pairs=50, val_pairs=20, test_pairs=20)),
+    ("transformer", "sequences", dict(train_samples=50, val_samples=20, test_samples=20)),
+])
+def test_macs_of_builtin_transformers_with_heads_pruned(trunk, suite_name, options):
+    """The same check on the built-in trunks, whose pruned attention is PrunedMultiheadAttention
+    (its own counter, `attention._count_macs`)."""
+    from mtl_models.measure import count_macs
+
+    suite = suites.get(suite_name, **options)
+    torch.manual_seed(0)
+    model = suite.build_model(trunk=trunk, dim=16, heads=4, mlp=32).eval()
+    x = suite.example_inputs(1)
+    dense = count_macs(model, x)
+    prune(model, {name: 0.5 for name in attention.sites(model)}, importance="l2", example_inputs=suite.example_inputs(2))
+    assert _flop_counter_macs(model, x) <= count_macs(model, x) < dense
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("importance", ["l2", "multitask_taylor"])
 def test_structured_pruning_every_decision_forward_and_reload(layout, importance):

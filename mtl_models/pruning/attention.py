@@ -302,6 +302,37 @@ def hidden_layers(model) -> set[str]:
     return out
 
 
+def head_matmul_macs(model, example_inputs: torch.Tensor) -> int:
+    """MACs of the heads' own work in fused and split sites, q·kᵀ, the softmax and weights·v
+    (counted as torch-pruning counts them for nn.MultiheadAttention), over one forward of
+    `example_inputs`. torch-pruning's counter sees layers only, and these matmuls run in the
+    attention module's own forward: without them, cutting heads would look cheaper than it is."""
+    from .layers import eval_mode
+
+    modules = dict(model.named_modules())
+    total = [0]
+
+    def counter(site):
+        def count(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()), None)  # (…, tokens, features)
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                tokens, batch = x.shape[-2], x[..., 0, 0].numel()
+                total[0] += batch * heads_of(module) * (2 * site.head_dim + 1) * tokens * tokens
+        return count
+
+    hooks = [modules[name].register_forward_pre_hook(counter(site), with_kwargs=True)
+             for name, site in sites(model, within="").items() if site.kind != "mha"]
+    if not hooks:
+        return 0
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
 def describe_unsupported(model) -> str | None:
     """One line naming the attention modules that are left unpruned and why (None: none)."""
     bad = unsupported(model)

@@ -13,14 +13,12 @@ sorted keys (Ray's params.json) decides exactly the same pruning.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from spaces.errors import PrunefuseError
 
 from .attention import dependency_graph, head_groups
-from .layers import PRUNABLE_TYPES, prunable_layers, width
+from .layers import PRUNABLE_TYPES, eval_mode, prunable_layers, width
 
 
 def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, ...]]:
@@ -29,7 +27,7 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
     order = _forward_order(model, example_inputs)
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
-    with _eval(model):
+    with eval_mode(model):
         graph = dependency_graph(model, example_inputs)
     seen, out = set(), {}
     for name in order:
@@ -91,22 +89,9 @@ def _forward_order(model, example_inputs) -> list[str]:
     hooks = [modules[n].register_forward_pre_hook(lambda m, i, n=n: order.append(n) if n not in order else None)
              for n in layers]
     try:
-        with _eval(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_inputs)
     finally:
         for h in hooks:
             h.remove()
     return order + [n for n in layers if n not in order]
-
-
-@contextlib.contextmanager
-def _eval(model):
-    """Eval mode for a graph-building forward (BatchNorm statistics untouched), then each
-    module's own mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training

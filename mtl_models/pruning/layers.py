@@ -1,6 +1,8 @@
 """What the pruning engines may cut: the trunk's Linear / Conv2d layers."""
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
@@ -38,3 +40,16 @@ def width(module) -> int:
     from .attention import heads_of
 
     return heads_of(module)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode for a forward that only looks (BatchNorm statistics untouched, dropout off),
+    then each module's own mode back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
