@@ -339,3 +339,30 @@ def test_unstructured_search_on_multihead_attention(tmp_path):
                                                            "fusion": {"method": "none"}, "finetune": {"epochs": 0.5}})
     assert len(finished) >= 5
     assert (finished["nonzero_params"] < finished["params"]).all()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("call", ["self", "cross", "masked"])
+def test_the_prunable_attention_forward_is_torchs(batch_first, call):
+    """Before any head is cut, the forward that survives pruning computes nn.MultiheadAttention's
+    function: self-attention (one packed q/k/v GEMM), cross-attention (separate key / value
+    inputs) and with padding and attention masks."""
+    torch.manual_seed(0)
+    native = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    prunable = copy.deepcopy(native)
+    attention.to_prunable(prunable)
+    assert type(prunable) is attention.PrunedMultiheadAttention
+    shape = (3, 5, 16) if batch_first else (5, 3, 16)
+    q = torch.randn(shape)
+    k = v = q if call == "self" else torch.randn(shape)
+    if call == "cross":
+        v = torch.randn(shape)
+    masks = {}
+    if call == "masked":
+        masks = {"key_padding_mask": torch.tensor([[False] * 4 + [True]] * 3),
+                 "attn_mask": torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)}
+    with torch.no_grad():
+        want, want_w = native(q, k, v, **masks)
+        got, got_w = prunable(q, k, v, **masks)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-4)

@@ -49,6 +49,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         unbatched = query.dim() == 2
+        self_attention = query is key and key is value
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
@@ -57,8 +58,11 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         heads, head_dim = self.num_heads, self.head_dim
         inner = heads * head_dim
         w, b = self.in_proj_weight, self.in_proj_bias
-        q, k, v = (F.linear(t, w[i * inner:(i + 1) * inner], None if b is None else b[i * inner:(i + 1) * inner])
-                   for i, t in enumerate((query, key, value)))
+        if self_attention:  # one GEMM for q, k and v, as torch's own forward packs them
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        else:
+            q, k, v = (F.linear(t, w[i * inner:(i + 1) * inner], None if b is None else b[i * inner:(i + 1) * inner])
+                       for i, t in enumerate((query, key, value)))
         batch, length, source = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
         mask = _additive_mask(attn_mask, key_padding_mask, batch, heads, length, source, q.dtype)
