@@ -73,6 +73,47 @@ def test_structured_pruning_prunes_a_group_together(tiny_suite, trunk):
     assert all(v.shape[0] == 2 for v in model(tiny_suite.example_inputs(2)).values())
 
 
+class _ScaledTrunk(torch.nn.Module):
+    """A stem and a conv whose output a bare parameter scales before the residual add: a
+    torchvision ConvNeXt layer scale (channels, 1, 1), or, with `scale_shape` (16, 3), one
+    whose channels are not on its last axis."""
+
+    def __init__(self, scale_shape=(16, 1, 1)):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.layer_scale = torch.nn.Parameter(torch.rand(scale_shape))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.layer_scale * self.conv(x) if self.layer_scale.dim() == 3 else \
+            (self.layer_scale * self.conv(x).mean(3)).unsqueeze(3)
+        return (x + y).mean((2, 3))
+
+
+def _scaled_model(scale_shape=(16, 1, 1)):
+    from mtl_models.models import MTLModel
+
+    torch.manual_seed(0)
+    return MTLModel(_ScaledTrunk(scale_shape), {"a": torch.nn.Linear(16, 10)}).eval()
+
+
+def test_a_layer_scale_is_pruned_with_its_channels():
+    model, x = _scaled_model(), torch.randn(2, 1, 3, 3)
+    assert set(coupled_groups(model, x)) == {"trunk.stem"}  # stem, conv and the scale: one group
+    prune(model, {"trunk.stem": 0.5}, example_inputs=x)
+    assert model.trunk.stem.out_channels == model.trunk.conv.out_channels == 8
+    assert model.trunk.layer_scale.shape == (8, 1, 1) and model(x)["a"].shape == (2, 10)
+
+
+def test_a_group_torch_pruning_refuses_is_an_error_naming_the_member():
+    """Not a silent no-op: the policy asked for a width that the model would not get."""
+    model, x = _scaled_model((16, 3)), torch.randn(2, 1, 3, 3)
+    with pytest.raises(PrunefuseError, match=r"coupled group 'trunk.stem' cannot remove 8 channels: "
+                                             r"trunk.layer_scale \(\(16, 3\)\) has only 3"):
+        prune(model, {"trunk.stem": 0.5}, example_inputs=x)
+
+
 def test_plain_trunks_keep_one_group_per_layer(tiny_suite):
     for spec in (dict(trunk="mlp", width=32, depth=2), dict(trunk="cnn", channels=[8, 16], fc=16)):
         model = fresh(tiny_suite, **spec)

@@ -188,13 +188,22 @@ RESIDUAL_PRUNER = ResidualPruner()
 
 def dependency_graph(model, example_inputs) -> tp.DependencyGraph:
     """torch-pruning's graph of `model`, with MultiheadAttention's residual channels pruned by
-    `ResidualPruner` and every bare trunk parameter (cls token, position embedding: shaped
-    (…, features)) pruned along its last axis."""
+    `ResidualPruner` and every bare trunk parameter pruned along its channel axis
+    (`channel_axis`): a cls token or position embedding (…, features), a layer scale
+    (channels, 1, 1)."""
     wrapped = {id(p) for m in model.modules() if _is_layer(m) for p in m.parameters(recurse=False)}
-    unwrapped = [(p, p.dim() - 1) for p in model.parameters() if id(p) not in wrapped and p.dim() >= 2]
+    unwrapped = [(p, channel_axis(p)) for p in model.parameters()
+                 if id(p) not in wrapped and p.dim() >= 2 and channel_axis(p) is not None]
     return tp.DependencyGraph().build_dependency(
         model, example_inputs=example_inputs, unwrapped_parameters=unwrapped,
         customized_pruners={nn.MultiheadAttention: RESIDUAL_PRUNER, PrunedMultiheadAttention: RESIDUAL_PRUNER})
+
+
+def channel_axis(p: torch.Tensor) -> int | None:
+    """The axis of a bare parameter that holds channels: its last axis wider than 1 (features of
+    a (1, tokens, features) position embedding; channels of a (channels, 1, 1) scale that
+    broadcasts over an image). None for a parameter of size 1 on every axis."""
+    return next((axis for axis in range(p.dim() - 1, -1, -1) if p.shape[axis] > 1), None)
 
 
 _LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,

@@ -79,14 +79,33 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
                 changed = True
                 continue
             group = graph.get_pruning_group(modules[name], _out_fn(graph, modules[name]), sorted(drop))
-            if graph.check_pruning_group(group):
-                group.prune()
-                changed = True
+            if not graph.check_pruning_group(group):
+                raise PrunefuseError(f"structured pruning of the coupled group {name!r} cannot remove {n_drop} "
+                                     f"channels: {_too_narrow(graph, group)}")
+            group.prune()
+            changed = True
+        except PrunefuseError:
+            raise
         except Exception as exc:  # torch-pruning's own errors say nothing of where
             raise PrunefuseError(f"structured pruning of the coupled group {name!r} failed: "
                                  f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     if changed and task_losses is not None:
         recalibrate_batchnorm(model, task_losses)
+
+
+def _too_narrow(graph, group) -> str:
+    """The member of a group that torch-pruning refuses to prune (it would lose every channel
+    it has along the pruned axis), named as the model names it."""
+    names = {id(m): n for n, m in [*graph.model.named_modules(), *graph.model.named_parameters()]}
+    for dep, idxs in group:
+        module = dep.target.module
+        for side, is_side, count in (("output", graph.is_out_channel_pruning_fn, graph.get_out_channels),
+                                     ("input", graph.is_in_channel_pruning_fn, graph.get_in_channels)):
+            have = count(module) if is_side(dep.handler) else None
+            if have is not None and have <= len(idxs):
+                shape = tuple(module.shape) if isinstance(module, torch.Tensor) else type(module).__name__
+                return f"{names.get(id(module), '?')} ({shape}) has only {have} {side} channels there"
+    return "torch-pruning refused the group"
 
 
 @torch.no_grad()
