@@ -106,6 +106,43 @@ def test_a_layer_scale_is_pruned_with_its_channels():
     assert model.trunk.layer_scale.shape == (8, 1, 1) and model(x)["a"].shape == (2, 10)
 
 
+class _ConvNeXtStyleTrunk(torch.nn.Module):
+    """facebook ConvNeXt's layout: a channels-first LayerNorm of bare (C,) parameters and a
+    layer scale gamma (C,) on a depthwise 7×7 conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.norm_weight, self.norm_bias = torch.nn.Parameter(torch.ones(16)), torch.nn.Parameter(torch.zeros(16))
+        self.dwconv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.gamma = torch.nn.Parameter(torch.full((16,), 0.1))
+
+    def forward(self, x):
+        x = self.stem(x)
+        u = x.mean(1, keepdim=True)
+        y = (x - u) / ((x - u).pow(2).mean(1, keepdim=True) + 1e-6).sqrt()
+        y = self.norm_weight[:, None, None] * y + self.norm_bias[:, None, None]
+        return (x + self.gamma[:, None, None] * self.dwconv(y)).mean((2, 3))
+
+
+def test_bare_channel_parameters_are_pruned_without_torch_pruning_warnings():
+    """Every bare parameter goes to torch-pruning with its channel axis, so it prunes them
+    without warning once per graph it builds (eleven times in one search)."""
+    import warnings
+
+    from mtl_models.models import MTLModel
+
+    torch.manual_seed(0)
+    model, x = MTLModel(_ConvNeXtStyleTrunk(), {"a": torch.nn.Linear(16, 10)}).eval(), torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(model, {"trunk.stem": 0.5}, example_inputs=x)
+    assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
+    t = model.trunk
+    assert t.gamma.shape == t.norm_weight.shape == t.norm_bias.shape == (8,) and t.dwconv.groups == 8
+    assert model(x)["a"].shape == (2, 10)
+
+
 def test_a_group_torch_pruning_refuses_is_an_error_naming_the_member():
     """Not a silent no-op: the policy asked for a width that the model would not get."""
     model, x = _scaled_model((16, 3)), torch.randn(2, 1, 3, 3)

@@ -193,7 +193,7 @@ def dependency_graph(model, example_inputs) -> tp.DependencyGraph:
     (channels, 1, 1)."""
     wrapped = {id(p) for m in model.modules() if _is_layer(m) for p in m.parameters(recurse=False)}
     unwrapped = [(p, channel_axis(p)) for p in model.parameters()
-                 if id(p) not in wrapped and p.dim() >= 2 and channel_axis(p) is not None]
+                 if id(p) not in wrapped and channel_axis(p) is not None]
     return tp.DependencyGraph().build_dependency(
         model, example_inputs=example_inputs, unwrapped_parameters=unwrapped,
         customized_pruners={nn.MultiheadAttention: RESIDUAL_PRUNER, PrunedMultiheadAttention: RESIDUAL_PRUNER})
