@@ -87,10 +87,13 @@ METRIC_TOLERANCE = 0.5
 
 def mismatch(metrics: dict, measured: dict) -> str | None:
     """Why a rebuilt model is not the one its trial measured (`measured`: the trial's
-    metrics), or None: the stored parameter count must be equal, every per-task metric
-    (val and test) within METRIC_TOLERANCE points. Nothing measured: nothing to compare."""
-    if measured.get("params") is not None and int(metrics["params"]) != int(measured["params"]):
-        return f"{int(metrics['params']):,} params rebuilt, {int(measured['params']):,} in the trial"
+    metrics), or None: the stored and the nonzero parameter counts must be equal (the second
+    is what unstructured masks change), every per-task metric (val and test) within
+    METRIC_TOLERANCE points. Nothing measured: nothing to compare."""
+    for count in ("params", "nonzero_params"):
+        if measured.get(count) is not None and metrics.get(count) is not None \
+                and int(metrics[count]) != int(measured[count]):
+            return f"{int(metrics[count]):,} {count} rebuilt, {int(measured[count]):,} in the trial"
     for key in sorted(k for k in measured if k.startswith(("metric/", "test/"))):
         then, now = measured[key], metrics.get(key)
         if now is None or then is None or then != then:
@@ -101,10 +104,13 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
 
 
 def _print_comparison(metrics: dict, measured: dict, log) -> None:
-    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith(("metric/", "test/"))] + \
-           ["params", "macs", "latency_ms"]
+    counts = ["params", "nonzero_params", "macs"] if metrics.get("nonzero_params") != metrics["params"] \
+        else ["params", "macs"]
+    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith(("metric/", "test/"))] + counts + ["latency_ms"]
     log(f"{'metric':<16}{'applied':>14}{'in search':>14}")
     for k in keys:
         then = measured.get(k)
-        fmt = (lambda v: f"{v:,.0f}") if k in ("params", "macs") else (lambda v: f"{v:.4f}")
+        fmt = (lambda v: f"{v:,.0f}") if k in counts else (lambda v: f"{v:.4f}")
         log(f"{k:<16}{fmt(metrics[k]):>14}{(fmt(then) if then is not None else '-'):>14}")
+    if measured and metrics.get("matches_trial"):
+        log(f"matches its trial: parameters equal, every task metric within {METRIC_TOLERANCE} points")

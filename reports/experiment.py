@@ -70,12 +70,10 @@ def load_dense(path) -> dict | None:
     if not f.is_file():
         return None
     dense = _with_current_names(_read_json(f))
-    remeasured = experiment_dir(path) / REMEASURED_FILE
-    if isinstance(dense, dict) and remeasured.is_file():
+    timings = remeasured(path)
+    if isinstance(dense, dict) and "dense" in timings:
         # the front's re-timing (end of search, `report --remeasure`) times the dense base with it ("dense")
-        timings = _read_json(remeasured)
-        if isinstance(timings, dict) and "dense" in timings:
-            dense.update(latency_ms_search=dense.get("latency_ms"), latency_ms=timings["dense"])
+        dense.update(latency_ms_search=dense.get("latency_ms"), latency_ms=timings["dense"])
     return dense
 
 
@@ -269,12 +267,19 @@ def load_experiment(path) -> pd.DataFrame:
     return _overlay_remeasured(df, exp)
 
 
+def remeasured(path) -> dict:
+    """The front's re-timed latencies (end of search, `report --remeasure`): trial id (and
+    "dense") -> ms; empty where nothing was re-timed."""
+    f = experiment_dir(path) / REMEASURED_FILE
+    timings = _read_json(f) if f.is_file() else {}
+    return timings if isinstance(timings, dict) else {}
+
+
 def _overlay_remeasured(df: pd.DataFrame, exp: Path) -> pd.DataFrame:
     """Latencies from `prunefuse report --remeasure` replace the search's for those trials."""
-    f = exp / REMEASURED_FILE
-    if not f.is_file() or "latency_ms" not in df:
+    timings = remeasured(exp)
+    if not timings or "latency_ms" not in df:
         return df
-    timings = _read_json(f)
     df["latency_ms_search"] = df["latency_ms"]
     hit = df["trial_id"].isin(timings)
     df.loc[hit, "latency_ms"] = df.loc[hit, "trial_id"].map(timings)

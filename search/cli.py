@@ -83,8 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-trial", type=finite_float, default=0.0, help="fractions share a GPU, e.g. 0.5")
     s.add_argument("--max-concurrent", type=int, default=None)
     s.add_argument("--sampler", default="tpe", help="tpe | nsga2 | gp | random")
-    s.add_argument("--objectives", default="score:max,params:min,latency_ms:min",
-                   help="NAME:max|min, comma-separated; score = the mean oriented task score (0 = the dense base)")
+    s.add_argument("--objectives", default=None,
+                   help="NAME:max|min, comma-separated; score = the mean oriented task score (0 = the dense base). "
+                        "Default score:max,params:min,latency_ms:min, with nonzero_params for params where the "
+                        "space may prune unstructured")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-task-drop", type=finite_float, default=None, metavar="POINTS",
                    help="per-task floor: trials whose oriented score on any task is below -POINTS "
@@ -164,7 +166,7 @@ def cmd_search(args) -> int:
             f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage=args.storage, suite=suite_spec(args.suite, _suite_options(args)),
             model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
-            space=_space(args.space), objectives=parse_objectives(args.objectives),
+            space=_space(args.space), objectives=parse_objectives(args.objectives) if args.objectives else None,
             trials=args.trials if args.trials is not None else (None if args.time_budget else 48),
             time_budget_s=args.time_budget, sampler=args.sampler, seed=args.seed,
             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,

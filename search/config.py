@@ -46,6 +46,18 @@ def parse_objectives(text: str) -> list[tuple[str, str]]:
 DEFAULT_OBJECTIVES = [(name, SCALAR_METRICS[name]) for name in (next(iter(SCALAR_METRICS)), "params", "latency_ms")]
 
 
+def default_objectives(space: dict) -> list[tuple[str, str]]:
+    """DEFAULT_OBJECTIVES, with size counted as `nonzero_params` where the space may prune
+    unstructured: masks leave every parameter stored, so `params` would not move and the front
+    would be chosen on score and latency noise alone."""
+    mode = (space.get("pruning") or {}).get("mode", "structured") if isinstance(space, dict) else "structured"
+    modes = mode if isinstance(mode, list) else [mode]
+    if "unstructured" not in modes:
+        return list(DEFAULT_OBJECTIVES)
+    return [("nonzero_params", SCALAR_METRICS["nonzero_params"]) if name == "params" else (name, sense)
+            for name, sense in DEFAULT_OBJECTIVES]
+
+
 # The flag a user sets each field with: errors name what the user typed.
 FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives", "trials": "--trials",
          "time_budget_s": "--time-budget", "sampler": "--sampler", "seed": "--seed",
@@ -65,7 +77,7 @@ class SearchConfig(_Strict):
     suite: dict[str, Any] = {"name": "multidigits"}          # name + options
     model: dict[str, Any] = {"trunk": "mlp"}
     space: dict[str, Any] = {}                                # a SpaceSpec as plain data
-    objectives: list[tuple[str, Literal["max", "min"]]] = DEFAULT_OBJECTIVES
+    objectives: list[tuple[str, Literal["max", "min"]]] = None   # None: default_objectives(space)
     trials: Optional[StrictInt] = Field(48, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0)      # finite: NaN would mean "forever"
     sampler: str = "tpe"
@@ -157,6 +169,8 @@ class SearchConfig(_Strict):
             if data.get("early_stop") not in (None, "asha"):
                 raise ValueError(f"--asha means --early-stop asha; it cannot go with --early-stop {data['early_stop']}")
             data = {**data, "early_stop": "asha"}
+        if isinstance(data, dict) and data.get("objectives") is None:
+            data = {**data, "objectives": default_objectives(data.get("space") or {})}
         return data
 
     @model_validator(mode="after")

@@ -77,6 +77,7 @@ def test_export_then_apply_reproduces_the_trial(experiment, tmp_path):
         assert abs(applied[key] - measured[key]) * 100 <= 0.5, key   # within 0.5 points
     assert applied["params"] == measured["params"]
     assert "reusing the dense base" in out  # the cache, not a retrain
+    assert applied["matches_trial"] is True and "matches its trial" in out  # said on screen, not only in the file
 
 
 def test_export_by_trial_and_by_constraints(experiment, tmp_path):
@@ -181,14 +182,23 @@ def test_report_remeasure_times_the_front_alone(experiment, tmp_path):
 
     root, exp, _ = experiment
     searched = (exp / "remeasured.json").read_text()  # the search's own end-of-search re-timing
-    front = select.front(exp_io.load_experiment(exp), exp_io.objectives(exp), exp)
+    df = exp_io.load_experiment(exp)
+    front = select.front(df, exp_io.objectives(exp), exp)
+    # As if an earlier re-timing had found a trial slow and taken it off the front.
+    off = df[(df["status"] == "finished") & ~df["trial_id"].isin(front["trial_id"])]["trial_id"].iloc[0]
+    (exp / "remeasured.json").write_text(json.dumps({**json.loads(searched), off: 1e6}))
     code, out, err = run_cli("report", exp, "--remeasure", "-o", tmp_path / "r.html", cwd=root)
     assert code == 0, err
     timings = json.loads((exp / "remeasured.json").read_text())
     dense = timings.pop("dense")
-    assert set(front["trial_id"]) == set(timings) and all(v > 0 for v in [dense, *timings.values()])
+    assert set(front["trial_id"]) <= set(timings) and all(v > 0 for v in [dense, *timings.values()])
+    # A trial an earlier re-timing took off the front keeps that figure (not its search-time one).
+    assert timings[off] == 1e6
     df = exp_io.load_experiment(exp)
     assert (df.set_index("trial_id").loc[list(timings), "latency_ms"].to_numpy() == list(timings.values())).all()
+    # "in the search" is the search's own figure, not the earlier re-timing the loader overlays.
+    for _, row in front.iterrows():
+        assert f"{row['trial_id']}: {row['latency_ms_search']:.3f} ms in the search" in out
     assert exp_io.load_dense(exp)["latency_ms"] == dense  # the dense base re-timed with the front
     assert "re-measured in one process, interleaved with the dense base" in (tmp_path / "r.html").read_text()
     (exp / "remeasured.json").write_text(searched)  # leave the shared experiment as the search wrote it

@@ -253,6 +253,16 @@ def _applied(policy, tmp_path, name):
     return apply_and_save(policy, str(tmp_path / name), cache=str(tmp_path / "cache"), log=lambda *a: None)
 
 
+def test_a_rebuild_with_other_zeros_is_not_the_trials_model():
+    """Unstructured masks change the nonzero count, not the stored one: both must match."""
+    from mtl_models.apply import mismatch
+
+    trial = {"params": 1000, "nonzero_params": 400, "metric/a": 0.5, "test/a": 0.5}
+    assert mismatch(dict(trial), trial) is None
+    assert mismatch({**trial, "nonzero_params": 401}, trial) == "401 nonzero_params rebuilt, 400 in the trial"
+    assert mismatch({**trial, "params": 999}, trial) == "999 params rebuilt, 1,000 in the trial"
+
+
 def test_apply_says_when_the_rebuilt_model_is_not_the_trials(tmp_path):
     s = suites.get("synthetic", dim=8, train_samples=200, val_samples=50, test_samples=50)
     policy = Policy.from_dict({"schema": "prunefuse.policy/1", "suite": s.spec,

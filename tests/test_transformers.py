@@ -339,6 +339,10 @@ def test_unstructured_search_on_multihead_attention(tmp_path):
                                                            "fusion": {"method": "none"}, "finetune": {"epochs": 0.5}})
     assert len(finished) >= 5
     assert (finished["nonzero_params"] < finished["params"]).all()
+    from reports import experiment
+
+    # With the default objectives, size is what masks change.
+    assert ("nonzero_params", "min") in experiment.objectives(tmp_path / "runs" / "unstructured")
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
