@@ -1,6 +1,5 @@
 """The product as a user meets it: the `prunefuse` console script on a tiny real search."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml

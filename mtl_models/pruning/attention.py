@@ -320,7 +320,7 @@ def head_matmul_macs(model, example_inputs: torch.Tensor) -> int:
     (counted as torch-pruning counts them for nn.MultiheadAttention), over one forward of
     `example_inputs`. torch-pruning's counter sees layers only, and these matmuls run in the
     attention module's own forward: without them, cutting heads would look cheaper than it is."""
-    from .layers import eval_mode
+    from .layers import hooked_forward
 
     modules = dict(model.named_modules())
     total = [0]
@@ -335,14 +335,8 @@ def head_matmul_macs(model, example_inputs: torch.Tensor) -> int:
 
     hooks = [modules[name].register_forward_pre_hook(counter(site), with_kwargs=True)
              for name, site in sites(model, within="").items() if site.kind != "mha"]
-    if not hooks:
-        return 0
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    if hooks:
+        hooked_forward(model, example_inputs, hooks)
     return total[0]
 
 

@@ -18,7 +18,7 @@ import torch
 from spaces.errors import PrunefuseError
 
 from .attention import dependency_graph, head_groups
-from .layers import PRUNABLE_TYPES, eval_mode, prunable_layers, width
+from .layers import PRUNABLE_TYPES, eval_mode, hooked_forward, prunable_layers, width
 
 
 def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, ...]]:
@@ -88,10 +88,5 @@ def _forward_order(model, example_inputs) -> list[str]:
     order: list[str] = []
     hooks = [modules[n].register_forward_pre_hook(lambda m, i, n=n: order.append(n) if n not in order else None)
              for n in layers]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooked_forward(model, example_inputs, hooks)
     return order + [n for n in layers if n not in order]

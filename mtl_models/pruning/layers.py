@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
@@ -53,3 +54,14 @@ def eval_mode(model):
     finally:
         for m, training in modes:
             m.training = training
+
+
+def hooked_forward(model, example_inputs, handles: list) -> None:
+    """One forward that only looks (`eval_mode`, no grad) for the hooks behind `handles`, which
+    are removed after it, whatever happens."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
