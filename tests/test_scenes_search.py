@@ -30,9 +30,13 @@ def test_scenes_search_front_and_apply_reproduces_the_knee(tmp_path, trunk, chan
     df = experiment.load_experiment(exp)
     front = select.front(df, experiment.objectives(exp), exp)
     assert len(front) >= 3, front[["score", "params"]]
-    # Which trials make the front depends on their latencies, timed on a shared machine: the
-    # spread in params moves with it (2.97× to above 3× seen over runs of the same search).
-    assert front["params"].max() >= 2.5 * front["params"].min(), front["params"].tolist()
+    # Which trials make the front depends on their latencies, timed on a shared machine (the
+    # same ten trials gave fronts spanning 2.1× and 3× in params); its ends do not: the
+    # smallest model and the best-scoring one are on it whatever the latencies.
+    finished = df[df["status"] == "finished"]
+    on_front = set(front["trial_id"])
+    assert finished.loc[finished["params"].idxmin(), "trial_id"] in on_front
+    assert finished.loc[finished["score"].idxmax(), "trial_id"] in on_front
     dense = experiment.load_dense(exp)
     assert dense["senses"] == {"semantic": "max", "depth": "min", "normals": "min"}
     page = (exp / "report.html").read_text()
