@@ -89,11 +89,14 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
     """Why a rebuilt model is not the one its trial measured (`measured`: the trial's
     metrics), or None: the stored and the nonzero parameter counts must be equal (the second
     is what unstructured masks change), every per-task metric (val and test) within
-    METRIC_TOLERANCE points. Nothing measured: nothing to compare."""
+    METRIC_TOLERANCE points. Nothing measured (None, NaN: a column older trials lack): nothing
+    to compare. Any other key of `measured` is ignored, so a trial's whole record can be given."""
     for count in ("params", "nonzero_params"):
-        if measured.get(count) is not None and metrics.get(count) is not None \
-                and int(metrics[count]) != int(measured[count]):
-            return f"{int(metrics[count]):,} {count} rebuilt, {int(measured[count]):,} in the trial"
+        then, now = measured.get(count), metrics.get(count)
+        if then is None or now is None or then != then:
+            continue
+        if int(now) != int(then):
+            return f"{int(now):,} {count} rebuilt, {int(then):,} in the trial"
     for key in sorted(k for k in measured if k.startswith(("metric/", "test/"))):
         then, now = measured[key], metrics.get(key)
         if now is None or then is None or then != then:

@@ -47,8 +47,7 @@ def remeasure_front(experiment, *, backend: str | None = None, log=print) -> tup
         policy = Policy.from_dict(row["policy"], source=f"trial {row['trial_id']}")
         suite, art = rebuild(policy, cache=artifact_cache(cfg), log=lambda *a: None)
         model, metrics = apply_policy(suite, policy, art, measure_spec=MeasureSpec(**{**measure, "runs": 1}))
-        problem = mismatch(metrics, {k: row[k] for k in row.index
-                                     if k in ("params", "nonzero_params") or k.startswith(("metric/", "test/"))})
+        problem = mismatch(metrics, row.to_dict())
         if problem:
             mismatched.append(f"trial {row['trial_id']}: {problem}")
         if policy.quantization.method != "none" or spec.latency_backend != "torch":
