@@ -38,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from _common import goals_table, markdown_table, mean, setup_threads  # noqa: E402
-from mtl_models import artifacts, deploy, measure, quantize, suites  # noqa: E402
+from mtl_models import artifacts, suites  # noqa: E402
+from mtl_models.deployment import deploy, quantize  # noqa: E402
+from mtl_models.measuring import measure  # noqa: E402
 from mtl_models.pipeline import MeasureSpec, apply_policy  # noqa: E402
 from mtl_models.pruning import prunable_layers, prune  # noqa: E402
-from mtl_models.train import evaluate  # noqa: E402
+from mtl_models.training.train import evaluate  # noqa: E402
 from spaces import Policy  # noqa: E402
 from spaces.policy import Quantization  # noqa: E402
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from _common import markdown_table, mean, setup_threads  # noqa: E402
-from mtl_models import artifacts, measure, suites  # noqa: E402
+from mtl_models import artifacts, suites  # noqa: E402
+from mtl_models.measuring import measure  # noqa: E402
 from mtl_models.pipeline import MeasureSpec, apply_policy  # noqa: E402
 from mtl_models.pruning import kept_units, prunable_layers  # noqa: E402
 from spaces import Policy  # noqa: E402

@@ -61,8 +61,9 @@ import torch  # noqa: E402
 
 from _common import fmt, goals_table, markdown_table, mean, policy_for, setup_threads, stopwatch  # noqa: E402
 from mtl_models import artifacts as artifacts_mod  # noqa: E402
-from mtl_models import fusion, pipeline, pruning, suites, weighting  # noqa: E402
-from mtl_models.train import evaluate  # noqa: E402
+from mtl_models import fusion, pipeline, pruning, suites  # noqa: E402
+from mtl_models.training import weighting  # noqa: E402
+from mtl_models.training.train import evaluate  # noqa: E402
 from spaces import SearchSpace, SpaceSpec  # noqa: E402
 
 SUITES = {

@@ -58,12 +58,13 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from _common import goals_table, markdown_table, mean, setup_threads  # noqa: E402
-from mtl_models import artifacts, measure, suites  # noqa: E402
+from mtl_models import artifacts, suites  # noqa: E402
+from mtl_models.measuring import measure  # noqa: E402
 from mtl_models.pruning import attention  # noqa: E402
 from mtl_models.pruning import (MAX_SPARSITY, coupled_groups, kept_units, prunable_layers, prune,  # noqa: E402
                                  without_masks)
-from mtl_models.tasks import task_loss  # noqa: E402
-from mtl_models.train import evaluate, train  # noqa: E402
+from mtl_models.training.tasks import task_loss  # noqa: E402
+from mtl_models.training.train import evaluate, train  # noqa: E402
 
 SPEC = {"trunk": "cnn", "channels": [32, 64, 128], "fc": 128}
 # d): the built-in coupled trunks, wider than their defaults so that batch-256 time is compute, not calls.

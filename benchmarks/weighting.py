@@ -48,9 +48,10 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from _common import fmt, goals_table, markdown_table, mean, setup_threads, stdev, stopwatch  # noqa: E402
-from mtl_models import artifacts, measure, pipeline, pruning, suites  # noqa: E402
-from mtl_models import weighting as weighting_mod  # noqa: E402
-from mtl_models.train import evaluate, train  # noqa: E402
+from mtl_models import artifacts, pipeline, pruning, suites  # noqa: E402
+from mtl_models.measuring import measure  # noqa: E402
+from mtl_models.training import weighting as weighting_mod  # noqa: E402
+from mtl_models.training.train import evaluate, train  # noqa: E402
 from spaces import SearchSpace, SpaceSpec  # noqa: E402
 
 MODEL = {"trunk": "mlp", "width": 256, "depth": 3}

@@ -11,8 +11,8 @@ from spaces.vocabulary import MEAN_SCORE
 def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
     """(suite, artifacts) a policy starts from: its suite, and the base (trained, reused from
     `cache`, or the user's checkpoint) with experts when it fuses. Checks fit before training."""
-    from . import artifacts, suites
-    from .pipeline import check_fits
+    from mtl_models import artifacts, suites
+    from mtl_models.pipeline import check_fits
 
     suite = suites.from_spec(policy.suite)
     model = suite.build_model(**policy.model)  # checks the model spec against the suite
@@ -27,7 +27,7 @@ def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
 
 def apply_device(policy: Policy, requested: str | None = None) -> str:
     """`--device`, or else the device the policy's trial ran on where this machine has it, else the CPU."""
-    from .device import check_precision, job_device
+    from mtl_models.training.device import check_precision, job_device
 
     if requested is None:
         measured = (policy.provenance or {}).get("metrics", {}).get("device", "cpu")
@@ -49,8 +49,8 @@ def apply_backend(policy: Policy, requested: str | None = None) -> str:
 
 def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1, log=print,
                    device: str | None = None, latency_backend: str | None = None):
-    from . import checkpoint
-    from .pipeline import MeasureSpec, apply_policy
+    from mtl_models.models import checkpoint
+    from mtl_models.pipeline import MeasureSpec, apply_policy
 
     from spaces.files import check_writable_folder
 
@@ -63,7 +63,7 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads, device=device,
                        latency_backend=apply_backend(policy, latency_backend))
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)
-    from .deploy import shipped_graph
+    from mtl_models.deployment.deploy import shipped_graph
 
     graph, parity = shipped_graph(model, suite, policy.quantization, threads=threads)  # parity fails in one line
     log(f"model.onnx: ONNX Runtime vs PyTorch on {parity['onnx_parity_rows']} validation inputs, "

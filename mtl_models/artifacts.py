@@ -19,8 +19,8 @@ import torch
 from spaces.errors import PrunefuseError
 from spaces.knobs import coerce_number
 
-from .device import PRECISIONS, job_device
-from .train import evaluate, train
+from mtl_models.training.device import PRECISIONS, job_device
+from mtl_models.training.train import evaluate, train
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class TrainSpec:
     # add up instead of interfering: merging them works (benchmarks/fusion.py).
     expert_preserve: float = 1.0
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast while training (mtl_models.device)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast while training (mtl_models.training.device)
 
     def __post_init__(self):
         # Typed and checked here, so a CLI's `epochs=2` and a policy's `epochs: 2.0` share one
@@ -100,7 +100,7 @@ def train_expert(suite, model_spec, spec: TrainSpec, base: dict, task: str, *, d
     With `expert_preserve` > 0 the other heads stay frozen and the other tasks' predictions
     are anchored to the base's, so the trunk changes only in ways this task needs: task
     vectors that add up when merged, rather than each costing the other tasks."""
-    from .train import predict
+    from mtl_models.training.train import predict
 
     torch.manual_seed(spec.seed)
     model = suite.build_model(**model_spec)

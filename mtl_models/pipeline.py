@@ -15,14 +15,16 @@ from spaces.knobs import coerce_number
 from spaces.policy import Policy
 from spaces.scores import mean_score
 
-from . import deploy, fusion, measure, quantize
-from .artifacts import Artifacts
-from .finite import check_finite
-from .device import check_precision, device_name, half_dtype
-from .fusion import merge
-from .pruning import prune, without_masks
-from .tasks import task_loss
-from .train import evaluate, train
+from mtl_models.deployment import deploy, quantize
+from mtl_models import fusion
+from mtl_models.measuring import measure
+from mtl_models.artifacts import Artifacts
+from mtl_models.training.finite import check_finite
+from mtl_models.training.device import check_precision, device_name, half_dtype
+from mtl_models.fusion import merge
+from mtl_models.pruning import prune, without_masks
+from mtl_models.training.tasks import task_loss
+from mtl_models.training.train import evaluate, train
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,9 @@ class MeasureSpec:
     threads: int = 1
     runs: int = 30
     warmup: int = 5
-    device: str = "cpu"        # set per job by mtl_models.device.job_device, not by the user
+    device: str = "cpu"        # set per job by mtl_models.training.device.job_device, not by the user
     precision: str = "fp32"    # the policy's fine-tune precision: bf16 / fp16 also time latency in it on CUDA
-    latency_backend: str = "torch"  # torch (eager) | onnxruntime (the exported graph): mtl_models.deploy
+    latency_backend: str = "torch"  # torch (eager) | onnxruntime (the exported graph): mtl_models.deployment.deploy
 
     def __post_init__(self):
         for name, low in (("latency_batch", 1), ("threads", 1), ("runs", 1), ("warmup", 0)):
@@ -75,15 +77,15 @@ def check_fits(suite, policy: Policy, artifacts: Artifacts | None = None, *, mod
             raise PrunefuseError(f"policy {what} names tasks {sorted(names)}; suite {suite.name!r} has {sorted(tasks)}")
     check_method_names(policy, suite.task_names)
     if model is not None:
-        from .pruning import check_sparsity
+        from mtl_models.pruning import check_sparsity
 
         check_sparsity(model, dict(policy.pruning.sparsity), suite.example_inputs(2))
 
 
 def check_method_names(policy: Policy, tasks: list[str]) -> None:
     """Every method a policy names, and its knobs, exist: a typo fails before any training."""
-    from . import pruning
-    from .weighting import make_weighter
+    from mtl_models import pruning
+    from mtl_models.training.weighting import make_weighter
 
     make_weighter(weighting_spec(policy), tasks)
     pruning.IMPORTANCES.method(policy.pruning.importance)
@@ -93,7 +95,7 @@ def check_method_names(policy: Policy, tasks: list[str]) -> None:
 
 
 def weighting_spec(policy: Policy) -> dict:
-    from .weighting import METHODS as WEIGHTING_METHODS
+    from mtl_models.training.weighting import METHODS as WEIGHTING_METHODS
 
     spec = {"method": policy.weighting.method, **policy.weighting.params}
     if policy.weighting.weights is not None:
@@ -142,7 +144,7 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, sta
         state.update({k: v for k, v in artifacts.experts[t].items() if k.startswith(f"heads.{t}.")})
     model.load_state_dict(state)
     if statistics == "recalibrate":
-        from .pruning import recalibrate_batchnorm
+        from mtl_models.pruning import recalibrate_batchnorm
 
         recalibrate_batchnorm(model, lambda m: m(suite.train.x[:CALIBRATION_SAMPLES]))
     check_finite(model, f"the model merged by {policy.fusion.method}", suite.train.x[:CALIBRATION_SAMPLES])
@@ -201,8 +203,8 @@ def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
 
 def _latencies(model, example, spec: MeasureSpec) -> dict:
     """latency_ms (and, on CUDA with a bf16 / fp16 policy, latency_ms_half), timed while no other
-    timing section on this machine runs (mtl_models.timing_lock); how long that took to get."""
-    from .timing_lock import timed_alone
+    timing section on this machine runs (mtl_models.measuring.timing_lock); how long that took to get."""
+    from mtl_models.measuring.timing_lock import timed_alone
 
     timing = dict(threads=spec.threads, runs=spec.runs, warmup=spec.warmup, device=spec.device)
     half = half_dtype(spec.precision, spec.device)
@@ -227,7 +229,7 @@ def measure_quantized(model, suite, policy: Policy, artifacts: Artifacts, spec: 
     """The metrics that quantization changes, taken on the int8 graph in ONNX Runtime (on the
     CPU): task quality, `bytes` (int8 weights at one byte), latency; the fp32 model's score,
     bytes and latency stay beside them as fp32_*. Parameters and MACs are the fp32 model's."""
-    from .timing_lock import timed_alone
+    from mtl_models.measuring.timing_lock import timed_alone
 
     q = quantize.quantize(model, suite, policy.quantization, threads=spec.threads)
     val, test = evaluate(q, suite, "val"), evaluate(q, suite, "test")
@@ -252,7 +254,7 @@ def measure_quantized(model, suite, policy: Policy, artifacts: Artifacts, spec: 
 def distill_teacher(suite, policy: Policy, artifacts: Artifacts, start):
     """The frozen teacher of the fine-tune's distillation (None without one): the dense base, or
     `start`, the model the cycle begins with (merged when the policy fuses), before pruning."""
-    from .distill import teacher_for
+    from mtl_models.training.distill import teacher_for
 
     d, ft = policy.finetune.distill, policy.finetune
     if d is None or d.weight <= 0 or ft.epochs <= 0:

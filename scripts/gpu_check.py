@@ -66,8 +66,8 @@ def most_at_once(spans) -> int:
 
 
 def latencies(models: dict, cuda: bool) -> dict:
-    from mtl_models import measure
-    from mtl_models.device import device_name
+    from mtl_models.measuring import measure
+    from mtl_models.training.device import device_name
 
     x = next(iter(models.values()))[1]
     out = {name: {} for name in models}
@@ -121,8 +121,8 @@ def main() -> int:
     check(applied["device"] == device, f"apply ran on {applied['device']}", failures)
     check(applied["params"] == finals[pruned_id]["params"], "apply rebuilt another architecture", failures)
 
-    from mtl_models import checkpoint
-    from mtl_models import measure
+    from mtl_models.models import checkpoint
+    from mtl_models.measuring import measure
     from mtl_models.apply import rebuild
 
     pruned, policy = checkpoint.load(work / "model")

@@ -89,8 +89,8 @@ def remeasure_front(experiment, *, backend: str | None = None, log=print) -> tup
 def _interleaved(models: dict, suite, spec) -> dict[str, float]:
     """name -> median latency (ms) of each model's inference form, timed in turns under the
     machine-wide timing lock (no trial times or trains beside it on this machine)."""
-    from mtl_models import measure
-    from mtl_models.timing_lock import timed_alone
+    from mtl_models.measuring import measure
+    from mtl_models.measuring.timing_lock import timed_alone
 
     rounds = 5
     with timed_alone():

@@ -122,7 +122,7 @@ class _ControlJob:
     def __call__(self, _item):
         import dataclasses
 
-        from mtl_models.device import job_device
+        from mtl_models.training.device import job_device
         from mtl_models.pipeline import MeasureSpec, apply_policy, measure_model
 
         spec = MeasureSpec(**{**self.measure, "device": job_device()})
@@ -143,7 +143,7 @@ class _DenseMeasureJob:
         self.suite, self.model_spec, self.measure, self.art, self.precision = suite, model_spec, measure, art, precision
 
     def __call__(self, _item):
-        from mtl_models.device import job_device, peak_memory_mb, reset_peak_memory
+        from mtl_models.training.device import job_device, peak_memory_mb, reset_peak_memory
         from mtl_models.pipeline import MeasureSpec, measure_model
 
         device = job_device()

@@ -42,7 +42,7 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
     import torch
     from ray import tune
 
-    from mtl_models.device import job_device, peak_memory_mb, reset_peak_memory
+    from mtl_models.training.device import job_device, peak_memory_mb, reset_peak_memory
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
     trial_id = tune.get_context().get_trial_id()

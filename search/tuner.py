@@ -24,7 +24,8 @@ from .shared_artifacts import artifact_cache, measure_control, measure_dense, tr
 
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
-    from mtl_models import fusion, weighting
+    from mtl_models import fusion
+    from mtl_models.training import weighting
     from mtl_models.pruning import IMPORTANCES, coupled_groups
 
     spec = SpaceSpec.model_validate(cfg.space)
@@ -67,7 +68,7 @@ def prepare_inputs(cfg: SearchConfig):
         check_quantized_backend("int8", MeasureSpec(**cfg.measure).latency_backend)
     if cfg.tracking:
         tracking.callbacks(cfg)  # mlflow importable and the URI usable: fails before anything is written
-    from mtl_models.preflight import check_pruning
+    from mtl_models.pruning.preflight import check_pruning
     from mtl_models.pruning.attention import describe_unsupported
 
     unpruned = describe_unsupported(model)  # attention of no layout prunefuse knows: said once, kept whole
@@ -82,7 +83,7 @@ def prepare_inputs(cfg: SearchConfig):
 
 def check_precisions(cfg: SearchConfig, space: SearchSpace) -> None:
     """fp16 where trials (and the base, which runs where they do) get no GPU: one line, now."""
-    from mtl_models.device import check_precision
+    from mtl_models.training.device import check_precision
 
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
     check_precision(cfg.train.get("precision", "fp32"), device, what="--train-option precision")

@@ -18,7 +18,7 @@ from .files import atomic_write_text, read_yaml, validation_message
 
 SCHEMA = "prunefuse.policy/1"
 # Training precision: fp32, or autocast to bf16 / fp16 (fp16 with a grad scaler, on CUDA only;
-# the rule is mtl_models.device.check_precision).
+# the rule is mtl_models.training.device.check_precision).
 Precision = Literal["fp32", "bf16", "fp16"]
 MAX_SPARSITY = 0.95  # no layer pruned to zero width (mtl_models.pruning reads it from here)
 
@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 
 class Weighting(_Strict):
-    """How task losses are combined: a method from mtl_models.weighting.METHODS and its knobs."""
+    """How task losses are combined: a method from mtl_models.training.weighting.METHODS and its knobs."""
     method: str = "equal"
     weights: Optional[dict[str, TaskWeight]] = None  # for `static`: task -> weight >= 0
     params: Knobs = {}                          # the method's own knobs (dwa temperature, gradnorm alpha)
@@ -74,7 +74,7 @@ class Pruning(_Strict):
 
 
 class Distill(_Strict):
-    """Knowledge distillation in the fine-tune (mtl_models.distill): KL at `temperature` for
+    """Knowledge distillation in the fine-tune (mtl_models.training.distill): KL at `temperature` for
     class-logit heads, MSE to the teacher's outputs for the others, mixed in by `weight`."""
     weight: float = Field(1.0, ge=0.0, le=100.0)
     temperature: float = Field(2.0, gt=0.0, le=100.0)
@@ -90,7 +90,7 @@ class Finetune(_Strict):
 
 
 class Quantization(_Strict):
-    """Post-training int8 quantization after the fine-tune (mtl_models.quantize, by ONNX Runtime);
+    """Post-training int8 quantization after the fine-tune (mtl_models.deployment.quantize, by ONNX Runtime);
     the quantized model is the one measured, exported and timed in ONNX Runtime."""
     method: Literal["none", "dynamic_int8", "static_int8"] = "none"
     calibration_samples: int = Field(512, ge=1, le=1 << 20)  # static_int8: training rows calibrating activations

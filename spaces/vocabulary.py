@@ -25,12 +25,12 @@ LEGACY_METRICS = {"accuracy": "score", "test_accuracy": "test_score"}
 MEAN_SCORE = "score"            # the default objective, the ASHA metric, export's sort key
 # Facts recorded beside the metrics: how they were measured.
 # On CUDA also: the GPU's name, the trial's peak CUDA memory (MiB; 0 on the CPU) and, where the
-# policy fine-tunes in bf16 / fp16, the latency in that precision (mtl_models.device).
-# Latency is timed alone on its machine (mtl_models.timing_lock): the wait for that, and the
+# policy fine-tunes in bf16 / fp16, the latency in that precision (mtl_models.training.device).
+# Latency is timed alone on its machine (mtl_models.measuring.timing_lock): the wait for that, and the
 # timed section's wall-clock bounds.
 MEASUREMENT_FACTS = ("latency_batch", "threads", "device", "device_name", "cuda_peak_mb", "latency_ms_half",
                      "half_precision", "lock_wait_s", "timed_from", "timed_to")
-# Which runtime timed latency_ms (mtl_models.deploy); an int8 policy's method and its fp32 model's figures.
+# Which runtime timed latency_ms (mtl_models.deployment.deploy); an int8 policy's method and its fp32 model's figures.
 MEASUREMENT_FACTS += ("latency_backend", "quantization", "fp32_score", "fp32_bytes", "fp32_latency_ms")
 LATENCY_BACKENDS = ("torch", "onnxruntime")  # what times latency (`--latency-backend`); results say which
 TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
@@ -45,7 +45,7 @@ def is_recorded_metric(key: str) -> bool:
 
 # --- task metrics and the task kinds that use them ---
 
-# A task's metric name -> which way is better. `mtl_models.tasks` implements each (same
+# A task's metric name -> which way is better. `mtl_models.training.tasks` implements each (same
 # names); a `Task` takes its sense from here, so a suite cannot state it wrongly.
 TASK_METRICS = {
     "accuracy": "max",           # classification: fraction of rows whose argmax is right

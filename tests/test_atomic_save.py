@@ -21,7 +21,8 @@ SAVER = textwrap.dedent("""
     import os, shutil, signal, sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[3])
-    from mtl_models import checkpoint, suites
+    from mtl_models.models import checkpoint
+    from mtl_models import suites
     from spaces import Policy
     suite = suites.get("multidigits", train_pairs=50, val_pairs=20, test_pairs=20)
     model = suite.build_model(trunk="mlp", width=32, depth=2)
@@ -55,7 +56,7 @@ def _complete(folder) -> bool:
 
 @pytest.mark.slow  # a fresh interpreter per kill point (~7 of them)
 def test_a_killed_save_leaves_the_old_or_the_new_model(tmp_path):
-    from mtl_models import checkpoint
+    from mtl_models.models import checkpoint
 
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
@@ -82,7 +83,7 @@ def test_the_next_apply_restores_a_model_left_aside(tmp_path, tiny_suite):
     """Where two renames were needed (no atomic exchange), a kill between them leaves the old
     model aside as .model.old: the next `apply` puts it back (here one that then stops on a
     policy that does not fit, before any training) and removes the leftovers."""
-    from mtl_models import checkpoint
+    from mtl_models.models import checkpoint
     from spaces import Policy
 
     model = tiny_suite.build_model(trunk="mlp", width=32, depth=2)

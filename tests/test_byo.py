@@ -283,7 +283,7 @@ def test_plugin_example_end_to_end(data, tmp_path):
     code, out, err = run_cli("apply", exp / "policy.yaml", "-o", tmp_path / "model",
                              "--cache", storage / "_artifacts", cwd=ROOT)
     assert code == 0, err[-3000:]
-    from mtl_models import checkpoint
+    from mtl_models.models import checkpoint
 
     model, _ = checkpoint.load(tmp_path / "model")
     assert type(model).__name__ == "ShapesNet"
@@ -297,7 +297,7 @@ def test_base_checkpoint_parquet(data, tmp_path, capsys):
     import torch
 
     from mtl_models import suites
-    from mtl_models.train import evaluate, train
+    from mtl_models.training.train import evaluate, train
 
     suite = suites.get("tabular", **tabular_options(data / "f.parquet"))
     torch.manual_seed(0)

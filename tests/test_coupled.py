@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_cli
 from mtl_models import suites
-from mtl_models.measure import stored_params
+from mtl_models.measuring.measure import stored_params
 from mtl_models.pruning import coupled_groups, kept_units, prunable_layers, prune
 from spaces import PrunefuseError
 from spaces.policy import Policy

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from conftest import TINY_SUITE, run_cli, tiny_policy
-from mtl_models import deploy, quantize
+from mtl_models.deployment import deploy, quantize
 from mtl_models.models import TRUNKS
 from spaces import PrunefuseError
 from spaces.policy import Quantization
@@ -129,7 +129,7 @@ def test_mlflow_runs_read_back(experiment, monkeypatch):
 
 
 def test_quantized_policy_exported_and_applied_reproduces_the_trial(experiment, tmp_path):
-    from mtl_models import checkpoint
+    from mtl_models.models import checkpoint
 
     root, exp = experiment
     code, _, err = run_cli("export", exp, "--knee", "-o", tmp_path / "p.yaml", cwd=root)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_policy
-from mtl_models import device
+from mtl_models.training import device
 from spaces.errors import PrunefuseError
 
 
@@ -84,7 +84,7 @@ def test_fp16_needs_cuda_and_bf16_runs_on_the_cpu():
 
 
 def test_bf16_training_on_the_cpu_learns_in_fp32_weights(tiny_suite):
-    from mtl_models.train import train
+    from mtl_models.training.train import train
 
     torch.manual_seed(0)
     model = tiny_suite.build_model(trunk="mlp", width=32, depth=1)
@@ -96,7 +96,7 @@ def test_bf16_training_on_the_cpu_learns_in_fp32_weights(tiny_suite):
 
 
 def test_fp16_training_on_the_cpu_fails_before_a_step(tiny_suite):
-    from mtl_models.train import train
+    from mtl_models.training.train import train
 
     model = tiny_suite.build_model(trunk="mlp", width=32, depth=1)
     before = copy.deepcopy(model.state_dict())
@@ -153,7 +153,7 @@ def test_fp32_keeps_the_cache_keys_of_bases_trained_before_precision_existed():
 # --- latency ---
 
 def test_latency_in_another_dtype_times_a_copy():
-    from mtl_models import measure
+    from mtl_models.measuring import measure
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
     before = copy.deepcopy(model.state_dict())

@@ -14,7 +14,7 @@ FAST = dict(runs=2, warmup=0, latency_batch=16)
 
 
 def test_the_losses_are_zero_at_the_teacher_and_positive_elsewhere():
-    from mtl_models.distill import distill_loss
+    from mtl_models.training.distill import distill_loss
 
     torch.manual_seed(0)
     logits, other = torch.randn(32, 10), torch.randn(32, 10)
@@ -27,8 +27,8 @@ def test_the_losses_are_zero_at_the_teacher_and_positive_elsewhere():
 
 
 def test_a_student_learns_its_teachers_outputs(tiny_suite, tiny_artifacts):
-    from mtl_models.distill import combined, teacher_for
-    from mtl_models.train import train
+    from mtl_models.training.distill import combined, teacher_for
+    from mtl_models.training.train import train
 
     build = lambda: tiny_suite.build_model(trunk="mlp", width=64, depth=2)  # noqa: E731
     start = build()

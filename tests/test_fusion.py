@@ -355,7 +355,7 @@ def test_preserving_experts_keep_the_other_tasks_predictions(tiny_suite, tiny_ar
     """With expert_preserve, an expert moves the other tasks' outputs far less than a plain
     fine-tune does, and leaves their heads exactly as the base had them."""
     from mtl_models import artifacts
-    from mtl_models.train import predict
+    from mtl_models.training.train import predict
 
     base, task = tiny_artifacts.base, tiny_suite.task_names[0]
     others = tiny_suite.task_names[1:]

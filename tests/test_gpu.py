@@ -30,7 +30,7 @@ def test_measurement_on_cuda_keeps_the_model_and_names_the_gpu(tiny_suite, tiny_
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_training_on_cuda_keeps_fp32_weights(tiny_suite, precision):
-    from mtl_models.train import train
+    from mtl_models.training.train import train
 
     torch.manual_seed(0)
     model = tiny_suite.build_model(trunk="mlp", width=32, depth=1)
@@ -41,7 +41,7 @@ def test_half_precision_training_on_cuda_keeps_fp32_weights(tiny_suite, precisio
 
 def test_a_multi_step_cycle_on_cuda(tiny_suite, tiny_artifacts):
     """steps > 1 (what --asha needs) re-traces the model between rounds: it must stay on CUDA."""
-    from mtl_models.device import peak_memory_mb, reset_peak_memory
+    from mtl_models.training.device import peak_memory_mb, reset_peak_memory
     from mtl_models.pipeline import MeasureSpec, apply_policy
 
     reset_peak_memory("cuda")

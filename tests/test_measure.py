@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_models import measure
+from mtl_models.measuring import measure
 from mtl_models.pruning import prunable_layers, prune
 
 
@@ -176,7 +176,7 @@ def _norms(model):
 
 
 def test_every_conv_or_linear_batchnorm_pair_the_graph_shows_is_folded(suite):
-    from mtl_models.folding import foldable_pairs
+    from mtl_models.deployment.folding import foldable_pairs
 
     model = trained_like(_two_heads(_ResidualTrunk()), suite)
     assert len(_norms(model)) == 8  # 7 in the trunk, one in a head
@@ -194,7 +194,7 @@ def test_every_conv_or_linear_batchnorm_pair_the_graph_shows_is_folded(suite):
 
 
 def test_a_model_fx_cannot_trace_folds_only_sequential_pairs(suite):
-    from mtl_models.folding import foldable_pairs
+    from mtl_models.deployment.folding import foldable_pairs
 
     model = trained_like(_two_heads(_Untraceable()), suite)
     assert foldable_pairs(model) == [("trunk.seq.0", "trunk.seq.1"), ("heads.b.0", "heads.b.1")]

@@ -8,7 +8,7 @@ from conftest import tiny_policy
 from torch import nn
 
 from mtl_models import artifacts, fusion, models
-from mtl_models.finite import NonFinite, check_finite
+from mtl_models.training.finite import NonFinite, check_finite
 from mtl_models.pipeline import MeasureSpec, apply_policy, start_model
 
 FAST = MeasureSpec(latency_batch=16, runs=2, warmup=1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import tiny_policy
-from mtl_models import checkpoint
+from mtl_models.models import checkpoint
 from mtl_models.pipeline import MeasureSpec, apply_policy
 from spaces import PrunefuseError
 
@@ -181,7 +181,7 @@ def test_save_never_replaces_a_folder_with_other_files(tiny_suite, tiny_artifact
 
 
 def test_zero_epochs_trains_nothing(tiny_suite):
-    from mtl_models.train import train
+    from mtl_models.training.train import train
 
     model = tiny_suite.build_model(trunk="mlp", width=16, depth=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}

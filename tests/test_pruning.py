@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from mtl_models import measure
+from mtl_models.measuring import measure
 from mtl_models.pruning import (AGGREGATES, IMPORTANCES, MAX_SPARSITY, MultiTaskTaylor, cubic_schedule,
                                 kept_units, min_kept, prunable_layers, prune, without_masks)
-from mtl_models.tasks import task_loss
+from mtl_models.training.tasks import task_loss
 from spaces import PrunefuseError
 
 CRITERIA = sorted(IMPORTANCES)

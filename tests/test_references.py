@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from mtl_models import artifacts, measure, suites
+from mtl_models import artifacts, suites
+from mtl_models.measuring import measure
 from mtl_models.pipeline import MeasureSpec, apply_policy
 from mtl_models.suites import Task, TaskSuite
 from spaces import Policy

@@ -4,7 +4,8 @@ import inspect
 
 import pytest
 
-from mtl_models import fusion, weighting
+from mtl_models import fusion
+from mtl_models.training import weighting
 from mtl_models.pruning import IMPORTANCES, NEEDS_GRADS
 from spaces.errors import PrunefuseError
 from spaces.knobs import Knob

@@ -16,9 +16,10 @@ import torch_pruning as tp
 from conftest import tiny_policy
 from torch import nn
 
-from mtl_models import checkpoint, models, suites
+from mtl_models.models import checkpoint
+from mtl_models import models, suites
 from mtl_models.models import MTLModel
-from mtl_models.resize import RESIZERS, resize_to
+from mtl_models.models.resize import RESIZERS, resize_to
 from spaces import PrunefuseError
 
 # --- models as people write them ----------------------------------------------------------

@@ -11,7 +11,7 @@ from mtl_models.suites.base import Split, Task, TaskSuite
 
 
 def test_kind_registry_and_vocabulary_agree():
-    from mtl_models import tasks
+    from mtl_models.training import tasks
     from spaces.vocabulary import TASK_KINDS, TASK_METRICS
 
     assert {k: tuple(v.metrics) for k, v in tasks.KINDS.items()} == TASK_KINDS
@@ -33,7 +33,7 @@ def test_a_task_takes_its_sense_from_its_metric():
 
 
 def test_metrics_follow_libmtl_definitions():
-    from mtl_models.tasks import IGNORE_INDEX, METRICS, task_loss
+    from mtl_models.training.tasks import IGNORE_INDEX, METRICS, task_loss
 
     # Segmentation: 2 classes, one ignored pixel that is wrong and must not count.
     target = torch.tensor([[[0, 0], [1, IGNORE_INDEX]]])
@@ -79,7 +79,7 @@ def test_worse_error_tasks_lower_the_score_and_break_their_floor(tmp_path):
 
     from mtl_models.artifacts import Artifacts
     from mtl_models.pipeline import MeasureSpec, measure_model
-    from mtl_models.train import evaluate, train
+    from mtl_models.training.train import evaluate, train
     from reports import select
     from search.optuna_search import TaskFloors
 
@@ -148,7 +148,7 @@ def tiny_scenes():
 
 def test_scenes_is_seeded_and_labels_every_kind(tiny_scenes):
     from mtl_models import suites
-    from mtl_models.tasks import IGNORE_INDEX
+    from mtl_models.training.tasks import IGNORE_INDEX
 
     s = tiny_scenes
     assert [(t.name, t.kind, t.metric, t.sense) for t in s.tasks] == [
@@ -167,9 +167,9 @@ def test_scenes_is_seeded_and_labels_every_kind(tiny_scenes):
 
 @pytest.mark.parametrize("trunk, channels", [("cnn", [8, 16, 16]), ("resnet", [8, 16, 16])])
 def test_dense_heads_follow_the_trunk_through_structured_pruning_and_reload(tiny_scenes, trunk, channels, tmp_path):
-    from mtl_models import checkpoint
+    from mtl_models.models import checkpoint
     from mtl_models.pruning import coupled_groups, prune
-    from mtl_models.tasks import task_loss
+    from mtl_models.training.tasks import task_loss
 
     s = tiny_scenes
     torch.manual_seed(0)

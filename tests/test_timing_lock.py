@@ -16,7 +16,7 @@ def _hold(lock_dir, seconds, queue):
     import os
 
     os.environ["PRUNEFUSE_LOCK_DIR"] = lock_dir
-    from mtl_models.timing_lock import timed_alone
+    from mtl_models.measuring.timing_lock import timed_alone
 
     with timed_alone() as slot:
         time.sleep(seconds)

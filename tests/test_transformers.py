@@ -12,11 +12,12 @@ import yaml
 from torch import nn
 
 from conftest import ROOT, run_cli
-from mtl_models import checkpoint, fusion, suites
+from mtl_models.models import checkpoint
+from mtl_models import fusion, suites
 from mtl_models.pruning import attention, coupled_groups, prune, without_masks
-from mtl_models.resize import resize_to
-from mtl_models.tasks import task_loss
-from mtl_models.train import evaluate, train
+from mtl_models.models.resize import resize_to
+from mtl_models.training.tasks import task_loss
+from mtl_models.training.train import evaluate, train
 from spaces.errors import PrunefuseError
 from tests.plugins import attention_suites
 
@@ -134,7 +135,7 @@ def test_macs_count_the_heads_matmuls_in_every_layout(layout):
     """count_macs counts at least what torch's FlopCounterMode counts (it adds bias, norm and
     softmax terms): the heads' q·kᵀ and weights·v included, dense and with heads pruned, and
     removing half of every block's heads removes their matmuls too."""
-    from mtl_models.measure import count_macs
+    from mtl_models.measuring.measure import count_macs
 
     suite = tiny(layout)
     torch.manual_seed(0)
@@ -156,7 +157,7 @@ def test_macs_count_the_heads_matmuls_in_every_layout(layout):
 def test_macs_of_builtin_transformers_with_heads_pruned(trunk, suite_name, options):
     """The same check on the built-in trunks, whose pruned attention is PrunedMultiheadAttention
     (its own counter, `attention._count_macs`)."""
-    from mtl_models.measure import count_macs
+    from mtl_models.measuring.measure import count_macs
 
     suite = suites.get(suite_name, **options)
     torch.manual_seed(0)

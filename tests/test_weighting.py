@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mtl_models.suites.base import Split, TaskSuite
-from mtl_models.train import train
-from mtl_models.weighting import KNOBS, METHODS, UNCERTAINTY_LR, make_weighter
+from mtl_models.training.train import train
+from mtl_models.training.weighting import KNOBS, METHODS, UNCERTAINTY_LR, make_weighter
 from spaces.errors import PrunefuseError
 from spaces.knobs import Knob
 
@@ -292,7 +292,7 @@ def _train_capturing(monkeypatch, weighting, **kw):
     """Run the real training loop on a tiny synthetic suite (task b's labels x10); return
     the weighter it built and the param groups of the Adam it built."""
     from mtl_models import suites
-    from mtl_models import weighting as weighting_mod
+    from mtl_models.training import weighting as weighting_mod
 
     seen = {}
     real_make, real_adam = weighting_mod.make_weighter, torch.optim.Adam

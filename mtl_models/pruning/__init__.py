@@ -6,7 +6,7 @@ structured: whole neurons / channels are removed through torch-pruning's depende
   smaller dense kernels. Head output layers are never pruned.
 unstructured: masks through `torch.nn.utils.prune`; the zeros count as non-zero-parameter
   and sparse-storage savings, and honestly give no latency gain (latency is always measured
-  by `mtl_models.measure`, never derived from sparsity).
+  by `mtl_models.measuring.measure`, never derived from sparsity).
 
 Which units go is decided here, not inside torch-pruning: every step scores all listed
 layers with one criterion, turns the schedule into a number of units to keep per layer

@@ -108,7 +108,7 @@ def _check_suite(name: str, suite: TaskSuite) -> None:
     """What a plugin's TaskSuite must hold for the rest of prunefuse to work on it."""
     import torch
 
-    from ..tasks import METRICS
+    from mtl_models.training.tasks import METRICS
 
     where = f"suite {name!r}"
     if not suite.tasks:

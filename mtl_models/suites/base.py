@@ -18,7 +18,7 @@ from spaces.vocabulary import suite_spec
 class Task:
     """One task of a suite.
 
-    kind (`spaces.vocabulary.TASK_KINDS`; losses and metrics in `mtl_models.tasks.KINDS`):
+    kind (`spaces.vocabulary.TASK_KINDS`; losses and metrics in `mtl_models.training.tasks.KINDS`):
       "classification": the head emits `num_outputs` logits; labels int64 (n,)
       "regression":     1 value per row; labels float32 (n,)
       "multilabel":     `num_outputs` logits, one per label; labels float32 0/1 (n, K)

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from .suites.base import Split, TaskSuite
-from .tasks import task_loss, task_metric
+from mtl_models.suites.base import Split, TaskSuite
+from mtl_models.training.tasks import task_loss, task_metric
 
 
 class Diverged(FloatingPointError):
@@ -21,18 +21,18 @@ def train(model, suite: TaskSuite, *, epochs: float, lr: float, batch_size: int 
     """Train `model` in place on `suite.train` with Adam; returns each epoch's mean task losses.
 
     `tasks` restricts the loss to some tasks (an expert or a single-task reference);
-    `weighting` is a weighting spec for `mtl_models.weighting.make_weighter`.
+    `weighting` is a weighting spec for `mtl_models.training.weighting.make_weighter`.
     `epochs` may be fractional (0.5 = half an epoch) so fine-tunes can be short.
     `anchor` maps other tasks to outputs on the training split (a reference model's); each
     adds `anchor_weight` × its mean squared deviation from them, over their variance.
     `precision` ("fp32", "bf16", "fp16"): the forward pass and losses run under autocast,
     weights and optimizer state stay fp32; fp16 scales the loss (a GradScaler) and needs CUDA.
     `teacher` (a frozen model) with `distill` ({weight, temperature}): each batch also learns
-    the teacher's outputs on it, computed once with no grad (`mtl_models.distill`).
+    the teacher's outputs on it, computed once with no grad (`mtl_models.training.distill`).
     """
-    from .device import autocast, check_precision, grad_scaler
-    from .distill import combined as distill_term
-    from .weighting import make_weighter
+    from mtl_models.training.device import autocast, check_precision, grad_scaler
+    from mtl_models.training.distill import combined as distill_term
+    from mtl_models.training.weighting import make_weighter
 
     check_precision(precision, device)  # fp16 on the CPU fails here, before any step
 

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .suites.base import Task
+from mtl_models.suites.base import Task
 
 IGNORE_INDEX = -1   # a segmentation label that no loss or metric counts
 

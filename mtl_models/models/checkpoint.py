@@ -3,7 +3,7 @@
 A structurally pruned model no longer fits a fresh model's shapes, and torch-pruning's own
 loader needs pickle. Instead the folder holds a plain state dict (`model.pt`, loadable with
 `torch.load(..., weights_only=True)`) and the policy: `load` rebuilds the fresh model from the
-policy, resizes each module to the saved shapes (`mtl_models.resize`: one resizer per module
+policy, resizes each module to the saved shapes (`mtl_models.models.resize`: one resizer per module
 type, in `RESIZERS`), and loads the weights strictly.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from spaces.errors import PrunefuseError
 from spaces.policy import Policy
 
-from .resize import RESIZERS, resize_to  # noqa: F401  (how each module type takes saved shapes)
+from mtl_models.models.resize import RESIZERS, resize_to  # noqa: F401  (how each module type takes saved shapes)
 
 
 SAVED_FILES = {"model.pt", "policy.yaml", "metrics.json", "model.onnx"}  # what `save` writes
@@ -128,7 +128,7 @@ def _replaceable(folder: Path) -> bool:
 def load(out_dir, *, suite=None):
     """(model, policy) from a folder written by `save` / `prunefuse apply`. `suite`: the
     policy's suite, where the caller has it built already (it is not built again)."""
-    from . import suites
+    from mtl_models import suites
 
     folder = Path(out_dir)
     if not (folder / "model.pt").is_file() or not (folder / "policy.yaml").is_file():

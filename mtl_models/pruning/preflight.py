@@ -14,8 +14,8 @@ import torch
 
 from spaces.errors import PrunefuseError
 
-from . import checkpoint
-from .pruning import prune, without_masks
+from mtl_models.models import checkpoint
+from mtl_models.pruning import prune, without_masks
 
 
 def check_pruning(suite, policies) -> None:

@@ -71,8 +71,8 @@ def count_macs(model, example_inputs: torch.Tensor) -> int:
     (`attention.head_matmul_macs`), which it does not see."""
     import torch_pruning as tp
 
-    from .pruning import without_masks
-    from .pruning.attention import head_matmul_macs
+    from mtl_models.pruning import without_masks
+    from mtl_models.pruning.attention import head_matmul_macs
 
     # torch-pruning counts on its own deep copy; the sample goes to the model's device, so the
     # model is neither moved nor changed.
@@ -88,7 +88,7 @@ def inference_form(model):
 
     Every BatchNorm that the traced graph shows directly after a conv or linear layer (whose
     output feeds nothing else) is folded into that layer's weights and bias, wherever it sits
-    in the module tree (`mtl_models.folding`); one after an add, a concat or a pool stays, as
+    in the module tree (`mtl_models.deployment.folding`); one after an add, a concat or a pool stays, as
     does every one of a model torch.fx cannot trace, except pairs adjacent in an
     `nn.Sequential`. Models with 2-D convolutions are put in channels-last memory format,
     which oneDNN's CPU convolutions and pooling run without reordering; `latency_ms` feeds
@@ -96,9 +96,9 @@ def inference_form(model):
     untouched."""
     import copy
 
-    from .folding import fold_batchnorms
-    from .pruning import without_masks
-    from .pruning.attention import to_native
+    from mtl_models.deployment.folding import fold_batchnorms
+    from mtl_models.pruning import without_masks
+    from mtl_models.pruning.attention import to_native
 
     form = copy.deepcopy(without_masks(model)).eval()
     # torch's own MultiheadAttention wherever the shapes allow it: nn.TransformerEncoder's

@@ -35,7 +35,7 @@ def resizes(*types: type):
 
 def resize_to(model: nn.Module, state: dict) -> None:
     """Give every module the shapes found in `state` (a pruned model's state dict)."""
-    from .pruning.attention import sites, sync_heads
+    from mtl_models.pruning.attention import sites, sync_heads
 
     attention = list(sites(model, within="").values())  # head widths as built: pruning keeps them
     for name, module in model.named_modules():
@@ -131,6 +131,6 @@ def _prelu(m: nn.PReLU) -> None:
 
 @resizes(nn.MultiheadAttention)
 def _multihead_attention(m: nn.MultiheadAttention) -> None:
-    from .pruning.attention import resize_mha
+    from mtl_models.pruning.attention import resize_mha
 
     resize_mha(m)

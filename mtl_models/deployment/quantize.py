@@ -26,7 +26,7 @@ import torch
 from spaces.errors import unknown_name
 from spaces.policy import Quantization
 
-from .deploy import INPUT_NAME, OnnxModel, export_onnx
+from mtl_models.deployment.deploy import INPUT_NAME, OnnxModel, export_onnx
 
 CALIBRATION_BATCH = 64
 

@@ -8,7 +8,7 @@ about unit size, `Task.unit`, so this is on the task loss's own scale; dividing 
 teacher's variance instead would blow up wherever the teacher is nearly constant). The distillation term is the mean
 over tasks, mixed into the task loss by `weight`. The teacher is the dense base (`dense`) or
 the model the cycle started from, fused when the policy fuses, before any pruning (`fused`);
-it runs once per batch, in eval mode, with no grad (`mtl_models.train`).
+it runs once per batch, in eval mode, with no grad (`mtl_models.training.train`).
 """
 from __future__ import annotations
 

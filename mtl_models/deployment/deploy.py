@@ -60,7 +60,7 @@ def _eval(model: nn.Module):
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
     """The model's inference form as an ONNX graph (bytes): input `input` with a dynamic batch
     axis, one output per task named after it. The model itself is not changed."""
-    from .measure import inference_form
+    from mtl_models.measuring.measure import inference_form
 
     x = example_inputs[:2].cpu()
     form = inference_form(model).cpu().to(memory_format=torch.contiguous_format)
@@ -182,7 +182,7 @@ def latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, backend: str =
     """Median ms of one forward pass of `example_inputs` where the model runs: `torch` (its
     inference form in eager PyTorch, `measure.latency_ms`) or `onnxruntime` (its exported
     graph, or an `OnnxModel`'s own graph, in an ONNX Runtime session)."""
-    from . import measure
+    from mtl_models.measuring import measure
 
     check_backend(backend)
     if backend == "torch":
@@ -215,7 +215,7 @@ def shipped_graph(model: nn.Module, suite, quantization, *, threads: int = 1) ->
     """(the ONNX graph that ships, parity facts): the fp32 export, checked against PyTorch on
     the first PARITY_ROWS validation inputs (a PrunefuseError beyond tolerance), or for an int8
     policy its quantized graph, with how far int8 moved the outputs (for information)."""
-    from .quantize import quantize, quantizes
+    from mtl_models.deployment.quantize import quantize, quantizes
 
     x = suite.val.x[:PARITY_ROWS]
     fp32 = export_onnx(model, suite.example_inputs(2))
