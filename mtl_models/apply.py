@@ -58,12 +58,15 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     check_writable_folder(cache, "--cache")
     torch.set_num_threads(threads)
     device = apply_device(policy, device)  # before any training: fp16 on a CPU fails here
+    from mtl_models.deployment.deploy import check_backend
+
+    backend = check_backend(apply_backend(policy, latency_backend))  # an unknown name fails before training too
     suite, art = rebuild(policy, cache=cache, log=log, device=device)
     measured = (policy.provenance or {}).get("metrics", {})
     spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads, device=device,
-                       latency_backend=apply_backend(policy, latency_backend))
+                       latency_backend=backend)
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)
-    from mtl_models.deployment.deploy import shipped_graph
+    from mtl_models.deployment.ship import shipped_graph
 
     graph, parity = shipped_graph(model, suite, policy.quantization, threads=threads)  # parity fails in one line
     log(f"model.onnx: ONNX Runtime vs PyTorch on {parity['onnx_parity_rows']} validation inputs, "

@@ -161,12 +161,10 @@ def measure_model(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict
     The model is neither moved nor changed: it is evaluated where it is (a copy goes to
     `spec.device` when it lives elsewhere), MACs and latency are taken on copies, and its
     training mode is given back."""
-    modes = [(m, m.training) for m in model.modules()]  # evaluation switches to eval mode
-    try:
+    from mtl_models.training.modes import kept_modes
+
+    with kept_modes(model):  # evaluation switches to eval mode
         return _measure(model, suite, artifacts, spec)
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:

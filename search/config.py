@@ -10,14 +10,14 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
-from spaces.errors import PrunefuseError, unknown_name
-from spaces.files import atomic_write_text, check_plain_name
-from spaces.policy import _Strict
-
+from spaces.errors import PrunefuseError
+from spaces.files import check_plain_name, is_uri, join, read_text, write_text
+from spaces.policy import Strict
 from spaces.vocabulary import CONFIG_FILE, SCALAR_METRICS, TASK_METRIC
 
+from .samplers import SAMPLERS
+
 OBJECTIVE_NAMES = tuple(SCALAR_METRICS)
-SAMPLERS = ("tpe", "nsga2", "gp", "random")  # the names `--sampler` takes
 try:  # names older experiments used for today's metrics (an experiment written before a rename still loads)
     from spaces.vocabulary import LEGACY_METRICS as _LEGACY
 except ImportError:
@@ -58,7 +58,8 @@ def default_objectives(space: dict) -> list[tuple[str, str]]:
             for name, sense in DEFAULT_OBJECTIVES]
 
 
-# The flag a user sets each field with: errors name what the user typed.
+# The flag a user sets each field with: the one statement of that map. The CLI's parser adds
+# these flags (`search.cli`), and errors name what the user typed.
 FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives", "trials": "--trials",
          "time_budget_s": "--time-budget", "sampler": "--sampler", "seed": "--seed",
          "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
@@ -66,10 +67,15 @@ FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives",
          "measure": "--measure-option", "max_task_drop": "--max-task-drop", "address": "--address",
          "base_checkpoint": "--base-checkpoint", "suite": "--suite", "model": "--model-option", "space": "--space",
          "tracking": "--tracking", "early_stop": "--early-stop", "early_stop_keep": "--early-stop-keep",
-         "warm_start": "--warm-start"}
+         "warm_start": "--warm-start", "references": "--references"}
+# Fields whose flag's value is the field's value as typed (the others the CLI builds from
+# several flags or parses: suite, model, space, objectives, trials, train, measure, name).
+SETTINGS = ("storage", "time_budget_s", "sampler", "seed", "cpus_per_trial", "gpus_per_trial", "max_concurrent",
+            "retries", "tracking", "references", "max_task_drop", "early_stop", "early_stop_keep", "warm_start",
+            "address", "base_checkpoint")
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     """What a search was asked to do. Frozen and validated where it is built, so the CLI and
     `run_search` called from Python get the same checks; change one with `replace`."""
     name: str
@@ -142,8 +148,7 @@ class SearchConfig(_Strict):
     @field_validator("sampler")
     @classmethod
     def _known_sampler(cls, v):
-        if v not in SAMPLERS:
-            raise ValueError(str(unknown_name("sampler", v, SAMPLERS)))
+        SAMPLERS.method(v)  # an unknown name: one line listing the registered ones
         return v
 
     @field_validator("tracking")
@@ -245,47 +250,3 @@ def _message(exc: ValidationError) -> str:
     if first["type"] == "finite_number":
         msg = "expected a finite number"
     return f"{flag}{shown}: {msg}"
-
-
-# --- paths that may be local folders or pyarrow filesystem URIs (s3://, gs://, ...) ---
-
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts]) if is_uri(base) else str(Path(base, *parts))
-
-
-def write_text(path: str, text: str) -> None:
-    if not is_uri(path):
-        atomic_write_text(path, text)
-        return
-    from pyarrow import fs as pafs
-
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    parent = inner.rsplit("/", 1)[0]
-    if parent:
-        try:
-            filesystem.create_dir(parent, recursive=True)  # a local file:// URI needs its folders
-        except OSError:
-            pass  # object stores have no folders to make; a real failure shows in the write below
-    with filesystem.open_output_stream(inner) as f:
-        f.write(text.encode())
-
-
-def read_text(path: str, *, what: str = "file") -> str:
-    if not is_uri(path):
-        p = Path(path)
-        if not p.is_file():
-            where = p.parent if what == "experiment" else p
-            raise PrunefuseError(f"{what} {str(where)!r} not found (no {p.name} there)")
-        return p.read_text()
-    from pyarrow import fs as pafs
-
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    try:
-        with filesystem.open_input_stream(inner) as f:
-            return f.read().decode()
-    except FileNotFoundError:
-        raise PrunefuseError(f"{what} {path!r} not found") from None

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from spaces.errors import PrunefuseError
+from spaces.files import is_uri, join
 
-from .config import SearchConfig, is_uri, join
 
 TRACKERS = ("mlflow",)
 MLRUNS = "mlruns"

@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from .errors import PrunefuseError
 from .files import read_yaml, validation_message
 from .knobs import Knob
-from .policy import Distill, Finetune, Fusion, Policy, Pruning, Quantization, Weighting, _Strict
+from .policy import Distill, Finetune, Fusion, Policy, Pruning, Quantization, Weighting, Strict
 
 
-class Range(_Strict):
+class Range(Strict):
     low: float
     high: float
     log: bool = False
@@ -30,7 +30,7 @@ class Range(_Strict):
 Choice = Union[Range, list, float, int, str, bool, None]
 
 
-class PruningSpace(_Strict):
+class PruningSpace(Strict):
     mode: Choice = "structured"
     importance: Choice = ["l2", "multitask_taylor"]
     aggregate: Choice = "max"
@@ -40,12 +40,12 @@ class PruningSpace(_Strict):
     round_to: Choice = 1                   # structured: kept widths rounded to a multiple of this
 
 
-class WeightingSpace(_Strict):
+class WeightingSpace(Strict):
     method: Choice = "static"
     weight: Choice = Range(low=0.05, high=1.0)  # each task's static weight (normalised when applied)
 
 
-class FusionSpace(_Strict):
+class FusionSpace(Strict):
     # "none" keeps the jointly trained base; a method merges per-task experts first.
     method: Choice = ["none", "task_arithmetic", "ties"]
     coefficient: Choice = Range(low=0.0, high=1.5)
@@ -53,7 +53,7 @@ class FusionSpace(_Strict):
     finetune_epochs: Choice = 0.0
 
 
-class FinetuneSpace(_Strict):
+class FinetuneSpace(Strict):
     epochs: Choice = 2.0
     lr: Choice = 1e-3
     batch_size: Choice = 256
@@ -61,19 +61,19 @@ class FinetuneSpace(_Strict):
     distill: Optional["DistillSpace"] = None  # knowledge distillation (None: labels only)
 
 
-class DistillSpace(_Strict):
+class DistillSpace(Strict):
     weight: Choice = 1.0                   # a range with low 0 lets the search turn it off
     temperature: Choice = 2.0
     teacher: Choice = "dense"              # dense | fused
 
 
-class QuantizationSpace(_Strict):
+class QuantizationSpace(Strict):
     method: Choice = "none"                # none | dynamic_int8 | static_int8 (ONNX Runtime; needs
                                            # --latency-backend onnxruntime, where the int8 graph runs)
     calibration_samples: Choice = 512      # static_int8: training rows calibrating activation ranges
 
 
-class SpaceSpec(_Strict):
+class SpaceSpec(Strict):
     pruning: PruningSpace = PruningSpace()
     weighting: WeightingSpace = WeightingSpace()
     fusion: FusionSpace = FusionSpace()

@@ -32,7 +32,6 @@ MEASUREMENT_FACTS = ("latency_batch", "threads", "device", "device_name", "cuda_
                      "half_precision", "lock_wait_s", "timed_from", "timed_to")
 # Which runtime timed latency_ms (mtl_models.deployment.deploy); an int8 policy's method and its fp32 model's figures.
 MEASUREMENT_FACTS += ("latency_backend", "quantization", "fp32_score", "fp32_bytes", "fp32_latency_ms")
-LATENCY_BACKENDS = ("torch", "onnxruntime")  # what times latency (`--latency-backend`); results say which
 TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
 TASK_TEST_METRIC = "test/"      # test/<task>: the same on the test split
 
@@ -82,6 +81,7 @@ FINISHED_FILE = "finished.json"       # written when fit() returns; absent while
 REMEASURED_FILE = "remeasured.json"   # `report --remeasure`'s latencies of the front
 STUDY_DB = "optuna.db"                # the Optuna study (SQLite)
 FINAL_FILE = "final.json"             # inside trial_<id>/: the trial's final result, written before Tune sees it
+SUGGESTED_FILE = "suggested.json"     # inside trial_<id>/: the Optuna parameters proposed (a lost study is rebuilt)
 CARRIED_FILE = "carried.json"         # inside trial_<id>/: a trial carried over by --warm-start (from where)
 POLICY_FILE = "policy.yaml"           # inside trial_<id>/ (the trial's policy) and the experiment (the knee's)
 REPORT_FILE = "report.html"           # the Pareto report
