@@ -46,6 +46,7 @@ from mtl_models.pruning import prunable_layers, prune  # noqa: E402
 from mtl_models.training.train import evaluate  # noqa: E402
 from spaces import Policy  # noqa: E402
 from spaces.policy import Quantization  # noqa: E402
+from spaces.vocabulary import POLICY_SCHEMA  # noqa: E402
 
 TRUNKS = {"mlp": {"trunk": "mlp"}, "cnn": {"trunk": "cnn", "channels": [32, 64, 128], "fc": 128}}
 ROUND_TO = {"mlp": 1, "cnn": 16}
@@ -61,7 +62,7 @@ def log(*a):
 def policy_for(suite, spec: dict, train: artifacts.TrainSpec, sparsity: dict, round_to: int, ft: float) -> Policy:
     from dataclasses import asdict
 
-    return Policy.from_dict({"schema": "prunefuse.policy/1", "suite": suite.spec, "model": spec,
+    return Policy.from_dict({"schema": POLICY_SCHEMA, "suite": suite.spec, "model": spec,
                              "base": asdict(train), "weighting": {"method": "equal"},
                              "pruning": {"sparsity": sparsity, "round_to": round_to},
                              "finetune": {"epochs": ft}}, source="deploy benchmark")

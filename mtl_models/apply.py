@@ -5,7 +5,7 @@ import torch
 
 from spaces import Policy
 from spaces.errors import PrunefuseError
-from spaces.vocabulary import MEAN_SCORE
+from spaces.vocabulary import MEAN_SCORE, TASK_METRIC, TASK_TEST_METRIC
 
 
 def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
@@ -100,7 +100,7 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
             continue
         if int(now) != int(then):
             return f"{int(now):,} {count} rebuilt, {int(then):,} in the trial"
-    for key in sorted(k for k in measured if k.startswith(("metric/", "test/"))):
+    for key in sorted(k for k in measured if k.startswith((TASK_METRIC, TASK_TEST_METRIC))):
         then, now = measured[key], metrics.get(key)
         if now is None or then is None or then != then:
             continue
@@ -112,7 +112,7 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
 def _print_comparison(metrics: dict, measured: dict, log) -> None:
     counts = ["params", "nonzero_params", "macs"] if metrics.get("nonzero_params") != metrics["params"] \
         else ["params", "macs"]
-    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith(("metric/", "test/"))] + counts + ["latency_ms"]
+    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith((TASK_METRIC, TASK_TEST_METRIC))] + counts + ["latency_ms"]
     log(f"{'metric':<16}{'applied':>14}{'in search':>14}")
     for k in keys:
         then = measured.get(k)

@@ -14,6 +14,7 @@ from spaces.errors import PrunefuseError, unknown_name
 from spaces.knobs import coerce_number
 from spaces.policy import Policy
 from spaces.scores import mean_score
+from spaces.vocabulary import task_metric, test_metric
 
 from mtl_models.deployment import deploy, quantize
 from mtl_models import fusion
@@ -194,8 +195,8 @@ def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
         "device": spec.device,
         "device_name": device_name(spec.device),  # the GPU model a CUDA figure was taken on
     }
-    out.update({f"metric/{t}": v for t, v in val.items()})
-    out.update({f"test/{t}": v for t, v in test.items()})
+    out.update({task_metric(t): v for t, v in val.items()})
+    out.update({test_metric(t): v for t, v in test.items()})
     return out
 
 
@@ -244,8 +245,8 @@ def measure_quantized(model, suite, policy: Policy, artifacts: Artifacts, spec: 
         "bytes": deploy.graph_bytes(q.onnx_model), "latency_ms": latency,
         "latency_backend": "onnxruntime", "device": "cpu", "quantization": policy.quantization.method,
     })
-    out.update({f"metric/{t}": v for t, v in val.items()})
-    out.update({f"test/{t}": v for t, v in test.items()})
+    out.update({task_metric(t): v for t, v in val.items()})
+    out.update({test_metric(t): v for t, v in test.items()})
     return out
 
 

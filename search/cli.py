@@ -98,7 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     setting("max_task_drop", type=finite_float, default=None, metavar="POINTS",
                    help="per-task floor: trials whose oriented score on any task is below -POINTS "
                         "(percent worse than the dense base) are infeasible")
-    s.add_argument("--asha", action="store_true", help="the same as --early-stop asha")
     setting("early_stop", choices=("asha", "pareto"), default=None,
                    help="stop weak trials between pruning steps (space pruning.steps > 1): asha = on the score "
                         "alone; pareto = by non-dominated rank over every objective")
@@ -180,7 +179,7 @@ def cmd_search(args) -> int:
             train=_key_values(args.train_option, "--train-option"),
             measure={**_key_values(args.measure_option, "--measure-option"),
                      **({"latency_backend": args.latency_backend} if args.latency_backend else {})},
-            asha=args.asha, **{field: getattr(args, field) for field in SETTINGS})
+            **{field: getattr(args, field) for field in SETTINGS})
         path = run_search(cfg)
     if not args.no_report:
         _report_and_export(path)

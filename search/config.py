@@ -18,20 +18,13 @@ from spaces.vocabulary import CONFIG_FILE, SCALAR_METRICS, TASK_METRIC
 from .samplers import SAMPLERS
 
 OBJECTIVE_NAMES = tuple(SCALAR_METRICS)
-try:  # names older experiments used for today's metrics (an experiment written before a rename still loads)
-    from spaces.vocabulary import LEGACY_METRICS as _LEGACY
-except ImportError:
-    _LEGACY = {}
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:
-    """`score:max,params:min` -> [("score", "max"), ("params", "min")].
-
-    An old name (`accuracy`, the mean metric before senses counted) means today's `score`."""
+    """`score:max,params:min` -> [("score", "max"), ("params", "min")]."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, sense = part.partition(":")
-        name = _LEGACY.get(name, name)
         if name not in OBJECTIVE_NAMES and not name.startswith(TASK_METRIC):
             raise PrunefuseError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} or metric/<task>")
         if sense not in ("max", "min"):
@@ -96,7 +89,6 @@ class SearchConfig(Strict):
     measure: dict[str, Any] = {}                              # mtl_models.pipeline.MeasureSpec fields
     references: bool = False                                  # train single-task references for Δm
     max_task_drop: Optional[float] = Field(None, ge=0)       # points vs dense base; infeasible trials kept off the front
-    asha: bool = False                                        # the old spelling of early_stop="asha"
     early_stop: Optional[Literal["asha", "pareto"]] = None   # stop weak trials between pruning steps
     early_stop_keep: float = Field(0.5, gt=0, le=1)          # pareto: the fraction of each rung kept by rank
     warm_start: Optional[str] = None                          # an earlier experiment whose trials seed the study
@@ -136,7 +128,7 @@ class SearchConfig(Strict):
             raise ValueError("needs at least one NAME:max|min")
         names = [name for name, _ in v]
         for name in names:
-            if name not in OBJECTIVE_NAMES and name not in _LEGACY and \
+            if name not in OBJECTIVE_NAMES and \
                     not (name.startswith(TASK_METRIC) and len(name) > len(TASK_METRIC)):
                 raise ValueError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} "
                                  f"or metric/<task>")
@@ -168,12 +160,7 @@ class SearchConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _asha_is_early_stop(cls, data):
-        # `--asha` (and experiments saved before --early-stop) mean --early-stop asha.
-        if isinstance(data, dict) and data.get("asha"):
-            if data.get("early_stop") not in (None, "asha"):
-                raise ValueError(f"--asha means --early-stop asha; it cannot go with --early-stop {data['early_stop']}")
-            data = {**data, "early_stop": "asha"}
+    def _default_objectives(cls, data):
         if isinstance(data, dict) and data.get("objectives") is None:
             data = {**data, "objectives": default_objectives(data.get("space") or {})}
         return data

@@ -35,7 +35,7 @@ class TaskFloors:
     def values(self, result: dict) -> list[float]:
         if any(f"{TASK_METRIC}{t}" not in result for t in self.dense):
             raise KeyError("a task metric is missing")
-        return floor_violations(result, self.dense, getattr(self, "senses", {}), self.max_drop)
+        return floor_violations(result, self.dense, self.senses, self.max_drop)
 
     def __call__(self, frozen_trial) -> list[float]:
         # A failed trial has no values; Optuna only asks for complete ones, this is a guard.

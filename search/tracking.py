@@ -50,10 +50,8 @@ def callbacks(cfg: SearchConfig) -> list:
     """[the MLflow callback] when the search tracks, else []."""
     if not cfg.tracking:
         return []
-    try:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-    except ImportError as exc:  # pragma: no cover - Ray always ships it
-        raise PrunefuseError(f"--tracking mlflow needs Ray's MLflow integration: {exc}") from None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
     try:
         import mlflow  # noqa: F401
     except ImportError:

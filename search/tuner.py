@@ -55,8 +55,8 @@ def prepare_inputs(cfg: SearchConfig):
 
     suite = suites.from_spec(cfg.suite)
     for name, _ in cfg.objectives:
-        task = name.removeprefix("metric/")
-        if name.startswith("metric/") and task not in suite.task_names:
+        task = name.removeprefix(TASK_METRIC)
+        if name.startswith(TASK_METRIC) and task not in suite.task_names:
             raise PrunefuseError(f"--objectives {name}: suite {suite.name!r} has no task {task!r}; "
                                  f"its tasks: {', '.join(suite.task_names)}")
     model = suite.build_model(**cfg.model)
@@ -353,7 +353,7 @@ def _keep_retried_errors_aside(results, log=print) -> None:
     Tune leaves the earlier failure in its error.txt, which readers take as "failed"; it
     moves to error_retried.txt."""
     for r in results:
-        if r.error is not None or not (r.metrics or {}).get("final") or not getattr(r, "path", None):
+        if r.error is not None or not (r.metrics or {}).get("final") or not r.path:
             continue
         fs = r.filesystem
         src, dst = f"{r.path}/error.txt", f"{r.path}/error_retried.txt"

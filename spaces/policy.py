@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from .errors import PrunefuseError
 from .files import atomic_write_text, read_yaml, validation_message
+from .vocabulary import POLICY_SCHEMA
 
-SCHEMA = "prunefuse.policy/1"
+SCHEMA = POLICY_SCHEMA
 # Training precision: fp32, or autocast to bf16 / fp16 (fp16 with a grad scaler, on CUDA only;
 # the rule is mtl_models.training.device.check_precision).
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -110,7 +111,7 @@ class Base(Strict):
 
 
 class Policy(Strict):
-    schema_: Literal["prunefuse.policy/1"] = Field(SCHEMA, alias="schema")
+    schema_: Literal[POLICY_SCHEMA] = Field(SCHEMA, alias="schema")
     suite: dict[str, Any]                     # {name: multidigits, seed: 0, ...}: rebuilds the suite
     model: dict[str, Any]                     # {trunk: mlp, width: 256, ...}: rebuilds the model
     base: Base = Base()

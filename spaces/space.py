@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from .errors import PrunefuseError
 from .files import read_yaml, validation_message
 from .knobs import Knob
-from .policy import Distill, Finetune, Fusion, Policy, Pruning, Quantization, Weighting, Strict
+from .policy import Distill, Finetune, Fusion, Policy, Pruning, Quantization, Strict, Weighting
+from .vocabulary import POLICY_SCHEMA
 
 
 class Range(Strict):
@@ -259,7 +260,7 @@ class SearchSpace:
         methods = _corners(w.method)
         method = methods[0] if len(methods) == 1 and methods[0] != "static" else "equal"
         return Policy.from_dict({
-            "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "base": self.base,
+            "schema": POLICY_SCHEMA, "suite": self.suite, "model": self.model, "base": self.base,
             "weighting": {"method": method}, "finetune": finetune, "seed": self.seed,
         }, source="search space (dense control)")
 
@@ -276,7 +277,7 @@ class SearchSpace:
                     where = {"global_sparsity": highest} if scope == "global" else \
                         {"sparsity": {layer: highest for layer in self.layers}}
                     out.append(Policy.from_dict({
-                        "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "seed": self.seed,
+                        "schema": POLICY_SCHEMA, "suite": self.suite, "model": self.model, "seed": self.seed,
                         "pruning": {"mode": mode, "importance": "l2", "round_to": int(round_to), **where},
                     }, source="search space"))
         return out
@@ -284,7 +285,7 @@ class SearchSpace:
     def suggest(self, trial) -> Policy:
         """Define-by-run: sample one policy on an Optuna trial."""
         return Policy.from_dict({
-            "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "base": self.base,
+            "schema": POLICY_SCHEMA, "suite": self.suite, "model": self.model, "base": self.base,
             "weighting": self._weighting(trial), "fusion": self._fusion(trial),
             "pruning": self._pruning(trial), "finetune": self._finetune(trial),
             "quantization": self._quantization(trial), "seed": self.seed,

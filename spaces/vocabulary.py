@@ -19,9 +19,6 @@ SCALAR_METRICS = {
     "macs": "min",
     "latency_ms": "min",        # the inference form's median latency
 }
-# Names experiments written before `score` existed used for it: readers map them (the old
-# "accuracy" was the plain mean of the task metrics, senses ignored).
-LEGACY_METRICS = {"accuracy": "score", "test_accuracy": "test_score"}
 MEAN_SCORE = "score"            # the default objective, the ASHA metric, export's sort key
 # Facts recorded beside the metrics: how they were measured.
 # On CUDA also: the GPU's name, the trial's peak CUDA memory (MiB; 0 on the CPU) and, where the
@@ -36,9 +33,19 @@ TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
 TASK_TEST_METRIC = "test/"      # test/<task>: the same on the test split
 
 
+def task_metric(task: str) -> str:
+    """`metric/<task>`: the key of a task's validation metric in a trial's results."""
+    return f"{TASK_METRIC}{task}"
+
+
+def test_metric(task: str) -> str:
+    """`test/<task>`: the key of the same metric on the test split."""
+    return f"{TASK_TEST_METRIC}{task}"
+
+
 def is_recorded_metric(key: str) -> bool:
     """True for every key of a trial's results that the report and export keep."""
-    return (key in SCALAR_METRICS or key in LEGACY_METRICS or key in MEASUREMENT_FACTS
+    return (key in SCALAR_METRICS or key in MEASUREMENT_FACTS
             or str(key).startswith((TASK_METRIC, TASK_TEST_METRIC)))
 
 
@@ -70,6 +77,11 @@ TASK_KINDS = {
     "normals": ("mean_angle_err",),
 }
 DENSE_KINDS = ("segmentation", "depth", "normals")   # heads that emit a map per input
+
+
+# --- what a policy file says it is ---
+
+POLICY_SCHEMA = "prunefuse.policy/1"   # a policy's `schema:` (spaces.policy.Policy)
 
 
 # --- the files of an experiment folder ---

@@ -142,3 +142,16 @@ def test_a_lazy_circle_is_caught(tmp_path, monkeypatch):
     (pkg / "c.py").write_text("from pkg.sub.base import X\ndef k():\n    pass\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert circles(import_graph(("pkg",))) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.sub"]]
+
+
+# --- shared literals have one home: spaces/vocabulary.py ---
+
+SHARED_LITERALS = ('"metric/', "'metric/", '"test/', "'test/", "prunefuse.policy/1")
+
+
+def test_shared_literals_are_spelled_only_in_the_vocabulary():
+    home = ROOT / "spaces" / "vocabulary.py"
+    spelled = [f"{p.relative_to(ROOT)}:{n}" for pkg in (*CHECKED, "benchmarks")
+               for p in sorted((ROOT / pkg).rglob("*.py")) if p != home
+               for n, line in enumerate(p.read_text().splitlines(), 1) if any(s in line for s in SHARED_LITERALS)]
+    assert not spelled, f"spell these with spaces.vocabulary's names: {spelled}"
