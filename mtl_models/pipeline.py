@@ -301,8 +301,6 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
             on_step(step, p.steps, dict(metrics))
 
     model.to(device)
-    model = prune(model, dict(p.sparsity), mode=p.mode, importance=p.importance,
-                  example_inputs=suite.example_inputs(2).to(device), task_losses=task_losses, steps=p.steps,
-                  global_sparsity=p.global_sparsity, aggregate=p.aggregate, after_step=after_step,
-                  round_to=p.round_to)
+    model = prune(model, p, example_inputs=suite.example_inputs(2).to(device), task_losses=task_losses,
+                  after_step=after_step)
     return model, metrics

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mtl_models.suites.base import Split, Task, TaskSuite
+from spaces.policy import Pruning
 
 
 def test_kind_registry_and_vocabulary_agree():
@@ -159,7 +160,8 @@ def test_dense_heads_follow_the_trunk_through_structured_pruning_and_reload(tiny
         return {t.name: task_loss(t, out[t.name], s.train.y[t.name][:8]) for t in s.tasks}
 
     groups = coupled_groups(model, x[:2])
-    prune(model, {g: 0.5 for g in groups}, importance="multitask_taylor", example_inputs=x[:2], task_losses=losses)
+    prune(model, Pruning(sparsity={g: 0.5 for g in groups}, importance="multitask_taylor"),
+          example_inputs=x[:2], task_losses=losses)
     out_map = model.trunk(x[:2])
     for task, head in model.heads.items():
         assert head.conv.in_channels == out_map.shape[1] < channels[-1]    # pruned, and in step
