@@ -46,12 +46,12 @@ def test_resume_after_a_lost_study_keeps_every_finished_trial(tmp_path):
 
     code, out, err = run_cli("search", "--resume", "lost", "--storage", storage, "--no-report", cwd=tmp_path)
     assert code == 0, err[-3000:]
-    assert "rebuilt it from the trial folders (2 finished, 0 failed trial(s) kept, none run again)" in out, out
-    assert "2 of 4 trials ended, 2 to run" in out, out
-    assert not (exp / "_orphans").exists()
+    assert not (exp / "_orphans").exists(), out  # no finished trial called unfinished
     after = finals(exp)
     assert len(after) == 4
     assert {k: after[k] for k in kept} == kept  # not run again: the same final results, untouched
+    assert "rebuilt it from the trial folders (2 finished, 0 failed trial(s) kept, none run again)" in out, out
+    assert "2 of 4 trials ended, 2 to run" in out, out
     trials = study(exp).trials
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
     rebuilt = {t.user_attrs[TUNE_ID_ATTR]: t for t in trials if t.user_attrs[TUNE_ID_ATTR] in before}
