@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from spaces.vocabulary import POLICY_SCHEMA
+
 
 def setup_threads(threads: int) -> None:
     """Pin torch's intra-op threads: benchmarks share a small machine with other work."""
@@ -50,7 +52,7 @@ def policy_for(suite, artifacts, *, fusion=None, weighting=None, seed: int = 0):
     from spaces import Policy
 
     return Policy.from_dict({
-        "schema": "prunefuse.policy/1", "suite": suite.spec, "model": dict(artifacts.model),
+        "schema": POLICY_SCHEMA, "suite": suite.spec, "model": dict(artifacts.model),
         "weighting": weighting or {"method": "equal"}, "fusion": fusion,
         "pruning": {"sparsity": {}}, "finetune": {"epochs": 0.0}, "seed": seed,
     }, source="benchmark policy")

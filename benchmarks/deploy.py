@@ -45,7 +45,8 @@ from mtl_models.pipeline import MeasureSpec, apply_policy  # noqa: E402
 from mtl_models.pruning import prunable_layers, prune  # noqa: E402
 from mtl_models.training.train import evaluate  # noqa: E402
 from spaces import Policy  # noqa: E402
-from spaces.policy import Quantization  # noqa: E402
+from spaces.policy import Pruning, Quantization  # noqa: E402
+from spaces.vocabulary import POLICY_SCHEMA  # noqa: E402
 
 TRUNKS = {"mlp": {"trunk": "mlp"}, "cnn": {"trunk": "cnn", "channels": [32, 64, 128], "fc": 128}}
 ROUND_TO = {"mlp": 1, "cnn": 16}
@@ -61,7 +62,7 @@ def log(*a):
 def policy_for(suite, spec: dict, train: artifacts.TrainSpec, sparsity: dict, round_to: int, ft: float) -> Policy:
     from dataclasses import asdict
 
-    return Policy.from_dict({"schema": "prunefuse.policy/1", "suite": suite.spec, "model": spec,
+    return Policy.from_dict({"schema": POLICY_SCHEMA, "suite": suite.spec, "model": spec,
                              "base": asdict(train), "weighting": {"method": "equal"},
                              "pruning": {"sparsity": sparsity, "round_to": round_to},
                              "finetune": {"epochs": ft}}, source="deploy benchmark")
@@ -72,7 +73,7 @@ def macs_removed(suite, art, spec, s: float, round_to: int) -> float:
     model.load_state_dict(art.base)
     dense = measure.count_macs(model, suite.example_inputs(1))
     layers = prunable_layers(model)
-    prune(model, {n: s for n in layers}, example_inputs=suite.example_inputs(2), round_to=round_to)
+    prune(model, Pruning(sparsity={n: s for n in layers}, round_to=round_to), example_inputs=suite.example_inputs(2))
     return 1 - measure.count_macs(model, suite.example_inputs(1)) / dense
 
 

@@ -32,6 +32,7 @@ from mtl_models.measuring import measure  # noqa: E402
 from mtl_models.pipeline import MeasureSpec, apply_policy  # noqa: E402
 from mtl_models.pruning import kept_units, prunable_layers  # noqa: E402
 from spaces import Policy  # noqa: E402
+from spaces.vocabulary import POLICY_SCHEMA, test_metric  # noqa: E402
 
 SPEC = {"trunk": "cnn", "channels": [16, 32, 64], "fc": 64}
 TARGETS = (0.5, 0.8)                 # fraction of MACs removed
@@ -61,12 +62,12 @@ def sparsity_for(suite, target: float, iters: int = 30) -> float:
 
 def run(suite, art, layers, s: float, seed: int, epochs: float, distill: dict | None) -> float:
     policy = Policy.from_dict({
-        "schema": "prunefuse.policy/1", "suite": suite.spec, "model": dict(SPEC),
+        "schema": POLICY_SCHEMA, "suite": suite.spec, "model": dict(SPEC),
         "weighting": {"method": "equal"}, "pruning": {"importance": "l2", "sparsity": {n: s for n in layers}},
         "finetune": {"epochs": epochs, "distill": distill}, "seed": seed,
     }, source="distill benchmark")
     _, metrics = apply_policy(suite, policy, art, measure_spec=MeasureSpec(runs=1, warmup=0, latency_batch=8))
-    return mean([metrics[f"test/{t}"] for t in suite.task_names])
+    return mean([metrics[test_metric(t)] for t in suite.task_names])
 
 
 def main(argv=None) -> int:

@@ -65,6 +65,7 @@ from mtl_models.pruning import (MAX_SPARSITY, coupled_groups, kept_units, prunab
                                  without_masks)
 from mtl_models.training.tasks import task_loss  # noqa: E402
 from mtl_models.training.train import evaluate, train  # noqa: E402
+from spaces.policy import Pruning  # noqa: E402
 
 SPEC = {"trunk": "cnn", "channels": [32, 64, 128], "fc": 128}
 # d): the built-in coupled trunks, wider than their defaults so that batch-256 time is compute, not calls.
@@ -155,8 +156,8 @@ def pruned(suite, base, sparsity, *, mode="structured", importance="l2", seed=0,
             train(m, suite, epochs=ft, lr=1e-3, batch_size=256, seed=seed)
 
     if any(v > 0 for v in sparsity.values()):
-        prune(model, sparsity, mode=mode, importance=importance, example_inputs=suite.example_inputs(2),
-              task_losses=calibration(suite, seed), after_step=fine_tune, round_to=round_to)
+        prune(model, Pruning(sparsity=sparsity, mode=mode, importance=importance, round_to=round_to),
+              example_inputs=suite.example_inputs(2), task_losses=calibration(suite, seed), after_step=fine_tune)
     else:
         fine_tune(1, model)
     return without_masks(model).eval()
@@ -250,7 +251,7 @@ def part_d(suite, epochs, cache, rounds):
             return {g: (t if g in chosen else 0.0) for g in groups}
 
         def macs(chosen, t):
-            m = prune(suite.build_model(**spec).eval(), at(chosen, t), example_inputs=x, round_to=block)
+            m = prune(suite.build_model(**spec).eval(), Pruning(sparsity=at(chosen, t), round_to=block), example_inputs=x)
             return measure.count_macs(m, x[:1])
 
         variants, labels = {"dense": pruned(suite, art.base, at((), 0.0), ft=FT_A, spec=spec)}, {"dense": "dense"}
@@ -290,7 +291,8 @@ def part_e(epochs, cache, rounds, seeds):
     dense_macs = measure.count_macs(fresh, x[:1])
 
     def macs(t):
-        m = prune(suite.build_model(**VIT).eval(), {**uniform(heads, 0.5), **uniform(mlp, t)}, example_inputs=x)
+        m = prune(suite.build_model(**VIT).eval(), Pruning(sparsity={**uniform(heads, 0.5), **uniform(mlp, t)}),
+                  example_inputs=x)
         return measure.count_macs(m, x[:1])
 
     s = bisect(macs, dense_macs * (1 - MAC_TARGETS[1]), iters=12)

@@ -57,7 +57,7 @@ class Stopped(Exception):
 def make_sampler(name: str, seed: int, trials: int):
     import optuna
 
-    from search.optuna_search import make_sampler as shipped
+    from search.samplers import make_sampler as shipped
 
     if name == "tpe-5":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)

@@ -5,7 +5,7 @@ import torch
 
 from spaces import Policy
 from spaces.errors import PrunefuseError
-from spaces.vocabulary import MEAN_SCORE
+from spaces.vocabulary import MEAN_SCORE, TASK_METRIC, TASK_TEST_METRIC
 
 
 def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
@@ -58,12 +58,15 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     check_writable_folder(cache, "--cache")
     torch.set_num_threads(threads)
     device = apply_device(policy, device)  # before any training: fp16 on a CPU fails here
+    from mtl_models.deployment.deploy import check_backend
+
+    backend = check_backend(apply_backend(policy, latency_backend))  # an unknown name fails before training too
     suite, art = rebuild(policy, cache=cache, log=log, device=device)
     measured = (policy.provenance or {}).get("metrics", {})
     spec = MeasureSpec(latency_batch=int(measured.get("latency_batch", 256)), threads=threads, device=device,
-                       latency_backend=apply_backend(policy, latency_backend))
+                       latency_backend=backend)
     model, metrics = apply_policy(suite, policy, art, measure_spec=spec)
-    from mtl_models.deployment.deploy import shipped_graph
+    from mtl_models.deployment.ship import shipped_graph
 
     graph, parity = shipped_graph(model, suite, policy.quantization, threads=threads)  # parity fails in one line
     log(f"model.onnx: ONNX Runtime vs PyTorch on {parity['onnx_parity_rows']} validation inputs, "
@@ -97,7 +100,7 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
             continue
         if int(now) != int(then):
             return f"{int(now):,} {count} rebuilt, {int(then):,} in the trial"
-    for key in sorted(k for k in measured if k.startswith(("metric/", "test/"))):
+    for key in sorted(k for k in measured if k.startswith((TASK_METRIC, TASK_TEST_METRIC))):
         then, now = measured[key], metrics.get(key)
         if now is None or then is None or then != then:
             continue
@@ -109,7 +112,7 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
 def _print_comparison(metrics: dict, measured: dict, log) -> None:
     counts = ["params", "nonzero_params", "macs"] if metrics.get("nonzero_params") != metrics["params"] \
         else ["params", "macs"]
-    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith(("metric/", "test/"))] + counts + ["latency_ms"]
+    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith((TASK_METRIC, TASK_TEST_METRIC))] + counts + ["latency_ms"]
     log(f"{'metric':<16}{'applied':>14}{'in search':>14}")
     for k in keys:
         then = measured.get(k)

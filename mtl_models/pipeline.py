@@ -14,6 +14,7 @@ from spaces.errors import PrunefuseError, unknown_name
 from spaces.knobs import coerce_number
 from spaces.policy import Policy
 from spaces.scores import mean_score
+from spaces.vocabulary import task_metric, test_metric
 
 from mtl_models.deployment import deploy, quantize
 from mtl_models import fusion
@@ -161,12 +162,10 @@ def measure_model(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict
     The model is neither moved nor changed: it is evaluated where it is (a copy goes to
     `spec.device` when it lives elsewhere), MACs and latency are taken on copies, and its
     training mode is given back."""
-    modes = [(m, m.training) for m in model.modules()]  # evaluation switches to eval mode
-    try:
+    from mtl_models.training.modes import kept_modes
+
+    with kept_modes(model):  # evaluation switches to eval mode
         return _measure(model, suite, artifacts, spec)
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
@@ -196,8 +195,8 @@ def _measure(model, suite, artifacts: Artifacts, spec: MeasureSpec) -> dict:
         "device": spec.device,
         "device_name": device_name(spec.device),  # the GPU model a CUDA figure was taken on
     }
-    out.update({f"metric/{t}": v for t, v in val.items()})
-    out.update({f"test/{t}": v for t, v in test.items()})
+    out.update({task_metric(t): v for t, v in val.items()})
+    out.update({test_metric(t): v for t, v in test.items()})
     return out
 
 
@@ -246,8 +245,8 @@ def measure_quantized(model, suite, policy: Policy, artifacts: Artifacts, spec: 
         "bytes": deploy.graph_bytes(q.onnx_model), "latency_ms": latency,
         "latency_backend": "onnxruntime", "device": "cpu", "quantization": policy.quantization.method,
     })
-    out.update({f"metric/{t}": v for t, v in val.items()})
-    out.update({f"test/{t}": v for t, v in test.items()})
+    out.update({task_metric(t): v for t, v in val.items()})
+    out.update({test_metric(t): v for t, v in test.items()})
     return out
 
 
@@ -302,8 +301,6 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
             on_step(step, p.steps, dict(metrics))
 
     model.to(device)
-    model = prune(model, dict(p.sparsity), mode=p.mode, importance=p.importance,
-                  example_inputs=suite.example_inputs(2).to(device), task_losses=task_losses, steps=p.steps,
-                  global_sparsity=p.global_sparsity, aggregate=p.aggregate, after_step=after_step,
-                  round_to=p.round_to)
+    model = prune(model, p, example_inputs=suite.example_inputs(2).to(device), task_losses=task_losses,
+                  after_step=after_step)
     return model, metrics

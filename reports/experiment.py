@@ -15,7 +15,7 @@ import pandas as pd
 
 from spaces.errors import PrunefuseError
 
-from spaces.vocabulary import (CARRIED_FILE, CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINAL_FILE, FINISHED_FILE, LEGACY_METRICS, REMEASURED_FILE,
+from spaces.vocabulary import (CARRIED_FILE, CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINAL_FILE, FINISHED_FILE, REMEASURED_FILE,
                                is_recorded_metric)
 STATUS = ("finished", "failed", "stopped", "running")
 
@@ -58,18 +58,14 @@ def _read_json(f: Path):
 
 
 def load_config(path) -> dict:
-    config = _read_json(experiment_dir(path) / CONFIG_FILE)
-    if isinstance(config.get("objectives"), list):  # an old experiment's "accuracy" objective reads as "score"
-        config["objectives"] = [[LEGACY_METRICS.get(o[0], o[0]), *o[1:]] if isinstance(o, (list, tuple)) and o else o
-                                for o in config["objectives"]]
-    return config
+    return _read_json(experiment_dir(path) / CONFIG_FILE)
 
 
 def load_dense(path) -> dict | None:
     f = experiment_dir(path) / DENSE_FILE
     if not f.is_file():
         return None
-    dense = _with_current_names(_read_json(f))
+    dense = _read_json(f)
     timings = remeasured(path)
     if isinstance(dense, dict) and "dense" in timings:
         # the front's re-timing (end of search, `report --remeasure`) times the dense base with it ("dense")
@@ -81,16 +77,6 @@ def load_control(path) -> dict | None:
     """The equal-budget dense control's metrics (control.json), or None (an older experiment)."""
     f = experiment_dir(path) / CONTROL_FILE
     return _read_json(f) if f.is_file() else None
-
-
-def _with_current_names(metrics: dict) -> dict:
-    """An experiment written before `score` existed: its old mean ("accuracy", senses ignored)
-    stands in under today's name, so readers need one name only."""
-    if isinstance(metrics, dict):
-        for old, new in LEGACY_METRICS.items():
-            if old in metrics and new not in metrics:
-                metrics[new] = metrics[old]
-    return metrics
 
 
 def task_senses(path) -> dict[str, str]:
@@ -228,7 +214,7 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
            "node_id": result.get("node_id"), "device": result.get("device"),
            "started": (params if params.is_file() else trial_dir / FINAL_FILE).stat().st_mtime,
            "step": result.get("step"), "steps": result.get("steps")}
-    for key, value in _with_current_names(dict(result)).items():
+    for key, value in dict(result).items():
         if is_recorded_metric(key):
             row[key] = value
     carried = trial_dir / CARRIED_FILE  # --warm-start: a trial of an earlier experiment, carried over

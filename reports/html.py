@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 from spaces.errors import PrunefuseError
 from spaces.files import atomic_write_text
 from spaces.scores import mean_score
-from spaces.vocabulary import MEAN_SCORE, REPORT_FILE
+from spaces.vocabulary import MEAN_SCORE, REPORT_FILE, TASK_METRIC, task_metric
 
 from . import pareto, select
 from .experiment import FINISHED_FILE, STATUS, experiment_dir, load_experiment, records
@@ -56,7 +56,7 @@ class _Data:
 
     @property
     def tasks(self) -> list[str]:
-        return [c.removeprefix("metric/") for c in self.trials.columns if c.startswith("metric/")]
+        return [c.removeprefix(TASK_METRIC) for c in self.trials.columns if c.startswith(TASK_METRIC)]
 
     def sense(self, task: str) -> str:
         return ((self.dense or {}).get("senses") or {}).get(task, "max")
@@ -74,12 +74,12 @@ class _Data:
         if against == "dense base":
             refs = (self.dense or {}).get("dense_val") or {}
         else:
-            refs = {k.removeprefix("metric/"): v for k, v in (self.control or {}).items() if k.startswith("metric/")}
-        refs = {t: r for t, r in refs.items() if f"metric/{t}" in rows}
+            refs = {k.removeprefix(TASK_METRIC): v for k, v in (self.control or {}).items() if k.startswith(TASK_METRIC)}
+        refs = {t: r for t, r in refs.items() if task_metric(t) in rows}
         if not refs or rows.empty:
             return pd.Series(np.nan, index=rows.index)
         senses = {t: self.sense(t) for t in refs}
-        return rows.apply(lambda r: mean_score({t: float(r[f"metric/{t}"]) for t in refs}, refs, senses), axis=1)
+        return rows.apply(lambda r: mean_score({t: float(r[task_metric(t)]) for t in refs}, refs, senses), axis=1)
 
 
 def _gather(experiment) -> _Data:
@@ -335,12 +335,12 @@ def _task_bars(d: _Data) -> go.Figure | None:
         return None
     labels, fig, values = _front_labels(d), go.Figure(), []
     for k, task in enumerate(d.tasks):
-        color, y = TASK_COLORS[k % len(TASK_COLORS)], d.front[f"metric/{task}"].astype(float)
+        color, y = TASK_COLORS[k % len(TASK_COLORS)], d.front[task_metric(task)].astype(float)
         values += list(y)
         fig.add_trace(go.Bar(x=labels, y=y, name=d.task_label(task), marker_color=color,
                              hovertemplate=f"trial %{{x}}<br>{html.escape(d.task_label(task))}: %{{y:.4f}}"
                                            "<extra></extra>"))
-        if dense := _dense(d, f"metric/{task}"):  # a dashed line above the bars, and its legend entry
+        if dense := _dense(d, task_metric(task)):  # a dashed line above the bars, and its legend entry
             (ref,), _ = dense
             values.append(ref)
             fig.add_hline(y=ref, line=dict(color=color, dash="dash", width=2), layer="above")
@@ -392,8 +392,8 @@ def _header(d: _Data, latency_source: str | None) -> str:
                              f"score ≥ −{c['max_task_drop']}: % worse, whichever way its metric is better)")
     if db:
         facts["dense base"] = " · ".join(f"{n} {_fmt(db[n])}" for n in (MEAN_SCORE, "params", "latency_ms") if n in db)
-        facts["dense per task"] = ", ".join(f"{d.task_label(t)} {_fmt(db[f'metric/{t}'])}" for t in d.tasks
-                                            if f"metric/{t}" in db)
+        facts["dense per task"] = ", ".join(f"{d.task_label(t)} {_fmt(db[task_metric(t)])}" for t in d.tasks
+                                            if task_metric(t) in db)
     if d.control:
         ft = (d.control.get("policy") or {}).get("finetune") or {}
         beat = int((d.front["_vs_control"] > 0).sum()) if "_vs_control" in d.front else 0
@@ -441,7 +441,7 @@ def _front_table(d: _Data) -> str:
                  f'<td class="l"><code>{html.escape(tid)}</code></td>',
                  *(f"<td>{_fmt(r[c])}</td>" for c in [*d.names, *during, "_delta_m",
                                                       *(["_vs_control"] if d.control else []),
-                                                      *(f"metric/{t}" for t in d.tasks)]),
+                                                      *(task_metric(t) for t in d.tasks)]),
                  f'<td class="l cmd"><code>{html.escape(cmd)}</code></td>']
         body.append(f'<tr{" class=knee" if knee else ""}>{"".join(cells)}</tr>')
     return _section("front", "Front policies", "Best first by the first objective; Δm%: the mean over tasks of "

@@ -1,6 +1,6 @@
 """The GPU path end to end, on one machine, in a few minutes (run by scripts/gpu_check.sh).
 
-1. a search of 4 trials, `steps: 2` with `--asha`, at 0.5 GPU a trial (two trials share the GPU);
+1. a search of 4 trials, `steps: 2` with `--early-stop asha`, at 0.5 GPU a trial (two trials share the GPU);
 2. `prunefuse apply` of the most pruned finished trial on CUDA;
 3. latency on CUDA vs the CPU of the dense base and that pruned model;
 then one table. Without CUDA the same search and apply run on the CPU, the CUDA column is
@@ -94,7 +94,7 @@ def main() -> int:
     gpus = "0.5" if cuda else "0"
 
     cli("search", "--storage", work / "runs", "--name", "check", "--trials", TRIALS, "--space", work / "space.yaml",
-        "--asha", "--gpus-per-trial", gpus, "--cpus-per-trial", "1", *SUITE, *TRAIN, *MEASURE, "--no-report",
+        "--early-stop", "asha", "--gpus-per-trial", gpus, "--cpus-per-trial", "1", *SUITE, *TRAIN, *MEASURE, "--no-report",
         timeout=600)
     finals = {p.parent.name.removeprefix("trial_"): json.loads(p.read_text()) for p in exp.glob("trial_*/final.json")}
     stopped = TRIALS - len(finals)
@@ -132,7 +132,7 @@ def main() -> int:
     x = suite.example_inputs(256)
     times = latencies({"dense": (base.eval(), x), f"pruned ({pruned_id})": (pruned, x)}, cuda)
 
-    print(f"search: {TRIALS} trials, steps 2, --asha, {gpus} GPU a trial: {len(finals)} finished, {stopped} stopped "
+    print(f"search: {TRIALS} trials, steps 2, --early-stop asha, {gpus} GPU a trial: {len(finals)} finished, {stopped} stopped "
           f"early; at most {at_once} trials at once; trials and the dense base ran on {device}")
     print(f"apply --device {device}: {applied['params']:,} params as in trial {pruned_id}; score "
           f"{applied.get('score', float('nan')):.4f} (search {finals[pruned_id].get('score', float('nan')):.4f})")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path end to end (scripts/gpu_check.py): a 4-trial search at 0.5 GPU a trial with
-# steps 2 and --asha, apply on CUDA, CUDA vs CPU latency of the dense and a pruned model, one
+# steps 2 and --early-stop asha, apply on CUDA, CUDA vs CPU latency of the dense and a pruned model, one
 # table. At most 5 minutes on a machine with one GPU; without CUDA it runs the CPU parts,
 # says the CUDA parts were skipped, and exits 0.
 set -euo pipefail

@@ -20,6 +20,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "$spec"
 fi
 echo "setup: installing prunefuse and its dependencies ..." >&2
-.venv/bin/pip install -q -e ".[test,deploy]" 2>&1 | grep -v -i "warning" || true
+.venv/bin/pip install -q -e ".[test,deploy]"  # quiet on success (pyproject's package-dir); errors show and stop
 .venv/bin/python -c "import torch, ray, optuna, torch_pruning, plotly, onnx, onnxruntime, mlflow, search.cli"
 echo "$want" > "$stamp"

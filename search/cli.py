@@ -15,7 +15,10 @@ import yaml
 
 from spaces.errors import PrunefuseError
 from spaces.files import check_plain_name
-from spaces.vocabulary import LATENCY_BACKENDS, MEAN_SCORE, POLICY_FILE, REPORT_FILE, suite_spec
+from spaces.vocabulary import MEAN_SCORE, POLICY_FILE, REPORT_FILE, suite_spec
+
+from .config import FLAGS, SETTINGS
+from .samplers import SAMPLERS
 
 
 def _key_values(pairs: list[str] | None, flag: str) -> dict:
@@ -58,51 +61,54 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     s = sub.add_parser("search", help="run a search (the default: multidigits, embedded local Ray)")
-    s.add_argument("--suite", default="multidigits", help="multidigits | synthetic | tabular | package.module:function")
+
+    def setting(field, **kwargs):  # a flag that sets one SearchConfig field as typed (dest = the field)
+        s.add_argument(FLAGS[field], dest=field, **kwargs)
+
+    s.add_argument(FLAGS["suite"], default="multidigits", help="multidigits | synthetic | tabular | package.module:function")
     s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="a suite option, e.g. offset=1")
     s.add_argument("--trunk", default="mlp", help="a built-in trunk: mlp, cnn, resnet, mobilenet, vit, transformer")
-    s.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
-    s.add_argument("--train-option", action="append", metavar="KEY=VALUE",
+    s.add_argument(FLAGS["model"], action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
+    s.add_argument(FLAGS["train"], action="append", metavar="KEY=VALUE",
                    help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, expert_lr, seed, "
                         "precision (fp32 | bf16 | fp16)")
-    s.add_argument("--measure-option", action="append", metavar="KEY=VALUE",
+    s.add_argument(FLAGS["measure"], action="append", metavar="KEY=VALUE",
                    help="latency measurement: latency_batch, threads, runs, warmup")
-    s.add_argument("--space", help="a search space YAML file (see README)")
-    s.add_argument("--latency-backend", choices=LATENCY_BACKENDS, default=None,
+    s.add_argument(FLAGS["space"], help="a search space YAML file (see README)")
+    s.add_argument("--latency-backend", default=None, metavar="BACKEND",
                    help="where latency is timed: torch (eager, the default) or onnxruntime (the exported graph); "
                         "the dense base is timed the same way")
-    s.add_argument("--tracking", default=None, metavar="mlflow[=URI]",
+    setting("tracking", default=None, metavar="mlflow[=URI]",
                    help="log every trial to MLflow (default store: EXPERIMENT/mlruns; mlflow=http://host:5000 for a server)")
-    s.add_argument("--trials", type=int, default=None, help="number of trials (default 48)")
-    s.add_argument("--time-budget", type=finite_float, default=None, metavar="S", help="stop starting trials after S seconds")
-    s.add_argument("--address", default=None, help="auto | HOST:PORT of a Ray cluster (default: embedded local Ray)")
-    s.add_argument("--storage", default="runs", help="folder or URI holding experiments (default ./runs)")
-    s.add_argument("--name", default=None, help="experiment name (default: SUITE-DATE-TIME)")
+    s.add_argument(FLAGS["trials"], type=int, default=None, help="number of trials (default 48)")
+    setting("time_budget_s", type=finite_float, default=None, metavar="S", help="stop starting trials after S seconds")
+    setting("address", default=None, help="auto | HOST:PORT of a Ray cluster (default: embedded local Ray)")
+    setting("storage", default="runs", help="folder or URI holding experiments (default ./runs)")
+    s.add_argument(FLAGS["name"], default=None, help="experiment name (default: SUITE-DATE-TIME)")
     s.add_argument("--resume", metavar="NAME", default=None, help="continue the search NAME whose driver died")
-    s.add_argument("--cpus-per-trial", type=finite_float, default=1.0)
-    s.add_argument("--gpus-per-trial", type=finite_float, default=0.0, help="fractions share a GPU, e.g. 0.5")
-    s.add_argument("--max-concurrent", type=int, default=None)
-    s.add_argument("--sampler", default="tpe", help="tpe | nsga2 | gp | random")
-    s.add_argument("--objectives", default=None,
+    setting("cpus_per_trial", type=finite_float, default=1.0)
+    setting("gpus_per_trial", type=finite_float, default=0.0, help="fractions share a GPU, e.g. 0.5")
+    setting("max_concurrent", type=int, default=None)
+    setting("sampler", default="tpe", help=" | ".join(SAMPLERS))
+    s.add_argument(FLAGS["objectives"], default=None,
                    help="NAME:max|min, comma-separated; score = the mean oriented task score (0 = the dense base). "
                         "Default score:max,params:min,latency_ms:min, with nonzero_params for params where the "
                         "space may prune unstructured")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-task-drop", type=finite_float, default=None, metavar="POINTS",
+    setting("seed", type=int, default=0)
+    setting("max_task_drop", type=finite_float, default=None, metavar="POINTS",
                    help="per-task floor: trials whose oriented score on any task is below -POINTS "
                         "(percent worse than the dense base) are infeasible")
-    s.add_argument("--asha", action="store_true", help="the same as --early-stop asha")
-    s.add_argument("--early-stop", choices=("asha", "pareto"), default=None,
+    setting("early_stop", choices=("asha", "pareto"), default=None,
                    help="stop weak trials between pruning steps (space pruning.steps > 1): asha = on the score "
                         "alone; pareto = by non-dominated rank over every objective")
-    s.add_argument("--early-stop-keep", type=finite_float, default=0.5, metavar="FRACTION",
+    setting("early_stop_keep", type=finite_float, default=0.5, metavar="FRACTION",
                    help="--early-stop pareto: the fraction of the trials at each step kept, by rank (default 0.5)")
-    s.add_argument("--warm-start", default=None, metavar="EXPERIMENT",
+    setting("warm_start", default=None, metavar="EXPERIMENT",
                    help="seed the study with the finished trials of an earlier experiment (a folder, or a name "
                         "under --storage) whose suite, model, training and space are the same")
-    s.add_argument("--retries", type=int, default=0, help="retry a failing trial this many times")
-    s.add_argument("--references", action="store_true", help="train single-task references; Δm is measured against them")
-    s.add_argument("--base-checkpoint", default=None, help="start from this trained base (a weights-only state dict)")
+    setting("retries", type=int, default=0, help="retry a failing trial this many times")
+    setting("references", action="store_true", help="train single-task references; Δm is measured against them")
+    setting("base_checkpoint", default=None, help="start from this trained base (a weights-only state dict)")
     s.add_argument("--data", default=None, help="tabular suite: a CSV or Parquet file")
     s.add_argument("--features", default=None, help="tabular suite: comma-separated feature columns")
     s.add_argument("--task", action="append", metavar="NAME:KIND:COLUMN",
@@ -114,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("experiment")
     r.add_argument("-o", "--output", default=None, help="default: EXPERIMENT/report.html")
     r.add_argument("--remeasure", action="store_true", help="re-time the front's models one at a time first")
-    r.add_argument("--latency-backend", choices=LATENCY_BACKENDS, default=None,
+    r.add_argument("--latency-backend", default=None, metavar="BACKEND",
                    help="with --remeasure: time in torch or onnxruntime (default: the search's), the dense base too")
 
     e = sub.add_parser("export", help="export one trial's policy as YAML")
@@ -140,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", required=True, help="folder for model.pt, policy.yaml, metrics.json")
     a.add_argument("--cache", default=os.path.join("runs", "_artifacts"), help="where trained bases are cached")
     a.add_argument("--threads", type=int, default=1, help="CPU threads (the search's trials used --cpus-per-trial)")
-    a.add_argument("--latency-backend", choices=LATENCY_BACKENDS, default=None,
+    a.add_argument("--latency-backend", default=None, metavar="BACKEND",
                    help="time in torch or onnxruntime (default: the backend the policy's trial was timed with)")
     a.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to train and time (default: the device the policy's trial ran on, where there is one)")
@@ -148,8 +154,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_search(args) -> int:
-    from .config import SearchConfig, join, parse_objectives
-    from .tuner import run_search, search_over
+    from .config import SearchConfig, parse_objectives
+    from spaces.files import join
+    from .experiment import finished_line, search_over
+    from .tuner import run_search
 
     if args.resume:
         _only_resume_flags(args)
@@ -157,26 +165,21 @@ def cmd_search(args) -> int:
         if args.address:
             cfg = cfg.replace(address=args.address)
         if search_over(cfg):  # its report and policy stay as they are
-            print(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
+            print(finished_line(cfg))
             return 0
         path = run_search(cfg, resume=True)
     else:
         cfg = SearchConfig(
             name=args.name if args.name is not None else
             f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage=args.storage, suite=suite_spec(args.suite, _suite_options(args)),
+            suite=suite_spec(args.suite, _suite_options(args)),
             model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
             space=_space(args.space), objectives=parse_objectives(args.objectives) if args.objectives else None,
-            trials=args.trials if args.trials is not None else (None if args.time_budget else 48),
-            time_budget_s=args.time_budget, sampler=args.sampler, seed=args.seed,
-            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-            max_concurrent=args.max_concurrent, retries=args.retries,
+            trials=args.trials if args.trials is not None else (None if args.time_budget_s else 48),
             train=_key_values(args.train_option, "--train-option"),
             measure={**_key_values(args.measure_option, "--measure-option"),
                      **({"latency_backend": args.latency_backend} if args.latency_backend else {})},
-            tracking=args.tracking, references=args.references, max_task_drop=args.max_task_drop, asha=args.asha,
-            early_stop=args.early_stop, early_stop_keep=args.early_stop_keep, warm_start=args.warm_start,
-            address=args.address, base_checkpoint=args.base_checkpoint)
+            **{field: getattr(args, field) for field in SETTINGS})
         path = run_search(cfg)
     if not args.no_report:
         _report_and_export(path)
@@ -189,7 +192,7 @@ def _only_resume_flags(args) -> None:
     allowed = {"resume", "storage", "address", "no_report", "verb"}
     changed = sorted(k for k, v in vars(args).items() if k not in allowed and v != defaults.get(k))
     if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        flags = ", ".join(sorted(FLAGS.get(k, "--" + k.replace("_", "-")) for k in changed))
         raise PrunefuseError(f"--resume continues the search as it was asked; {flags} cannot change it "
                              f"(only --storage, --address and --no-report go with --resume)")
 
@@ -219,7 +222,7 @@ def _report_and_export(path) -> None:
     from reports import experiment, select
     from reports.html import build_report
 
-    from .config import is_uri, join, write_text
+    from spaces.files import is_uri, join, write_text
 
     latency_source = None
     if not is_uri(str(path)):
@@ -260,7 +263,7 @@ def cmd_report(args) -> int:
 
     from spaces.files import check_writable_file
 
-    from .config import is_uri, join
+    from spaces.files import is_uri, join
 
     output = args.output or (join(args.experiment, REPORT_FILE) if not is_uri(str(args.experiment)) else None)
     if output and not is_uri(str(output)):

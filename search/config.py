@@ -10,28 +10,21 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
-from spaces.errors import PrunefuseError, unknown_name
-from spaces.files import atomic_write_text, check_plain_name
-from spaces.policy import _Strict
-
+from spaces.errors import PrunefuseError
+from spaces.files import check_plain_name, is_uri, join, read_text, write_text
+from spaces.policy import Strict
 from spaces.vocabulary import CONFIG_FILE, SCALAR_METRICS, TASK_METRIC
 
+from .samplers import SAMPLERS
+
 OBJECTIVE_NAMES = tuple(SCALAR_METRICS)
-SAMPLERS = ("tpe", "nsga2", "gp", "random")  # the names `--sampler` takes
-try:  # names older experiments used for today's metrics (an experiment written before a rename still loads)
-    from spaces.vocabulary import LEGACY_METRICS as _LEGACY
-except ImportError:
-    _LEGACY = {}
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:
-    """`score:max,params:min` -> [("score", "max"), ("params", "min")].
-
-    An old name (`accuracy`, the mean metric before senses counted) means today's `score`."""
+    """`score:max,params:min` -> [("score", "max"), ("params", "min")]."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, sense = part.partition(":")
-        name = _LEGACY.get(name, name)
         if name not in OBJECTIVE_NAMES and not name.startswith(TASK_METRIC):
             raise PrunefuseError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} or metric/<task>")
         if sense not in ("max", "min"):
@@ -58,7 +51,8 @@ def default_objectives(space: dict) -> list[tuple[str, str]]:
             for name, sense in DEFAULT_OBJECTIVES]
 
 
-# The flag a user sets each field with: errors name what the user typed.
+# The flag a user sets each field with: the one statement of that map. The CLI's parser adds
+# these flags (`search.cli`), and errors name what the user typed.
 FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives", "trials": "--trials",
          "time_budget_s": "--time-budget", "sampler": "--sampler", "seed": "--seed",
          "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
@@ -66,10 +60,15 @@ FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives",
          "measure": "--measure-option", "max_task_drop": "--max-task-drop", "address": "--address",
          "base_checkpoint": "--base-checkpoint", "suite": "--suite", "model": "--model-option", "space": "--space",
          "tracking": "--tracking", "early_stop": "--early-stop", "early_stop_keep": "--early-stop-keep",
-         "warm_start": "--warm-start"}
+         "warm_start": "--warm-start", "references": "--references"}
+# Fields whose flag's value is the field's value as typed (the others the CLI builds from
+# several flags or parses: suite, model, space, objectives, trials, train, measure, name).
+SETTINGS = ("storage", "time_budget_s", "sampler", "seed", "cpus_per_trial", "gpus_per_trial", "max_concurrent",
+            "retries", "tracking", "references", "max_task_drop", "early_stop", "early_stop_keep", "warm_start",
+            "address", "base_checkpoint")
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     """What a search was asked to do. Frozen and validated where it is built, so the CLI and
     `run_search` called from Python get the same checks; change one with `replace`."""
     name: str
@@ -90,7 +89,6 @@ class SearchConfig(_Strict):
     measure: dict[str, Any] = {}                              # mtl_models.pipeline.MeasureSpec fields
     references: bool = False                                  # train single-task references for Δm
     max_task_drop: Optional[float] = Field(None, ge=0)       # points vs dense base; infeasible trials kept off the front
-    asha: bool = False                                        # the old spelling of early_stop="asha"
     early_stop: Optional[Literal["asha", "pareto"]] = None   # stop weak trials between pruning steps
     early_stop_keep: float = Field(0.5, gt=0, le=1)          # pareto: the fraction of each rung kept by rank
     warm_start: Optional[str] = None                          # an earlier experiment whose trials seed the study
@@ -130,7 +128,7 @@ class SearchConfig(_Strict):
             raise ValueError("needs at least one NAME:max|min")
         names = [name for name, _ in v]
         for name in names:
-            if name not in OBJECTIVE_NAMES and name not in _LEGACY and \
+            if name not in OBJECTIVE_NAMES and \
                     not (name.startswith(TASK_METRIC) and len(name) > len(TASK_METRIC)):
                 raise ValueError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVE_NAMES)} "
                                  f"or metric/<task>")
@@ -142,8 +140,7 @@ class SearchConfig(_Strict):
     @field_validator("sampler")
     @classmethod
     def _known_sampler(cls, v):
-        if v not in SAMPLERS:
-            raise ValueError(str(unknown_name("sampler", v, SAMPLERS)))
+        SAMPLERS.method(v)  # an unknown name: one line listing the registered ones
         return v
 
     @field_validator("tracking")
@@ -163,12 +160,7 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _asha_is_early_stop(cls, data):
-        # `--asha` (and experiments saved before --early-stop) mean --early-stop asha.
-        if isinstance(data, dict) and data.get("asha"):
-            if data.get("early_stop") not in (None, "asha"):
-                raise ValueError(f"--asha means --early-stop asha; it cannot go with --early-stop {data['early_stop']}")
-            data = {**data, "early_stop": "asha"}
+    def _default_objectives(cls, data):
         if isinstance(data, dict) and data.get("objectives") is None:
             data = {**data, "objectives": default_objectives(data.get("space") or {})}
         return data
@@ -245,47 +237,3 @@ def _message(exc: ValidationError) -> str:
     if first["type"] == "finite_number":
         msg = "expected a finite number"
     return f"{flag}{shown}: {msg}"
-
-
-# --- paths that may be local folders or pyarrow filesystem URIs (s3://, gs://, ...) ---
-
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts]) if is_uri(base) else str(Path(base, *parts))
-
-
-def write_text(path: str, text: str) -> None:
-    if not is_uri(path):
-        atomic_write_text(path, text)
-        return
-    from pyarrow import fs as pafs
-
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    parent = inner.rsplit("/", 1)[0]
-    if parent:
-        try:
-            filesystem.create_dir(parent, recursive=True)  # a local file:// URI needs its folders
-        except OSError:
-            pass  # object stores have no folders to make; a real failure shows in the write below
-    with filesystem.open_output_stream(inner) as f:
-        f.write(text.encode())
-
-
-def read_text(path: str, *, what: str = "file") -> str:
-    if not is_uri(path):
-        p = Path(path)
-        if not p.is_file():
-            where = p.parent if what == "experiment" else p
-            raise PrunefuseError(f"{what} {str(where)!r} not found (no {p.name} there)")
-        return p.read_text()
-    from pyarrow import fs as pafs
-
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    try:
-        with filesystem.open_input_stream(inner) as f:
-            return f.read().decode()
-    except FileNotFoundError:
-        raise PrunefuseError(f"{what} {path!r} not found") from None

@@ -24,15 +24,12 @@ def error_reason(trial) -> str:
 
 
 class ProgressPrinter(Callback):
-    last: "ProgressPrinter | None" = None   # the instance the latest fit() used (restored ones too)
+    """Its counts and clocks are read by the search that made it, once fit() returns."""
 
     def __init__(self, total):
         self.total, self.done, self.failed = total, 0, 0
         self.started: dict[str, float] = {}
         self.wall_s: dict[str, float] = {}
-
-    def setup(self, **info):
-        ProgressPrinter.last = self
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()
@@ -40,7 +37,7 @@ class ProgressPrinter(Callback):
         # copy of the trial folder, which Tune uploads to the storage (a folder or a URI).
         from spaces import Policy
 
-        from .config import join, write_text
+        from spaces.files import join, write_text
 
         try:
             write_text(join(trial.local_path, POLICY_FILE), Policy.from_dict(trial.config["policy"]).to_yaml())

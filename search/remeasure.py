@@ -32,7 +32,8 @@ def remeasure_front(experiment, *, backend: str | None = None, log=print) -> tup
     from reports import select
 
     from mtl_models.apply import mismatch, rebuild
-    from .config import SearchConfig, join, write_text
+    from .config import SearchConfig
+    from spaces.files import join, write_text
     from .shared_artifacts import artifact_cache
 
     cfg = SearchConfig.load(str(experiment))

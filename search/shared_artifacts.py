@@ -10,8 +10,9 @@ import json
 import os
 
 from spaces import SearchSpace
+from spaces.files import is_uri
 
-from .config import SearchConfig, is_uri
+from .config import SearchConfig
 
 
 def artifact_cache(cfg: SearchConfig) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from spaces.errors import PrunefuseError
+from spaces.files import is_uri, join
 
-from .config import SearchConfig, is_uri, join
 
 TRACKERS = ("mlflow",)
 MLRUNS = "mlruns"
@@ -50,10 +50,8 @@ def callbacks(cfg: SearchConfig) -> list:
     """[the MLflow callback] when the search tracks, else []."""
     if not cfg.tracking:
         return []
-    try:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-    except ImportError as exc:  # pragma: no cover - Ray always ships it
-        raise PrunefuseError(f"--tracking mlflow needs Ray's MLflow integration: {exc}") from None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
     try:
         import mlflow  # noqa: F401
     except ImportError:

@@ -13,7 +13,8 @@ import os
 import time
 
 from spaces.policy import Policy
-from spaces.vocabulary import FINAL_FILE
+
+from .experiment import read_final, write_final
 
 
 
@@ -84,39 +85,3 @@ def run_trial(config: dict, *, artifacts, measure: dict, cpus: float, experiment
         if device == "cuda":
             torch.cuda.empty_cache()  # leave the GPU usable for whatever runs next in this process
         raise
-
-
-def final_path(experiment: str, trial_id: str) -> str:
-    from .config import join
-
-    return join(experiment, f"trial_{trial_id}", FINAL_FILE)
-
-
-def read_final(experiment: str | None, trial_id: str) -> dict | None:
-    """The final result this trial already reported before the driver died, if any."""
-    if not experiment:
-        return None
-    from .config import is_uri, read_text
-
-    path = final_path(experiment, trial_id)
-    if not is_uri(path) and not os.path.isfile(path):
-        return None
-    from spaces.errors import PrunefuseError
-
-    try:
-        data = json.loads(read_text(path))
-    except (PrunefuseError, ValueError):  # absent or damaged: run the trial (an OS error is shown)
-        return None
-    return data if isinstance(data, dict) and data.get("final") else None
-
-
-def write_final(experiment: str | None, trial_id: str, result: dict) -> None:
-    """Where the experiment is not reachable from this node, nothing is written; an OS error
-    writing it (no space, read-only) fails the trial with that reason."""
-    if not experiment:
-        return
-    from .config import is_uri, write_text
-
-    if not is_uri(experiment) and not os.path.isdir(experiment):
-        return  # a local storage path that is not shared with this node
-    write_text(final_path(experiment, trial_id), json.dumps(result))

@@ -14,13 +14,13 @@ from dataclasses import asdict
 
 from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
+from spaces.files import is_uri, join, read_text, write_text
+from spaces.vocabulary import CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCORE, TASK_METRIC
 
-from spaces.vocabulary import CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCORE, STUDY_DB, TASK_METRIC
-
+from . import experiment as ex
 from . import tracking
-from .config import SearchConfig, is_uri, join, write_text
+from .config import SearchConfig
 from .shared_artifacts import artifact_cache, measure_control, measure_dense, train_artifacts
-
 
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
@@ -55,8 +55,8 @@ def prepare_inputs(cfg: SearchConfig):
 
     suite = suites.from_spec(cfg.suite)
     for name, _ in cfg.objectives:
-        task = name.removeprefix("metric/")
-        if name.startswith("metric/") and task not in suite.task_names:
+        task = name.removeprefix(TASK_METRIC)
+        if name.startswith(TASK_METRIC) and task not in suite.task_names:
             raise PrunefuseError(f"--objectives {name}: suite {suite.name!r} has no task {task!r}; "
                                  f"its tasks: {', '.join(suite.task_names)}")
     model = suite.build_model(**cfg.model)
@@ -139,14 +139,13 @@ class _QuietTune:
         return not str(record.msg).startswith("Trials did not complete")
 
 
-def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *, trials: int | None):
+def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *, trials: int | None, progress):
     """A fresh Tuner for `trials` more trials (None: until the time budget) over the search's
     Optuna study; a resumed search gets one too, in the same experiment folder."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
     from .optuna_search import make_searcher
-    from .progress import ProgressPrinter
     from .trial import run_trial
 
     _tune_environment(cfg)
@@ -156,18 +155,19 @@ def make_tuner(cfg: SearchConfig, suite, space: SearchSpace, art, dense: dict, *
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     floors = task_floors(cfg, dense)
     searcher = make_searcher(space, objectives=cfg.objectives, sampler=cfg.sampler, seed=cfg.seed,
-                             trials=cfg.trials, storage_url=study_url(cfg), study_name=cfg.name, floors=floors)
+                             trials=cfg.trials, storage_url=ex.study_url(cfg), study_name=cfg.name, floors=floors,
+                             experiment=experiment_for_trials(cfg))
     scheduler = make_scheduler(cfg)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials or -1,
                                     time_budget_s=cfg.time_budget_s, reuse_actors=True,
                                     max_concurrent_trials=cfg.max_concurrent,
-                                    trial_dirname_creator=trial_dirname),
+                                    trial_dirname_creator=ex.trial_dirname),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage_for_ray(cfg.storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.retries),
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                                  callbacks=[ProgressPrinter(trials), JsonLoggerCallback(), *tracking.callbacks(cfg)]),
+                                  callbacks=[progress, JsonLoggerCallback(), *tracking.callbacks(cfg)]),
     )
 
 
@@ -197,21 +197,6 @@ def experiment_for_trials(cfg: SearchConfig) -> str:
     return cfg.path if is_uri(cfg.storage) else os.path.abspath(cfg.path)
 
 
-def trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
-
-
-def study_url(cfg: SearchConfig) -> str:
-    # An RDB URL (any SQLAlchemy one) may be given by PRUNEFUSE_STUDY_STORAGE; by default a
-    # SQLite file inside the experiment, so optuna-dashboard can open it.
-    url = os.environ.get("PRUNEFUSE_STUDY_STORAGE")
-    if url:
-        return url
-    if is_uri(cfg.storage):
-        return "sqlite:///" + os.path.join(artifact_cache(cfg), f"{cfg.name}.db")
-    return "sqlite:///" + os.path.abspath(join(cfg.path, STUDY_DB))
-
-
 def storage_for_ray(storage: str) -> str:
     return storage if is_uri(storage) else os.path.abspath(storage)
 
@@ -221,12 +206,8 @@ def ray_experiment_path(cfg: SearchConfig) -> str:
 
 
 def experiment_exists(cfg: SearchConfig) -> bool:
-    from .config import CONFIG_FILE
-
     if not is_uri(cfg.storage):
         return os.path.exists(join(cfg.path, CONFIG_FILE))
-    from .config import read_text
-
     try:
         read_text(join(cfg.path, CONFIG_FILE))
         return True
@@ -244,13 +225,12 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
     number of trials has ended. A finished search is left untouched.
     """
     if not resume and experiment_exists(cfg):
-        raise PrunefuseError(f"experiment {cfg.path!r} already exists; resume it with --resume {cfg.name} "
-                             f"or choose another --name")
-    if resume and search_over(cfg):
-        log(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
+        ex.refuse_existing(cfg)
+    if resume and ex.search_over(cfg):
+        log(ex.finished_line(cfg))
         return cfg.path
-    if resume and is_uri(cfg.storage):  # settling a stopped driver reads the trial folders directly
-        raise PrunefuseError(f"--resume needs the experiment on a local or shared folder; {cfg.storage!r} is a URI")
+    if resume:  # settling a stopped driver reads the trial folders directly
+        ex.refuse_uri("--resume", cfg.storage)
     check_paths(cfg)
     warm = None
     if cfg.warm_start and not resume:  # a resumed search has its carried trials already
@@ -262,10 +242,9 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
 
     with claimed(cfg.path) if not is_uri(cfg.storage) else contextlib.nullcontext():
         if not resume and experiment_exists(cfg):  # another driver created it since the first look
-            raise PrunefuseError(f"experiment {cfg.path!r} already exists; resume it with --resume {cfg.name} "
-                                 f"or choose another --name")
-        if resume and search_over(cfg):
-            log(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
+            ex.refuse_existing(cfg)
+        if resume and ex.search_over(cfg):
+            log(ex.finished_line(cfg))
             return cfg.path
         return _run_claimed(cfg, suite, space, base_state, resume=resume, log=log, warm=warm)
 
@@ -296,17 +275,17 @@ def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, l
     elif warm is not None:
         from .warm_start import carry_over
 
-        carry_over(cfg, warm, study_url=study_url(cfg), old_study_url=study_url(warm),
+        carry_over(cfg, warm, study_url=ex.study_url(cfg), old_study_url=ex.study_url(warm),
                    floors=task_floors(cfg, dense), log=log)
-    results = []
-    if remaining is None or remaining > 0:
-        tuner = make_tuner(cfg, suite, space, art, dense, trials=remaining)
-        results = tuner.fit()
-    _after_fit(cfg, results, log)
-    elapsed = time.time() - started
     from .progress import ProgressPrinter
 
-    printer = ProgressPrinter.last if results else None
+    results, printer = [], None
+    if remaining is None or remaining > 0:
+        printer = ProgressPrinter(remaining)
+        results = make_tuner(cfg, suite, space, art, dense, trials=remaining, progress=printer).fit()
+        printer = printer if results else None
+    _after_fit(cfg, results, log)
+    elapsed = time.time() - started
     write_text(join(cfg.path, FINISHED_FILE), json.dumps({
         "wall_s": elapsed, "finished_at": time.time(), "resumed": bool(resume),
         "trial_wall_s": dict(printer.wall_s) if printer else {}}))
@@ -321,9 +300,7 @@ def _settle_stopped_driver(cfg: SearchConfig, dense: dict, log) -> int | None:
     """How many trials are still to run after settling what the stopped driver left."""
     from .resume import reconcile
 
-    if is_uri(cfg.storage):
-        raise PrunefuseError(f"--resume needs the experiment on a local or shared folder; {cfg.storage!r} is a URI")
-    ended = reconcile(cfg.path, study_url(cfg), cfg.name, cfg.objectives, floors=task_floors(cfg, dense), log=log)
+    ended = reconcile(cfg.path, ex.study_url(cfg), cfg.name, cfg.objectives, floors=task_floors(cfg, dense), log=log)
     if cfg.trials is None:
         log(f"resuming search {cfg.name!r} from {cfg.path}: {ended} trial(s) ended, a new --time-budget of "
             f"{cfg.time_budget_s:g} s for the rest")
@@ -346,24 +323,12 @@ def check_paths(cfg: SearchConfig) -> None:
             cfg.base_checkpoint) else f"base checkpoint {cfg.base_checkpoint!r} is not a file")
 
 
-def search_over(cfg: SearchConfig) -> bool:
-    from .config import read_text
-
-    try:
-        read_text(join(cfg.path, FINISHED_FILE))
-        return True
-    except PrunefuseError:
-        return False
-
-
 def _saved_dense(cfg: SearchConfig) -> dict | None:
     return _saved_json(cfg, DENSE_FILE)
 
 
 def _saved_json(cfg: SearchConfig, name: str) -> dict | None:
     """An experiment file the stopped driver wrote (a resume reuses it), or None."""
-    from .config import read_text
-
     try:
         return json.loads(read_text(join(cfg.path, name)))
     except (PrunefuseError, ValueError):
@@ -373,10 +338,8 @@ def _saved_json(cfg: SearchConfig, name: str) -> dict | None:
 def _after_fit(cfg: SearchConfig, results, log) -> None:
     """Optuna trials still RUNNING when fit() returned (no Tune trial will ever tell them)
     become FAIL; a retried trial's earlier error is kept aside."""
-    from .optuna_search import fail_stale_trials
-
     try:
-        stale = fail_stale_trials(study_url(cfg), cfg.name)
+        stale = ex.fail_stale_trials(ex.study_url(cfg), cfg.name)
     except Exception as exc:  # noqa: BLE001 (any storage error) the study is a by-product: say so, go on
         log(f"could not tidy the Optuna study: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         stale = 0
@@ -390,7 +353,7 @@ def _keep_retried_errors_aside(results, log=print) -> None:
     Tune leaves the earlier failure in its error.txt, which readers take as "failed"; it
     moves to error_retried.txt."""
     for r in results:
-        if r.error is not None or not (r.metrics or {}).get("final") or not getattr(r, "path", None):
+        if r.error is not None or not (r.metrics or {}).get("final") or not r.path:
             continue
         fs = r.filesystem
         src, dst = f"{r.path}/error.txt", f"{r.path}/error_retried.txt"

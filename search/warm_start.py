@@ -16,13 +16,14 @@ import shutil
 from pathlib import Path
 
 from spaces.errors import PrunefuseError
-from spaces.vocabulary import CARRIED_FILE, CONFIG_FILE, FINAL_FILE
+from spaces.files import join
+from spaces.vocabulary import CARRIED_FILE, CONFIG_FILE
 
-from .config import SearchConfig, is_uri, join
+from . import experiment as ex
+from .config import SearchConfig
 
 # What must be the same for an old trial's result to be one this search could have measured.
 MATCHED = ("suite", "model", "train", "base_checkpoint", "space", "measure")
-CARRIED_ATTR = "carried_from"   # Optuna user attr: the experiment a trial was carried over from
 
 
 def source_path(cfg: SearchConfig) -> str:
@@ -65,8 +66,7 @@ def differences(cfg: SearchConfig, old: SearchConfig) -> list[str]:
 
 def check_source(cfg: SearchConfig) -> SearchConfig:
     """The warm-start experiment, refused in one line when it searched something else."""
-    if is_uri(cfg.storage):
-        raise PrunefuseError("--warm-start needs the experiments on a local or shared folder, not a URI")
+    ex.refuse_uri("--warm-start", cfg.storage)
     path = source_path(cfg)
     old = SearchConfig.load(path)
     if os.path.abspath(old.path) == os.path.abspath(cfg.path):
@@ -82,50 +82,35 @@ def carry_over(cfg: SearchConfig, old: SearchConfig, *, study_url: str, old_stud
                log=print) -> int:
     """Add `old`'s finished trials to this search's study (created here) and its folder; returns how many."""
     import optuna
-    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
     from optuna.trial import TrialState
-
-    from .optuna_search import CONSTRAINTS_ATTR
-    from .resume import TUNE_ID_ATTR
 
     source = Path(old.path).resolve()
     old_study = optuna.load_study(study_name=old.name, storage=old_study_url)
     carried, folders = [], []
     for t in old_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        tune_id = t.user_attrs.get(TUNE_ID_ATTR)
-        final = _final(source / f"trial_{tune_id}") if tune_id else None
-        values = [final.get(name) for name, _ in cfg.objectives] if final else None
-        if not values or not all(isinstance(v, (int, float)) for v in values):
+        tune_id = t.user_attrs.get(ex.TUNE_ID_ATTR)
+        final = ex.read_final(str(source), tune_id) if tune_id else None
+        values = ex.objective_values(final, cfg.objectives)
+        if values is None:
             continue  # no result for one of this search's objectives: nothing to learn from
         system_attrs = {}
-        user_attrs = {**t.user_attrs, CARRIED_ATTR: str(source)}
+        user_attrs = {**t.user_attrs, ex.CARRIED_ATTR: str(source)}
         if floors is not None:
-            try:
-                constraints = floors.values(final)
-            except KeyError:
+            constraints = ex.floor_values(floors, final)
+            if constraints is None:
                 continue  # a result without a task metric cannot be judged feasible
-            user_attrs[CONSTRAINTS_ATTR] = constraints
-            system_attrs[_CONSTRAINTS_KEY] = tuple(constraints)
+            user, system_attrs = ex.constraint_attrs(constraints)
+            user_attrs.update(user)
         carried.append(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
-                                                 values=[float(v) for v in values], user_attrs=user_attrs,
-                                                 system_attrs=system_attrs))
+                                                 values=values, user_attrs=user_attrs, system_attrs=system_attrs))
         folders.append(tune_id)
     study = optuna.create_study(study_name=cfg.name, storage=optuna.storages.RDBStorage(study_url),
-                                directions=["maximize" if s == "max" else "minimize" for _, s in cfg.objectives],
-                                load_if_exists=True)
+                                directions=ex.directions(cfg.objectives), load_if_exists=True)
     study.add_trials(carried)
     for tune_id in folders:
-        target = Path(cfg.path) / f"trial_{tune_id}"
+        target = Path(ex.trial_folder(cfg.path, tune_id))
         if not target.exists():
-            shutil.copytree(source / f"trial_{tune_id}", target)
+            shutil.copytree(ex.trial_folder(str(source), tune_id), target)
         (target / CARRIED_FILE).write_text(json.dumps({"from": str(source), "trial_id": tune_id}))
     log(f"warm start: {len(carried)} finished trial(s) carried over from {source}")
     return len(carried)
-
-
-def _final(folder: Path) -> dict | None:
-    try:
-        data = json.loads((folder / FINAL_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("final") else None

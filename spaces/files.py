@@ -174,3 +174,47 @@ def check_writable_file(path, what: str, *, need_bytes: int = 1 << 20) -> None:
     if p.exists() and not p.is_file():
         raise PrunefuseError(f"{what} {str(path)!r} is not a regular file (a device or pipe); give a file path")
     check_writable_folder(p.parent, what, need_bytes=need_bytes, shown=path)
+
+
+# --- paths that may be local folders or pyarrow filesystem URIs (s3://, gs://, ...) ---
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts]) if is_uri(base) else str(Path(base, *parts))
+
+
+def write_text(path: str, text: str) -> None:
+    if not is_uri(path):
+        atomic_write_text(path, text)
+        return
+    from pyarrow import fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    parent = inner.rsplit("/", 1)[0]
+    if parent:
+        try:
+            filesystem.create_dir(parent, recursive=True)  # a local file:// URI needs its folders
+        except OSError:
+            pass  # object stores have no folders to make; a real failure shows in the write below
+    with filesystem.open_output_stream(inner) as f:
+        f.write(text.encode())
+
+
+def read_text(path: str, *, what: str = "file") -> str:
+    if not is_uri(path):
+        p = Path(path)
+        if not p.is_file():
+            where = p.parent if what == "experiment" else p
+            raise PrunefuseError(f"{what} {str(where)!r} not found (no {p.name} there)")
+        return p.read_text()
+    from pyarrow import fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    try:
+        with filesystem.open_input_stream(inner) as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        raise PrunefuseError(f"{what} {path!r} not found") from None

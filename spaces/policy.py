@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from .errors import PrunefuseError
 from .files import atomic_write_text, read_yaml, validation_message
+from .vocabulary import POLICY_SCHEMA
 
-SCHEMA = "prunefuse.policy/1"
+SCHEMA = POLICY_SCHEMA
 # Training precision: fp32, or autocast to bf16 / fp16 (fp16 with a grad scaler, on CUDA only;
 # the rule is mtl_models.training.device.check_precision).
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -28,19 +29,19 @@ TaskWeight = Annotated[float, Field(ge=0.0)]
 Coefficient = Annotated[float, Field(ge=-10.0, le=10.0)]  # λ scales a task vector; beyond ±10 it only explodes
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     # NaN / inf in any float field is refused: a NaN bound passes every `<=` check.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class Weighting(_Strict):
+class Weighting(Strict):
     """How task losses are combined: a method from mtl_models.training.weighting.METHODS and its knobs."""
     method: str = "equal"
     weights: Optional[dict[str, TaskWeight]] = None  # for `static`: task -> weight >= 0
     params: Knobs = {}                          # the method's own knobs (dwa temperature, gradnorm alpha)
 
 
-class Fusion(_Strict):
+class Fusion(Strict):
     """Merging per-task experts into one trunk: a method from mtl_models.fusion.METHODS."""
     method: str
     # task -> λ, or task -> {layer group: λ} for layer-wise coefficients.
@@ -49,7 +50,7 @@ class Fusion(_Strict):
     finetune_epochs: float = Field(0.0, ge=0.0, le=100.0)  # post-merge fine-tune with the policy's weighting
 
 
-class Pruning(_Strict):
+class Pruning(Strict):
     mode: Literal["structured", "unstructured"] = "structured"
     importance: str = "l2"
     aggregate: Literal["mean", "min", "max", "vote"] = "max"  # multitask_taylor only
@@ -73,7 +74,7 @@ class Pruning(_Strict):
         return self
 
 
-class Distill(_Strict):
+class Distill(Strict):
     """Knowledge distillation in the fine-tune (mtl_models.training.distill): KL at `temperature` for
     class-logit heads, MSE to the teacher's outputs for the others, mixed in by `weight`."""
     weight: float = Field(1.0, ge=0.0, le=100.0)
@@ -81,7 +82,7 @@ class Distill(_Strict):
     teacher: Literal["dense", "fused"] = "dense"  # the dense base, or the (fused) model before pruning
 
 
-class Finetune(_Strict):
+class Finetune(Strict):
     epochs: float = Field(2.0, ge=0.0, le=100.0)  # total; spread evenly over the pruning steps
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(256, ge=1, le=1 << 20)
@@ -89,14 +90,14 @@ class Finetune(_Strict):
     distill: Optional[Distill] = None         # None: labels only
 
 
-class Quantization(_Strict):
+class Quantization(Strict):
     """Post-training int8 quantization after the fine-tune (mtl_models.deployment.quantize, by ONNX Runtime);
     the quantized model is the one measured, exported and timed in ONNX Runtime."""
     method: Literal["none", "dynamic_int8", "static_int8"] = "none"
     calibration_samples: int = Field(512, ge=1, le=1 << 20)  # static_int8: training rows calibrating activations
 
 
-class Base(_Strict):
+class Base(Strict):
     """How the dense base (and the task experts) this policy starts from were trained."""
     epochs: float = Field(15.0, ge=0.0)
     lr: float = Field(1e-3, gt=0.0)
@@ -109,8 +110,8 @@ class Base(_Strict):
     checkpoint: Optional[str] = None          # a user's trained base (--base-checkpoint) instead of training
 
 
-class Policy(_Strict):
-    schema_: Literal["prunefuse.policy/1"] = Field(SCHEMA, alias="schema")
+class Policy(Strict):
+    schema_: Literal[POLICY_SCHEMA] = Field(SCHEMA, alias="schema")
     suite: dict[str, Any]                     # {name: multidigits, seed: 0, ...}: rebuilds the suite
     model: dict[str, Any]                     # {trunk: mlp, width: 256, ...}: rebuilds the model
     base: Base = Base()

@@ -18,10 +18,11 @@ from pydantic import ValidationError
 from .errors import PrunefuseError
 from .files import read_yaml, validation_message
 from .knobs import Knob
-from .policy import Distill, Finetune, Fusion, Policy, Pruning, Quantization, Weighting, _Strict
+from .policy import Distill, Finetune, Fusion, Policy, Pruning, Quantization, Strict, Weighting
+from .vocabulary import POLICY_SCHEMA
 
 
-class Range(_Strict):
+class Range(Strict):
     low: float
     high: float
     log: bool = False
@@ -30,7 +31,7 @@ class Range(_Strict):
 Choice = Union[Range, list, float, int, str, bool, None]
 
 
-class PruningSpace(_Strict):
+class PruningSpace(Strict):
     mode: Choice = "structured"
     importance: Choice = ["l2", "multitask_taylor"]
     aggregate: Choice = "max"
@@ -40,12 +41,12 @@ class PruningSpace(_Strict):
     round_to: Choice = 1                   # structured: kept widths rounded to a multiple of this
 
 
-class WeightingSpace(_Strict):
+class WeightingSpace(Strict):
     method: Choice = "static"
     weight: Choice = Range(low=0.05, high=1.0)  # each task's static weight (normalised when applied)
 
 
-class FusionSpace(_Strict):
+class FusionSpace(Strict):
     # "none" keeps the jointly trained base; a method merges per-task experts first.
     method: Choice = ["none", "task_arithmetic", "ties"]
     coefficient: Choice = Range(low=0.0, high=1.5)
@@ -53,7 +54,7 @@ class FusionSpace(_Strict):
     finetune_epochs: Choice = 0.0
 
 
-class FinetuneSpace(_Strict):
+class FinetuneSpace(Strict):
     epochs: Choice = 2.0
     lr: Choice = 1e-3
     batch_size: Choice = 256
@@ -61,19 +62,19 @@ class FinetuneSpace(_Strict):
     distill: Optional["DistillSpace"] = None  # knowledge distillation (None: labels only)
 
 
-class DistillSpace(_Strict):
+class DistillSpace(Strict):
     weight: Choice = 1.0                   # a range with low 0 lets the search turn it off
     temperature: Choice = 2.0
     teacher: Choice = "dense"              # dense | fused
 
 
-class QuantizationSpace(_Strict):
+class QuantizationSpace(Strict):
     method: Choice = "none"                # none | dynamic_int8 | static_int8 (ONNX Runtime; needs
                                            # --latency-backend onnxruntime, where the int8 graph runs)
     calibration_samples: Choice = 512      # static_int8: training rows calibrating activation ranges
 
 
-class SpaceSpec(_Strict):
+class SpaceSpec(Strict):
     pruning: PruningSpace = PruningSpace()
     weighting: WeightingSpace = WeightingSpace()
     fusion: FusionSpace = FusionSpace()
@@ -259,7 +260,7 @@ class SearchSpace:
         methods = _corners(w.method)
         method = methods[0] if len(methods) == 1 and methods[0] != "static" else "equal"
         return Policy.from_dict({
-            "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "base": self.base,
+            "schema": POLICY_SCHEMA, "suite": self.suite, "model": self.model, "base": self.base,
             "weighting": {"method": method}, "finetune": finetune, "seed": self.seed,
         }, source="search space (dense control)")
 
@@ -276,7 +277,7 @@ class SearchSpace:
                     where = {"global_sparsity": highest} if scope == "global" else \
                         {"sparsity": {layer: highest for layer in self.layers}}
                     out.append(Policy.from_dict({
-                        "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "seed": self.seed,
+                        "schema": POLICY_SCHEMA, "suite": self.suite, "model": self.model, "seed": self.seed,
                         "pruning": {"mode": mode, "importance": "l2", "round_to": int(round_to), **where},
                     }, source="search space"))
         return out
@@ -284,7 +285,7 @@ class SearchSpace:
     def suggest(self, trial) -> Policy:
         """Define-by-run: sample one policy on an Optuna trial."""
         return Policy.from_dict({
-            "schema": "prunefuse.policy/1", "suite": self.suite, "model": self.model, "base": self.base,
+            "schema": POLICY_SCHEMA, "suite": self.suite, "model": self.model, "base": self.base,
             "weighting": self._weighting(trial), "fusion": self._fusion(trial),
             "pruning": self._pruning(trial), "finetune": self._finetune(trial),
             "quantization": self._quantization(trial), "seed": self.seed,

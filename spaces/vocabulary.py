@@ -19,9 +19,6 @@ SCALAR_METRICS = {
     "macs": "min",
     "latency_ms": "min",        # the inference form's median latency
 }
-# Names experiments written before `score` existed used for it: readers map them (the old
-# "accuracy" was the plain mean of the task metrics, senses ignored).
-LEGACY_METRICS = {"accuracy": "score", "test_accuracy": "test_score"}
 MEAN_SCORE = "score"            # the default objective, the ASHA metric, export's sort key
 # Facts recorded beside the metrics: how they were measured.
 # On CUDA also: the GPU's name, the trial's peak CUDA memory (MiB; 0 on the CPU) and, where the
@@ -32,14 +29,23 @@ MEASUREMENT_FACTS = ("latency_batch", "threads", "device", "device_name", "cuda_
                      "half_precision", "lock_wait_s", "timed_from", "timed_to")
 # Which runtime timed latency_ms (mtl_models.deployment.deploy); an int8 policy's method and its fp32 model's figures.
 MEASUREMENT_FACTS += ("latency_backend", "quantization", "fp32_score", "fp32_bytes", "fp32_latency_ms")
-LATENCY_BACKENDS = ("torch", "onnxruntime")  # what times latency (`--latency-backend`); results say which
 TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
 TASK_TEST_METRIC = "test/"      # test/<task>: the same on the test split
 
 
+def task_metric(task: str) -> str:
+    """`metric/<task>`: the key of a task's validation metric in a trial's results."""
+    return f"{TASK_METRIC}{task}"
+
+
+def test_metric(task: str) -> str:
+    """`test/<task>`: the key of the same metric on the test split."""
+    return f"{TASK_TEST_METRIC}{task}"
+
+
 def is_recorded_metric(key: str) -> bool:
     """True for every key of a trial's results that the report and export keep."""
-    return (key in SCALAR_METRICS or key in LEGACY_METRICS or key in MEASUREMENT_FACTS
+    return (key in SCALAR_METRICS or key in MEASUREMENT_FACTS
             or str(key).startswith((TASK_METRIC, TASK_TEST_METRIC)))
 
 
@@ -73,6 +79,11 @@ TASK_KINDS = {
 DENSE_KINDS = ("segmentation", "depth", "normals")   # heads that emit a map per input
 
 
+# --- what a policy file says it is ---
+
+POLICY_SCHEMA = "prunefuse.policy/1"   # a policy's `schema:` (spaces.policy.Policy)
+
+
 # --- the files of an experiment folder ---
 
 CONFIG_FILE = "prunefuse.json"        # the SearchConfig: what the search was asked to do
@@ -82,6 +93,7 @@ FINISHED_FILE = "finished.json"       # written when fit() returns; absent while
 REMEASURED_FILE = "remeasured.json"   # `report --remeasure`'s latencies of the front
 STUDY_DB = "optuna.db"                # the Optuna study (SQLite)
 FINAL_FILE = "final.json"             # inside trial_<id>/: the trial's final result, written before Tune sees it
+SUGGESTED_FILE = "suggested.json"     # inside trial_<id>/: the Optuna parameters proposed (a lost study is rebuilt)
 CARRIED_FILE = "carried.json"         # inside trial_<id>/: a trial carried over by --warm-start (from where)
 POLICY_FILE = "policy.yaml"           # inside trial_<id>/ (the trial's policy) and the experiment (the knee's)
 REPORT_FILE = "report.html"           # the Pareto report

@@ -125,7 +125,7 @@ def make_experiment(root, n_trials: int, *, seed: int = 0, n_failed: int = 0, n_
               "objectives": [list(o) for o in objectives], "trials": n_trials, "time_budget_s": None,
               "sampler": "tpe", "seed": seed, "cpus_per_trial": 1.0, "gpus_per_trial": 0.0,
               "max_concurrent": None, "retries": 0, "train": {}, "measure": {}, "references": False,
-              "max_task_drop": max_task_drop, "asha": False, "address": None, "base_checkpoint": None}
+              "max_task_drop": max_task_drop, "address": None, "base_checkpoint": None}
     _write_json(exp / "prunefuse.json", config)
     dense_val = {t: float(v) for t, v in zip(tasks, rng.uniform(0.72, 0.95, len(tasks)))}
     dense = {"score": 0.0, "params": 162837, "latency_ms": 0.812,

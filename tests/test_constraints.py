@@ -1,4 +1,4 @@
-"""Per-task floors (`--max-task-drop`) and ASHA (`--asha`) through the real search (CLI)."""
+"""Per-task floors (`--max-task-drop`) and ASHA (`--early-stop asha`) through the real search (CLI)."""
 import json
 from pathlib import Path
 
@@ -90,7 +90,7 @@ def test_the_study_records_each_trials_constraint_values(floors):
 
 @pytest.fixture(scope="module")
 def asha(tmp_path_factory):
-    return search(tmp_path_factory.mktemp("asha"), "asha", ASHA_SPACE, "--asha", "--sampler", "random")
+    return search(tmp_path_factory.mktemp("asha"), "asha", ASHA_SPACE, "--early-stop", "asha", "--sampler", "random")
 
 
 def reported_steps(exp) -> dict:

@@ -14,7 +14,7 @@ from mtl_models import suites
 from mtl_models.measuring.measure import stored_params
 from mtl_models.pruning import coupled_groups, kept_units, prunable_layers, prune
 from spaces import PrunefuseError
-from spaces.policy import Policy
+from spaces.policy import Policy, Pruning
 
 PLUGIN = "tests.plugins.coupled_suites:make_{}"
 SMALL = dict(train_pairs=200, val_pairs=50, test_pairs=50)
@@ -65,7 +65,7 @@ def test_structured_pruning_prunes_a_group_together(tiny_suite, trunk):
     model = fresh(tiny_suite, trunk=trunk)
     groups = groups_of(tiny_suite, model)
     widths = {n: m.out_channels for n, m in model.named_modules() if n in prunable_layers(model)}
-    prune(model, {name: 0.5 for name in groups}, example_inputs=tiny_suite.example_inputs(2))
+    prune(model, Pruning(sparsity={name: 0.5 for name in groups}), example_inputs=tiny_suite.example_inputs(2))
     modules = dict(model.named_modules())
     for name, members in groups.items():
         for m in members:
@@ -101,7 +101,7 @@ def _scaled_model(scale_shape=(16, 1, 1)):
 def test_a_layer_scale_is_pruned_with_its_channels():
     model, x = _scaled_model(), torch.randn(2, 1, 3, 3)
     assert set(coupled_groups(model, x)) == {"trunk.stem"}  # stem, conv and the scale: one group
-    prune(model, {"trunk.stem": 0.5}, example_inputs=x)
+    prune(model, Pruning(sparsity={"trunk.stem": 0.5}), example_inputs=x)
     assert model.trunk.stem.out_channels == model.trunk.conv.out_channels == 8
     assert model.trunk.layer_scale.shape == (8, 1, 1) and model(x)["a"].shape == (2, 10)
 
@@ -136,7 +136,7 @@ def test_bare_channel_parameters_are_pruned_without_torch_pruning_warnings():
     model, x = MTLModel(_ConvNeXtStyleTrunk(), {"a": torch.nn.Linear(16, 10)}).eval(), torch.randn(2, 1, 8, 8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prune(model, {"trunk.stem": 0.5}, example_inputs=x)
+        prune(model, Pruning(sparsity={"trunk.stem": 0.5}), example_inputs=x)
     assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
     t = model.trunk
     assert t.gamma.shape == t.norm_weight.shape == t.norm_bias.shape == (8,) and t.dwconv.groups == 8
@@ -148,7 +148,7 @@ def test_a_group_torch_pruning_refuses_is_an_error_naming_the_member():
     model, x = _scaled_model((16, 3)), torch.randn(2, 1, 3, 3)
     with pytest.raises(PrunefuseError, match=r"coupled group 'trunk.stem' cannot remove 8 channels: "
                                              r"trunk.layer_scale \(\(16, 3\)\) has only 3"):
-        prune(model, {"trunk.stem": 0.5}, example_inputs=x)
+        prune(model, Pruning(sparsity={"trunk.stem": 0.5}), example_inputs=x)
 
 
 def test_plain_trunks_keep_one_group_per_layer(tiny_suite):
@@ -166,13 +166,14 @@ def test_members_that_disagree_or_keys_that_decide_nothing_are_refused(plugin):
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(PrunefuseError, match=r"coupled group 'trunk.layer2.0.conv2' different sparsities .*"
                                              r"trunk.layer2.0.conv2=0.5, trunk.layer2.0.downsample.0=0.25"):
-        prune(model, {"trunk.layer2.0.downsample.0": 0.25, "trunk.layer2.0.conv2": 0.5}, example_inputs=x)
+        prune(model, Pruning(sparsity={"trunk.layer2.0.downsample.0": 0.25, "trunk.layer2.0.conv2": 0.5}),
+              example_inputs=x)
     with pytest.raises(PrunefuseError, match=r"prunes layer 'heads.left', which this model does not have"):
-        prune(model, {"heads.left": 0.5}, example_inputs=x)
+        prune(model, Pruning(sparsity={"heads.left": 0.5}), example_inputs=x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # refused before any change
     # Members that agree decide their group, exactly as its name would.
-    by_member = prune(fresh(s), {"trunk.layer2.0.downsample.0": 0.5}, example_inputs=x)
-    by_name = prune(fresh(s), {"trunk.layer2.0.conv2": 0.5}, example_inputs=x)
+    by_member = prune(fresh(s), Pruning(sparsity={"trunk.layer2.0.downsample.0": 0.5}), example_inputs=x)
+    by_name = prune(fresh(s), Pruning(sparsity={"trunk.layer2.0.conv2": 0.5}), example_inputs=x)
     assert stored_params(by_member) == stored_params(by_name) < stored_params(fresh(s))
     assert all(torch.equal(by_member(x)[t], by_name(x)[t]) for t in s.task_names)
 
@@ -191,7 +192,7 @@ def test_policy_after_sorted_key_json_gives_the_same_model(plugin, layout, mode)
     assert list(read_back.pruning.sparsity) != list(policy.pruning.sparsity)
     built = {}
     for key, p in (("written", policy), ("read back", read_back)):
-        built[key] = prune(fresh(s), dict(p.pruning.sparsity), mode=mode, example_inputs=x)
+        built[key] = prune(fresh(s), Pruning(sparsity=dict(p.pruning.sparsity), mode=mode), example_inputs=x)
     a, b = built["written"], built["read back"]
     assert stored_params(a) == stored_params(b)
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
@@ -201,7 +202,8 @@ def test_policy_after_sorted_key_json_gives_the_same_model(plugin, layout, mode)
 
 def test_unstructured_masks_every_member_at_its_groups_value(plugin):
     s = plugin["resnet"]
-    model = prune(fresh(s), {"trunk.layer2.0.conv2": 0.5}, mode="unstructured", example_inputs=s.example_inputs(2))
+    model = prune(fresh(s), Pruning(sparsity={"trunk.layer2.0.conv2": 0.5}, mode="unstructured"),
+                  example_inputs=s.example_inputs(2))
     modules = dict(model.named_modules())
     for m in ("trunk.layer2.0.conv2", "trunk.layer2.0.downsample.0"):
         w = modules[m].weight

@@ -40,7 +40,7 @@ def test_half_precision_training_on_cuda_keeps_fp32_weights(tiny_suite, precisio
 
 
 def test_a_multi_step_cycle_on_cuda(tiny_suite, tiny_artifacts):
-    """steps > 1 (what --asha needs) re-traces the model between rounds: it must stay on CUDA."""
+    """steps > 1 (what --early-stop needs) re-traces the model between rounds: it must stay on CUDA."""
     from mtl_models.training.device import peak_memory_mb, reset_peak_memory
     from mtl_models.pipeline import MeasureSpec, apply_policy
 

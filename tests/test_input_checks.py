@@ -127,15 +127,24 @@ def test_search_config_checks_every_caller(changes, words):
         cfg.replace(max_concurrent=0)
 
 
-def test_read_only_storage(land, cli):
-    probe = Path("/sys/prunefuse-probe")
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs: not writable even by root (skipped where mounting is not allowed)."""
+    import subprocess
+
+    where = tmp_path / "ro"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
     try:
-        probe.mkdir()
-        probe.rmdir()
-        pytest.skip("/sys is writable here")
-    except OSError:
-        pass
-    assert "is not writable" in one_line(*cli(land, "search", "--storage", "/sys/runs"))
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_read_only_storage(land, cli, read_only_folder):
+    assert "is not writable" in one_line(*cli(land, "search", "--storage", read_only_folder / "runs"))
 
 
 @pytest.mark.parametrize("text, words", [

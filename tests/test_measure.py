@@ -8,6 +8,7 @@ from torch import nn
 
 from mtl_models.measuring import measure
 from mtl_models.pruning import prunable_layers, prune
+from spaces.policy import Pruning
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_linear_batchnorm1d_is_folded_too(suite):
 def test_masked_model_is_timed_with_its_masks_folded(suite):
     torch.manual_seed(0)
     model = suite.build_model(trunk="cnn", channels=[8, 16], fc=32).eval()
-    prune(model, {n: 0.5 for n in prunable_layers(model)}, mode="unstructured", importance="l1",
+    prune(model, Pruning(sparsity={n: 0.5 for n in prunable_layers(model)}, mode="unstructured", importance="l1"),
           example_inputs=suite.example_inputs(2))
     form = measure.inference_form(model)
     x = suite.test.x[:16]
@@ -97,7 +98,7 @@ def test_measure_model_leaves_the_model_as_it_was(suite, tiny_artifacts, masked)
     torch.manual_seed(0)
     model = suite.build_model(trunk="cnn", channels=[8, 16], fc=32)
     if masked:
-        prune(model, {n: 0.5 for n in prunable_layers(model)}, mode="unstructured", importance="l1",
+        prune(model, Pruning(sparsity={n: 0.5 for n in prunable_layers(model)}, mode="unstructured", importance="l1"),
               example_inputs=suite.example_inputs(2))
     model.train()
     params = [id(p) for p in model.parameters()]
@@ -209,10 +210,6 @@ def test_a_model_fx_cannot_trace_folds_only_sequential_pairs(suite):
 @pytest.mark.parametrize("trunk", ["cnn", "resnet", "mobilenet"])
 def test_every_batchnorm_of_the_builtin_image_trunks_is_folded(suite, trunk):
     """In these trunks each BatchNorm reads one conv's output (none follows an add)."""
-    from mtl_models.models import TRUNKS
-
-    if trunk not in TRUNKS:
-        pytest.skip(f"no built-in {trunk!r} trunk here")
     model = trained_like(suite.build_model(trunk=trunk), suite)
     assert _norms(model)
     form = measure.inference_form(model)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_policy
 from torch import nn
 
-from mtl_models import artifacts, fusion, models
+from mtl_models import artifacts, fusion
 from mtl_models.training.finite import NonFinite, check_finite
 from mtl_models.pipeline import MeasureSpec, apply_policy, start_model
 
@@ -59,33 +59,11 @@ def test_every_buffer_a_model_names_is_kept():
 
 # --- a BN-bearing residual trunk, DARE up to drop_rate 0.95 -----------------------------------
 
-class _Block(nn.Module):
-    """torchvision's BasicBlock with its 1×1 downsample branch (used where the built-in
-    `resnet` trunk is missing)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.downsample(x))
-
-
-def _resnet_factory(suite, trunk="resnet", channels=(8, 16)):
-    trunk = nn.Sequential(nn.Conv2d(1, channels[0], 3, 1, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU(),
-                          nn.Sequential(_Block(channels[0], channels[0], 1)),
-                          nn.Sequential(_Block(channels[0], channels[1], 2)), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return models.MTLModel(trunk, {t.name: nn.Linear(channels[1], t.num_outputs) for t in suite.tasks})
-
-
 @pytest.fixture(scope="module")
 def resnet(tiny_suite, tmp_path_factory):
-    """(suite, artifacts, model spec) of the built-in `resnet` trunk (else a torchvision-style
-    one of the test's own), trained tiny, with experts."""
+    """(suite, artifacts, model spec) of the built-in `resnet` trunk, trained tiny, with experts."""
     torch.set_num_threads(1)
-    suite = tiny_suite if "resnet" in models.TRUNKS else dataclasses.replace(tiny_suite, model_factory=_resnet_factory)
+    suite = tiny_suite
     spec = {"trunk": "resnet", "channels": [8, 16]}
     art = artifacts.prepare(suite, spec, artifacts.TrainSpec(epochs=2, expert_epochs=1),
                             cache_dir=tmp_path_factory.mktemp("resnet"), experts=True, log=lambda *a: None)

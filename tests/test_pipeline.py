@@ -6,6 +6,7 @@ from conftest import tiny_policy
 from mtl_models.models import checkpoint
 from mtl_models.pipeline import MeasureSpec, apply_policy
 from spaces import PrunefuseError
+from spaces.policy import Pruning
 
 FAST = MeasureSpec(latency_batch=32, runs=5, warmup=1)
 
@@ -104,7 +105,8 @@ def test_cnn_structured_model_round_trips(tiny_suite, tmp_path):
 
     torch.manual_seed(0)
     model = tiny_suite.build_model(trunk="cnn", channels=[8, 16], fc=32)
-    prune(model, {"trunk.conv1": 0.5, "trunk.conv2": 0.5, "trunk.fc": 0.5}, example_inputs=tiny_suite.example_inputs(2))
+    prune(model, Pruning(sparsity={"trunk.conv1": 0.5, "trunk.conv2": 0.5, "trunk.fc": 0.5}),
+          example_inputs=tiny_suite.example_inputs(2))
     policy = tiny_policy(tiny_suite, model={"trunk": "cnn", "channels": [8, 16], "fc": 32})
     checkpoint.save(model, policy, {}, tmp_path / "cnn")
     loaded, _ = checkpoint.load(tmp_path / "cnn")

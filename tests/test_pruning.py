@@ -4,12 +4,14 @@ import copy
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from mtl_models.measuring import measure
 from mtl_models.pruning import (AGGREGATES, IMPORTANCES, MAX_SPARSITY, MultiTaskTaylor, cubic_schedule,
                                 kept_units, min_kept, prunable_layers, prune, without_masks)
 from mtl_models.training.tasks import task_loss
 from spaces import PrunefuseError
+from spaces.policy import Pruning
 
 CRITERIA = sorted(IMPORTANCES)
 TRUNKS = {"mlp": dict(trunk="mlp", width=64, depth=2), "cnn": dict(trunk="cnn", channels=[8, 16], fc=32)}
@@ -55,8 +57,11 @@ def widths(model):
 
 
 def run(suite, model, sparsity, **kw):
+    """prune() with the Pruning section made of `sparsity` and the keywords that are its fields."""
     kw.setdefault("task_losses", losses_of(suite))
-    return prune(model, sparsity, example_inputs=suite.example_inputs(2), **kw)
+    spec = Pruning(sparsity=sparsity, **{k: v for k, v in kw.items() if k in Pruning.model_fields})
+    rest = {k: v for k, v in kw.items() if k not in Pruning.model_fields}
+    return prune(model, spec, example_inputs=suite.example_inputs(2), **rest)
 
 
 # --- structured ---
@@ -270,19 +275,26 @@ def test_structured_round_to_keeps_multiples(suite, trunk, scope):
 
 # --- bad requests ---
 
+@pytest.mark.parametrize("kw, words", [
+    ({"sparsity": {"trunk.fc1": 1.2}}, r"sparsity of trunk.fc1 is 1.2; expected 0 <= sparsity <= 0.95"),
+    ({"sparsity": {"trunk.fc1": -0.1}}, r"sparsity of trunk.fc1 is -0.1"),
+    ({"global_sparsity": 0.99}, r"global_sparsity\n.*less than or equal to 0.95"),
+    ({"mode": "semi"}, r"mode\n.*'structured' or 'unstructured'"),
+    ({"importance": "multitask_taylor", "aggregate": "median"}, r"aggregate\n.*'mean', 'min', 'max' or 'vote'"),
+    ({"steps": 0}, r"steps\n.*greater than or equal to 1"),
+    ({"round_to": 0}, r"round_to\n.*greater than or equal to 1"),
+    ({"mode": "unstructured", "round_to": 8}, r"round_to=8 rounds kept channels.*'structured'"),
+])
+def test_a_spec_breaking_a_rule_is_refused_where_it_is_made(kw, words):
+    # The Policy's Pruning section checks its own values and rules; prune() takes it as checked.
+    with pytest.raises(ValidationError, match=words):
+        Pruning(**kw)
+
+
 @pytest.mark.parametrize("sparsity, kw, words", [
     ({"trunk.fc9": 0.5}, {}, r"prunes layer 'trunk.fc9'.*coupled groups \(one sparsity each\): trunk.fc1, trunk.fc2"),
-    ({"trunk.fc1": 1.2}, {}, r"sparsity of trunk.fc1 is 1.2; expected 0 <= sparsity <= 0.95"),
-    ({"trunk.fc1": -0.1}, {}, r"sparsity of trunk.fc1 is -0.1"),
-    ({}, {"global_sparsity": 0.99}, r"global sparsity 0.99; expected 0 <= sparsity <= 0.95"),
     ({"trunk.fc1": 0.5}, {"importance": "hessian"},
      r"unknown importance 'hessian'; expected one of: l1, l2, multitask_taylor, taylor"),
-    ({"trunk.fc1": 0.5}, {"mode": "semi"}, r"unknown pruning mode 'semi'; expected one of: structured, unstructured"),
-    ({"trunk.fc1": 0.5}, {"importance": "multitask_taylor", "aggregate": "median"},
-     r"unknown importance aggregate 'median'; expected one of: max, mean, min, vote"),
-    ({"trunk.fc1": 0.5}, {"steps": 0}, r"pruning steps=0; expected an integer >= 1"),
-    ({"trunk.fc1": 0.5}, {"round_to": 0}, r"pruning round_to=0; expected an integer >= 1"),
-    ({"trunk.fc1": 0.5}, {"mode": "unstructured", "round_to": 8}, r"round_to=8 rounds kept channels.*'structured'"),
 ])
 def test_bad_requests_name_the_valid_options(suite, sparsity, kw, words):
     model = fresh(suite)
@@ -294,7 +306,8 @@ def test_bad_requests_name_the_valid_options(suite, sparsity, kw, words):
 
 def test_gradient_criteria_need_calibration_losses(suite):
     with pytest.raises(PrunefuseError, match="needs task_losses"):
-        prune(fresh(suite), {"trunk.fc1": 0.5}, importance="multitask_taylor", example_inputs=suite.example_inputs(2))
+        prune(fresh(suite), Pruning(sparsity={"trunk.fc1": 0.5}, importance="multitask_taylor"),
+              example_inputs=suite.example_inputs(2))
 
 
 # --- the multi-task criterion ---

@@ -21,6 +21,7 @@ from mtl_models import models, suites
 from mtl_models.models import MTLModel
 from mtl_models.models.resize import RESIZERS, resize_to
 from spaces import PrunefuseError
+from spaces.policy import Pruning
 
 # --- models as people write them ----------------------------------------------------------
 
@@ -157,7 +158,7 @@ def prune_with_prunefuse(model, x):
     removes whole attention heads: the form `resize` gives back)."""
     from mtl_models.pruning import prune
 
-    prune(model, {}, global_sparsity=0.5, example_inputs=x)
+    prune(model, Pruning(sparsity={}, global_sparsity=0.5), example_inputs=x)
     return trained_like(model, x, seed=1)
 
 
@@ -270,9 +271,7 @@ def test_a_state_that_does_not_fit_is_one_clear_error(tiny_suite, tmp_path):
 
 def _suite_for(trunk, tiny_suite):
     """The first small suite whose inputs the trunk takes (images, else token ids)."""
-    candidates = [tiny_suite]
-    if "sequences" in suites.SUITES:
-        candidates.append(suites.get("sequences", train_samples=64, val_samples=16, test_samples=16))
+    candidates = [tiny_suite, suites.get("sequences", train_samples=64, val_samples=16, test_samples=16)]
     for suite in candidates:
         try:
             suite.build_model(trunk=trunk)
@@ -282,19 +281,11 @@ def _suite_for(trunk, tiny_suite):
     pytest.fail(f"no test suite fits trunk {trunk!r}")
 
 
-def _needs_a_resizer_not_written_yet(model):
-    missing = {type(m).__name__ for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-               and not any(t in RESIZERS for t in type(m).__mro__)}
-    if missing:
-        pytest.xfail(f"{', '.join(sorted(missing))} has no resizer yet")
-
-
 @pytest.mark.parametrize("trunk", sorted(models.TRUNKS))
 def test_every_builtin_trunk_reloads_after_pruning(trunk, tiny_suite, tmp_path):
     suite = _suite_for(trunk, tiny_suite)
     torch.manual_seed(0)
     model = suite.build_model(trunk=trunk)
-    _needs_a_resizer_not_written_yet(model)
     x = suite.train.x[:16]
     dense = {k: v.shape for k, v in model.state_dict().items()}
     prune_with_prunefuse(trained_like(model, x), x)

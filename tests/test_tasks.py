@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mtl_models.suites.base import Split, Task, TaskSuite
+from spaces.policy import Pruning
 
 
 def test_kind_registry_and_vocabulary_agree():
@@ -117,28 +118,6 @@ def test_worse_error_tasks_lower_the_score_and_break_their_floor(tmp_path):
     assert all((dense["val"][t] - worse[f"metric/{t}"]) * 100 < 0 for t in ("err", "depth"))
 
 
-def test_old_experiments_read_their_accuracy_as_score(tmp_path):
-    from report_fixtures import make_experiment
-    from reports import experiment, select
-
-    exp = make_experiment(tmp_path, 12, seed=3)
-    for d in exp.glob("trial_*"):  # rewrite as an experiment from before `score`
-        f = d / "result.json"
-        if f.is_file():
-            lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            for r in lines:
-                r["accuracy"] = r.pop("score")
-                r["test_accuracy"] = r.pop("test_score")
-            f.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    cfg = json.loads((exp / "prunefuse.json").read_text())
-    cfg["objectives"][0][0] = "accuracy"
-    (exp / "prunefuse.json").write_text(json.dumps(cfg))
-    assert experiment.objectives(exp)[0] == ("score", "max")
-    df = experiment.load_experiment(exp)
-    assert df["score"].notna().any() and not math.isnan(float(df["score"].dropna().iloc[0]))
-    assert select.by_knee(df, experiment.objectives(exp), exp)["trial_id"]
-
-
 @pytest.fixture(scope="module")
 def tiny_scenes():
     from mtl_models import suites
@@ -181,7 +160,8 @@ def test_dense_heads_follow_the_trunk_through_structured_pruning_and_reload(tiny
         return {t.name: task_loss(t, out[t.name], s.train.y[t.name][:8]) for t in s.tasks}
 
     groups = coupled_groups(model, x[:2])
-    prune(model, {g: 0.5 for g in groups}, importance="multitask_taylor", example_inputs=x[:2], task_losses=losses)
+    prune(model, Pruning(sparsity={g: 0.5 for g in groups}, importance="multitask_taylor"),
+          example_inputs=x[:2], task_losses=losses)
     out_map = model.trunk(x[:2])
     for task, head in model.heads.items():
         assert head.conv.in_channels == out_map.shape[1] < channels[-1]    # pruned, and in step

@@ -19,6 +19,7 @@ from mtl_models.models.resize import resize_to
 from mtl_models.training.tasks import task_loss
 from mtl_models.training.train import evaluate, train
 from spaces.errors import PrunefuseError
+from spaces.policy import Pruning
 from tests.plugins import attention_suites
 
 LAYOUTS = {"mha": attention_suites.make_mha, "timm": attention_suites.make_timm, "hf": attention_suites.make_hf}
@@ -101,7 +102,7 @@ def test_pruning_heads_removes_whole_heads_exactly(layout):
     sites = attention.sites(model)
     assert len(sites) == 2 and {s.kind for s in sites.values()} == {"mha": {"mha"}, "timm": {"fused"}, "hf": {"split"}}[layout]
     x = suite.example_inputs(4)
-    prune(model, {name: 0.5 for name in sites}, importance="l2", example_inputs=x)
+    prune(model, Pruning(sparsity={name: 0.5 for name in sites}, importance="l2"), example_inputs=x)
     modules, dense_modules = dict(model.named_modules()), dict(dense.named_modules())
     for name, site in sites.items():
         assert attention.heads_of(modules[name]) == 2  # 4 heads, half removed, whole
@@ -143,7 +144,8 @@ def test_macs_count_the_heads_matmuls_in_every_layout(layout):
     x = suite.example_inputs(1)
     dense = count_macs(model, x)
     assert dense >= _flop_counter_macs(model, x)
-    prune(model, {name: 0.5 for name in attention.sites(model)}, importance="l2", example_inputs=suite.example_inputs(2))
+    prune(model, Pruning(sparsity={name: 0.5 for name in attention.sites(model)}, importance="l2"),
+          example_inputs=suite.example_inputs(2))
     assert count_macs(model, x) >= _flop_counter_macs(model, x)
     if layout != "mha":
         assert attention.head_matmul_macs(model, x) > 0
@@ -164,7 +166,8 @@ def test_macs_of_builtin_transformers_with_heads_pruned(trunk, suite_name, optio
     model = suite.build_model(trunk=trunk, dim=16, heads=4, mlp=32).eval()
     x = suite.example_inputs(1)
     dense = count_macs(model, x)
-    prune(model, {name: 0.5 for name in attention.sites(model)}, importance="l2", example_inputs=suite.example_inputs(2))
+    prune(model, Pruning(sparsity={name: 0.5 for name in attention.sites(model)}, importance="l2"),
+          example_inputs=suite.example_inputs(2))
     assert _flop_counter_macs(model, x) <= count_macs(model, x) < dense
 
 
@@ -179,7 +182,8 @@ def test_structured_pruning_every_decision_forward_and_reload(layout, importance
     # Heads of each block, MLP width of each block, and the residual stream: one decision each.
     assert sum(1 for g in groups if g in attention.sites(model)) == 2 and len(groups) == 5
     dense = sum(p.numel() for p in model.parameters())
-    prune(model, {g: 0.6 for g in groups}, importance=importance, example_inputs=x, task_losses=calibration(suite))
+    prune(model, Pruning(sparsity={g: 0.6 for g in groups}, importance=importance),
+          example_inputs=x, task_losses=calibration(suite))
     assert sum(p.numel() for p in model.parameters()) < 0.4 * dense
     for name, site in attention.sites(model).items():
         module = dict(model.named_modules())[name]
@@ -217,8 +221,8 @@ def test_unstructured_masks_act_inside_attention_during_the_fine_tune(layout):
             w = module.in_proj_weight if layout == "mha" else module.qkv.weight
             seen[name] = float((w == 0).float().mean())
 
-    prune(model, {g: 0.5 for g in groups}, mode="unstructured", importance="multitask_taylor", example_inputs=x,
-          task_losses=calibration(suite), after_step=fine_tune)
+    prune(model, Pruning(sparsity={g: 0.5 for g in groups}, mode="unstructured", importance="multitask_taylor"),
+          example_inputs=x, task_losses=calibration(suite), after_step=fine_tune)
     assert seen and all(abs(v - 0.5) < 0.01 for v in seen.values())  # zeros kept through training
     for name in attention.sites(model):
         module = dict(model.named_modules())[name]

@@ -18,8 +18,10 @@ import warnings
 import torch
 from torch import nn
 
-from spaces.errors import PrunefuseError, unknown_name
-from spaces.vocabulary import LATENCY_BACKENDS
+from spaces.errors import PrunefuseError
+from spaces.registry import Registry
+
+from mtl_models.training.modes import eval_mode
 
 INPUT_NAME = "input"
 OPSET = 17
@@ -42,19 +44,8 @@ class _TaskTuple(nn.Module):
 
 
 def task_names(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), eval_mode(model):
         return list(model(example_inputs[:1]))
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
@@ -141,7 +132,7 @@ def max_abs_diff(model: nn.Module, onnx_model: bytes, inputs: torch.Tensor) -> t
     import copy
 
     reference = copy.deepcopy(model).cpu()
-    with torch.no_grad(), _eval(reference):
+    with torch.no_grad(), eval_mode(reference):
         want = reference(inputs.cpu())
     got = run(session(onnx_model), inputs)
     if set(got) != set(want):
@@ -164,9 +155,8 @@ def check_parity(model: nn.Module, onnx_model: bytes, inputs: torch.Tensor) -> f
 
 
 def check_backend(backend: str) -> str:
-    if backend not in LATENCY_BACKENDS:
-        raise unknown_name("latency backend", backend, LATENCY_BACKENDS)
-    return backend
+    """A registered latency backend's name, or one line listing them."""
+    return LATENCY_BACKENDS.method(backend).name
 
 
 def for_backend(model: nn.Module, example_inputs: torch.Tensor, backend: str) -> nn.Module:
@@ -177,23 +167,39 @@ def for_backend(model: nn.Module, example_inputs: torch.Tensor, backend: str) ->
     return model
 
 
-def latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, backend: str = "torch", threads: int = 1,
-               warmup: int = 5, runs: int = 30, device: str = "cpu") -> float:
-    """Median ms of one forward pass of `example_inputs` where the model runs: `torch` (its
-    inference form in eager PyTorch, `measure.latency_ms`) or `onnxruntime` (its exported
-    graph, or an `OnnxModel`'s own graph, in an ONNX Runtime session)."""
+# Where latency is timed, by name (`--latency-backend`; results say which): each backend is
+# `(model, example_inputs, *, threads, warmup, runs, device) -> median ms`.
+LATENCY_BACKENDS = Registry("latency backend")
+
+
+@LATENCY_BACKENDS.register("torch")
+def _torch_ms(model: nn.Module, example_inputs: torch.Tensor, *, threads: int, warmup: int, runs: int,
+              device: str) -> float:
+    """The model's inference form in eager PyTorch (`measure.latency_ms`)."""
     from mtl_models.measuring import measure
 
-    check_backend(backend)
-    if backend == "torch":
-        if isinstance(model, OnnxModel):
-            raise PrunefuseError("an ONNX Runtime graph (a quantized model) cannot be timed in torch eager; "
-                                 "use --latency-backend onnxruntime")
-        return measure.latency_ms(model, example_inputs, threads=threads, warmup=warmup, runs=runs, device=device)
+    if isinstance(model, OnnxModel):
+        raise PrunefuseError("an ONNX Runtime graph (a quantized model) cannot be timed in torch eager; "
+                             "use --latency-backend onnxruntime")
+    return measure.latency_ms(model, example_inputs, threads=threads, warmup=warmup, runs=runs, device=device)
+
+
+@LATENCY_BACKENDS.register("onnxruntime")
+def _onnxruntime_ms(model: nn.Module, example_inputs: torch.Tensor, *, threads: int, warmup: int, runs: int,
+                    device: str) -> float:
+    """Its exported graph (or an `OnnxModel`'s own graph) in an ONNX Runtime session."""
     graph = model.onnx_model if isinstance(model, OnnxModel) else export_onnx(model, example_inputs)
     sess = session(graph, threads=threads, device=device)
     return median_ms(lambda x: sess.run(None, {INPUT_NAME: x}), example_inputs.cpu().numpy(),
                      warmup=warmup, runs=runs)
+
+
+def latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, backend: str = "torch", threads: int = 1,
+               warmup: int = 5, runs: int = 30, device: str = "cpu") -> float:
+    """Median ms of one forward pass of `example_inputs` where the model runs, timed by the
+    registered `backend`."""
+    return LATENCY_BACKENDS.method(backend).fn(model, example_inputs, threads=threads, warmup=warmup, runs=runs,
+                                               device=device)
 
 
 def median_ms(call, x, *, warmup: int, runs: int) -> float:
@@ -206,22 +212,3 @@ def median_ms(call, x, *, warmup: int, runs: int) -> float:
         call(x)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-PARITY_ROWS = 512  # validation inputs the exported graph is checked on
-
-
-def shipped_graph(model: nn.Module, suite, quantization, *, threads: int = 1) -> tuple[bytes, dict]:
-    """(the ONNX graph that ships, parity facts): the fp32 export, checked against PyTorch on
-    the first PARITY_ROWS validation inputs (a PrunefuseError beyond tolerance), or for an int8
-    policy its quantized graph, with how far int8 moved the outputs (for information)."""
-    from mtl_models.deployment.quantize import quantize, quantizes
-
-    x = suite.val.x[:PARITY_ROWS]
-    fp32 = export_onnx(model, suite.example_inputs(2))
-    facts = {"onnx_max_abs_diff": check_parity(model, fp32, x), "onnx_parity_rows": len(x)}
-    if not quantizes(quantization):
-        return fp32, facts
-    int8 = quantize(model, suite, quantization, threads=threads).onnx_model
-    facts["int8_max_abs_diff"] = max_abs_diff(model, int8, x)[0]
-    return int8, facts

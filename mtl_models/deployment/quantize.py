@@ -24,28 +24,31 @@ import tempfile
 import torch
 
 from spaces.errors import unknown_name
+from spaces.registry import Registry
 from spaces.policy import Quantization
 
 from mtl_models.deployment.deploy import INPUT_NAME, OnnxModel, export_onnx
 
 CALIBRATION_BATCH = 64
+# Quantization methods by name (a policy's `quantization.method`, "none" aside): each
+# `(graph_in, graph_out, suite, spec)` writes the int8 graph of the fp32 one.
+METHODS = Registry("quantization method")
 
 
+@METHODS.register("dynamic_int8")
 def _dynamic(graph_in: str, graph_out: str, suite, spec: Quantization) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(graph_in, graph_out, weight_type=QuantType.QInt8, per_channel=True)
 
 
+@METHODS.register("static_int8")
 def _static(graph_in: str, graph_out: str, suite, spec: Quantization) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(graph_in, graph_out, _Calibration(suite.train.x[:spec.calibration_samples]),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-
-
-METHODS = {"dynamic_int8": _dynamic, "static_int8": _static}
 
 
 class _Calibration:

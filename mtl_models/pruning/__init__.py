@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spaces.errors import PrunefuseError, unknown_name
+from spaces.errors import PrunefuseError
+from spaces.policy import Pruning
 
 from .allocation import MAX_SPARSITY, cubic_schedule, kept_units, min_kept, round_units
 from .groups import coupled_groups, decided_sparsity
@@ -68,48 +69,31 @@ def check_sparsity(model, sparsity: dict[str, float], example_inputs: torch.Tens
     return decided_sparsity(groups, sparsity, prunable_layers(model))
 
 
-def prune(model, sparsity: dict[str, float], *, mode: str = "structured", importance: str = "l2",
-          example_inputs: torch.Tensor, task_losses=None, steps: int = 1,
-          global_sparsity: float | None = None, aggregate: str = "max", after_step=None,
-          round_to: int = 1) -> nn.Module:
-    """Prune `model`'s trunk to the per-group `sparsity` (fraction of units / weights removed).
+def prune(model, spec: Pruning, *, example_inputs: torch.Tensor, task_losses=None, after_step=None) -> nn.Module:
+    """Prune `model`'s trunk as the policy's `Pruning` section says (its ranges and its mode's
+    rules were checked where it was made; what is checked here needs the model or the code).
 
-    sparsity: {coupled group name: value} (`coupled_groups`; a member's name is accepted when
-      all values given for its group agree). A group's channels are pruned together
-      (structured); unstructured, every member's weights are masked at the group's value.
-
+    spec.sparsity: {coupled group name: fraction of units / weights removed} (`coupled_groups`;
+      a member's name is accepted when all values given for its group agree). A group's
+      channels are pruned together (structured); unstructured, every member's weights are
+      masked at the group's value.
+    spec.global_sparsity: rank all prunable trunk layers together to remove that fraction of
+      their units (weights, when unstructured) overall, no layer beyond MAX_SPARSITY (per-layer
+      values are then ignored).
+    spec.round_to: structured only; each layer's kept width is rounded to a multiple of it
+      (`round_units`), so that the kernels' channel blocks are full.
     task_losses: model -> {task: loss} on calibration data; needed by the gradient criteria
       (the model is scored in eval mode: BatchNorm uses its running statistics).
-    global_sparsity: rank all prunable trunk layers together to remove that fraction of their
-      units (weights, when unstructured) overall, no layer beyond MAX_SPARSITY (per-layer
-      values are then ignored).
-    after_step(step, model): called after each of the `steps` steps (fine-tune, report).
-    round_to: structured only; each layer's kept width is rounded to a multiple of it
-      (`round_units`), so that the kernels' channel blocks are full.
+    after_step(step, model): called after each of the `spec.steps` steps (fine-tune, report).
     Returns the pruned model (structured pruning edits `model` in place).
     """
-    if mode not in MODES:
-        raise unknown_name("pruning mode", mode, MODES)
-    if importance not in IMPORTANCES:
-        raise unknown_name("importance", importance, IMPORTANCES)
-    if aggregate not in AGGREGATES:
-        raise unknown_name("importance aggregate", aggregate, AGGREGATES)
-    if importance in NEEDS_GRADS and task_losses is None:
-        raise PrunefuseError(f"importance {importance!r} needs task_losses (calibration losses per task)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise PrunefuseError(f"pruning steps={steps}; expected an integer >= 1")
+    IMPORTANCES.method(spec.importance)  # a criterion's name: the registry knows them, not the policy
+    if spec.importance in NEEDS_GRADS and task_losses is None:
+        raise PrunefuseError(f"importance {spec.importance!r} needs task_losses (calibration losses per task)")
     groups = coupled_groups(model, example_inputs)
-    sparsity = check_sparsity(model, sparsity, example_inputs, groups=groups)
-    if global_sparsity is not None and not 0.0 <= global_sparsity <= MAX_SPARSITY:
-        raise PrunefuseError(f"global sparsity {global_sparsity}; expected 0 <= sparsity <= {MAX_SPARSITY}")
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise PrunefuseError(f"pruning round_to={round_to!r}; expected an integer >= 1")
-    if mode == "structured":
-        return prune_structured(model, sparsity, groups, importance, example_inputs, task_losses, steps,
-                                global_sparsity, aggregate, after_step, round_to)
-    if round_to != 1:
-        raise PrunefuseError(f"pruning round_to={round_to} rounds kept channels, so it needs mode 'structured' "
-                             "(unstructured pruning keeps every channel)")
+    sparsity = decided_sparsity(groups, dict(spec.sparsity), prunable_layers(model))  # keys that fit this model
+    if spec.mode == "structured":
+        return prune_structured(model, spec, sparsity, groups, example_inputs=example_inputs,
+                                task_losses=task_losses, after_step=after_step)
     per_layer = {m: value for name, value in sparsity.items() for m in groups[name]}
-    return prune_unstructured(model, per_layer, importance, task_losses, steps,
-                              global_sparsity, aggregate, after_step)
+    return prune_unstructured(model, spec, per_layer, task_losses=task_losses, after_step=after_step)

@@ -320,7 +320,7 @@ def head_matmul_macs(model, example_inputs: torch.Tensor) -> int:
     (counted as torch-pruning counts them for nn.MultiheadAttention), over one forward of
     `example_inputs`. torch-pruning's counter sees layers only, and these matmuls run in the
     attention module's own forward: without them, cutting heads would look cheaper than it is."""
-    from .layers import hooked_forward
+    from mtl_models.training.modes import hooked_forward
 
     modules = dict(model.named_modules())
     total = [0]

@@ -17,8 +17,10 @@ import torch
 
 from spaces.errors import PrunefuseError
 
+from mtl_models.training.modes import eval_mode, hooked_forward
+
 from .attention import dependency_graph, head_groups
-from .layers import PRUNABLE_TYPES, eval_mode, hooked_forward, prunable_layers, width
+from .layers import PRUNABLE_TYPES, prunable_layers, width
 
 
 def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, ...]]:

@@ -1,9 +1,6 @@
 """What the pruning engines may cut: the trunk's Linear / Conv2d layers."""
 from __future__ import annotations
 
-import contextlib
-
-import torch
 from torch import nn
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
@@ -41,27 +38,3 @@ def width(module) -> int:
     from .attention import heads_of
 
     return heads_of(module)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Eval mode for a forward that only looks (BatchNorm statistics untouched, dropout off),
-    then each module's own mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def hooked_forward(model, example_inputs, handles: list) -> None:
-    """One forward that only looks (`eval_mode`, no grad) for the hooks behind `handles`, which
-    are removed after it, whatever happens."""
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from spaces.errors import PrunefuseError
+from spaces.policy import Pruning
 
 from mtl_models.models import checkpoint
 from mtl_models.pruning import prune, without_masks
@@ -30,8 +31,9 @@ def check_pruning(suite, policies) -> None:
         torch.manual_seed(policy.seed)
         model = suite.build_model(**policy.model).eval()
         try:
-            model = without_masks(prune(model, dict(p.sparsity), mode=p.mode, importance="l2", example_inputs=x,
-                                        global_sparsity=p.global_sparsity, round_to=p.round_to)).eval()
+            # one-shot, by magnitude: what the check needs is the pruned shapes, not the policy's criterion
+            shapes = Pruning(mode=p.mode, sparsity=p.sparsity, global_sparsity=p.global_sparsity, round_to=p.round_to)
+            model = without_masks(prune(model, shapes, example_inputs=x)).eval()
         except Exception as exc:  # noqa: BLE001 (any failure is the user's model's: say where)
             raise PrunefuseError(f"pruning check ({what}) failed before any training: {_reason(exc)}") from None
         expected = _forward(model, x, what)

@@ -15,17 +15,17 @@ from .importance import IMPORTANCES
 from .layers import width as _width
 
 
-def prune_structured(model, sparsity, groups, importance, example_inputs, task_losses, steps,
-                     global_sparsity, aggregate, after_step, round_to=1):
-    """`sparsity`: {group name: value}; `groups`: `coupled_groups(model)`. Each group is pruned
-    through its first member (its name): torch-pruning removes the same channels from every
-    member and from every layer that reads them."""
+def prune_structured(model, spec, sparsity, groups, *, example_inputs, task_losses, after_step):
+    """`spec`: the policy's Pruning section; `sparsity`: {group name: value}; `groups`:
+    `coupled_groups(model)`. Each group is pruned through its first member (its name):
+    torch-pruning removes the same channels from every member and from every layer that reads them."""
+    steps, global_sparsity, round_to = spec.steps, spec.global_sparsity, spec.round_to
     modules = dict(model.named_modules())
     attention.to_prunable(model)  # MultiheadAttention that survives losing heads / residual channels
     # Forward order, never the policy's key order: the same policy prunes the same way.
     listed = [n for n in groups if global_sparsity is not None or n in sparsity]
     initial = {n: _width(modules[n]) for n in listed}
-    criterion = IMPORTANCES[importance](aggregate)
+    criterion = IMPORTANCES[spec.importance](spec.aggregate)
     for step in range(1, steps + 1):
         # Fractions of each layer's initial units removed before and after this step.
         if global_sparsity is not None:

@@ -19,7 +19,9 @@ def _mask_lowest(scores, k):
     return mask
 
 
-def prune_unstructured(model, sparsity, importance, task_losses, steps, global_sparsity, aggregate, after_step):
+def prune_unstructured(model, spec, sparsity, *, task_losses, after_step):
+    """`spec`: the policy's Pruning section; `sparsity`: {layer: value} (each member of a group at its value)."""
+    steps, global_sparsity = spec.steps, spec.global_sparsity
     modules = dict(model.named_modules())
     # MultiheadAttention reads `out_proj.weight` without calling `out_proj`, so a mask's hook
     # there never reran: the prunable form calls it (and recomputes in_proj_weight's mask).
@@ -29,7 +31,7 @@ def prune_unstructured(model, sparsity, importance, task_losses, steps, global_s
     for step in range(1, steps + 1):
         model.eval()
         _make_masks_permanent(modules, layers)  # so `weight` is a Parameter again for scoring
-        scores = weight_scores(model, layers, importance, task_losses, aggregate)
+        scores = weight_scores(model, layers, spec.importance, task_losses, spec.aggregate)
         # Once pruned, always pruned: earlier zeros rank below everything.
         scores = {n: s.masked_fill(masks[n] == 0, -1.0) if n in masks else s for n, s in scores.items()}
         if global_sparsity is not None:

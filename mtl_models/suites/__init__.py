@@ -1,7 +1,7 @@
 """Task suites by name: `get("multidigits", seed=0)`, or a `package.module:function` plugin.
 
-A registry entry is a function `(**options) -> TaskSuite`; suites are built lazily so
-that importing this package costs nothing.
+A registry entry (`base.SUITES`) is a function `(**options) -> TaskSuite` registered beside
+its suite's code; suites are built (their data made) only when asked for.
 
 Plugins: `get("my_package.module:make_suite", **options)` imports `my_package.module` from
 the current working directory (and from $PRUNEFUSE_PLUGIN_PATH, which the search sets for
@@ -20,20 +20,13 @@ import re
 import sys
 
 from spaces.errors import PrunefuseError, unknown_name
-from spaces.vocabulary import PLUGIN_PATH_ENV, TASK_KINDS, split_suite_spec
+from spaces.vocabulary import PLUGIN_PATH_ENV, TASK_KINDS, TASK_METRICS, split_suite_spec
 
-from .base import Split, Task, TaskSuite
+# The built-in suites register themselves in SUITES (`@SUITES.register("name")`) when imported.
+from . import multidigits, scenes, sequences, synthetic, tabular  # noqa: F401
+from .base import SUITES, Split, Task, TaskSuite
 
 __all__ = ["Task", "Split", "TaskSuite", "SUITES", "get"]
-
-# name -> "module:function", imported on first use.
-SUITES = {
-    "multidigits": "mtl_models.suites.multidigits:make_multidigits",
-    "synthetic": "mtl_models.suites.synthetic:make_synthetic",
-    "tabular": "mtl_models.suites.tabular:make_tabular",
-    "sequences": "mtl_models.suites.sequences:make_sequences",
-    "scenes": "mtl_models.suites.scenes:make_scenes",
-}
 
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -66,7 +59,7 @@ def get(name: str, **options) -> TaskSuite:
     if ":" in name:
         factory = _load(name)
     elif name in SUITES:
-        factory = _load(SUITES[name])
+        factory = SUITES[name]
     else:
         raise unknown_name("suite", name, list(SUITES) + ["<package.module:function>"])
     _check_options(name, factory, options)
@@ -108,8 +101,6 @@ def _check_suite(name: str, suite: TaskSuite) -> None:
     """What a plugin's TaskSuite must hold for the rest of prunefuse to work on it."""
     import torch
 
-    from mtl_models.training.tasks import METRICS
-
     where = f"suite {name!r}"
     if not suite.tasks:
         raise PrunefuseError(f"{where} has no tasks")
@@ -122,9 +113,9 @@ def _check_suite(name: str, suite: TaskSuite) -> None:
         seen.add(t.name)
         if t.kind not in TASK_KINDS:
             raise PrunefuseError(f"{where}: task {t.name!r} has kind {t.kind!r}; expected one of: {', '.join(TASK_KINDS)}")
-        if t.metric not in METRICS:
+        if t.metric not in TASK_METRICS:
             raise PrunefuseError(f"{where}: task {t.name!r} has metric {t.metric!r}; expected one of: "
-                                 f"{', '.join(sorted(METRICS))}")
+                                 f"{', '.join(sorted(TASK_METRICS))}")
     if not isinstance(suite.options, dict):
         raise PrunefuseError(f"{where}: options must be a dict (they rebuild the suite), got {type(suite.options).__name__}")
     for split_name in ("train", "val", "test"):
@@ -179,13 +170,10 @@ def check_model(model, suite: TaskSuite, *, where: str = "the model", forward: b
         raise PrunefuseError(f"{where} has heads {sorted(heads.keys())}; the suite's tasks are {sorted(suite.task_names)}")
     if not forward:
         return
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(suite.example_inputs(2))
-    finally:
-        model.train(was_training)
+    from mtl_models.training.modes import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        out = model(suite.example_inputs(2))
     if not isinstance(out, dict) or sorted(out) != sorted(suite.task_names):
         got = sorted(out) if isinstance(out, dict) else type(out).__name__
         raise PrunefuseError(f"{where}: forward(x) must return a dict {{task: output}} for tasks "

@@ -11,7 +11,11 @@ from typing import Callable
 
 import torch
 
+from spaces.registry import Registry
 from spaces.vocabulary import suite_spec
+
+# Built-in suites by name: each module's `make_<name>(**options) -> TaskSuite` registers itself.
+SUITES = Registry("suite")
 
 
 @dataclass(frozen=True)

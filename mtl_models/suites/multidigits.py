@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Split, Task, TaskSuite, check_sizes
+from .base import SUITES, Split, Task, TaskSuite, check_sizes
 
 TASKS = (
     Task("left", "classification", 10),
@@ -46,6 +46,7 @@ def source_parts(n: int, rng) -> dict[str, np.ndarray]:
     return {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
 
 
+@SUITES.register("multidigits")
 def make_multidigits(*, seed: int = 0, offset: int = 2, train_pairs: int = 20000,
                      val_pairs: int = 3000, test_pairs: int = 3000) -> TaskSuite:
     from sklearn.datasets import load_digits

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Split, Task, TaskSuite
+from .base import SUITES, Split, Task, TaskSuite
 
 CLASSES = ("floor", "sphere", "box", "pyramid")
 DEPTH_UNIT = 4.0     # depth labels are stored divided by this (losses on one scale with the others)
@@ -96,6 +96,7 @@ def _split(x, y, mean, std) -> Split:
     return Split(torch.from_numpy((x - mean) / std), {t: torch.from_numpy(v) for t, v in y.items()})
 
 
+@SUITES.register("scenes")
 def make_scenes(*, seed: int = 0, train_images: int = 1500, val_images: int = 300, test_images: int = 300,
                 size: int = 32) -> TaskSuite:
     """The scenes suite; splits come from disjoint seeds, so sizes change nothing else."""

@@ -17,7 +17,7 @@ import torch
 
 from spaces.errors import PrunefuseError
 
-from .base import Split, Task, TaskSuite
+from .base import SUITES, Split, Task, TaskSuite
 
 
 def _integer(name: str, value, low: int) -> int:
@@ -48,6 +48,7 @@ def _split(rng, n: int, length: int, vocab: int, motifs: np.ndarray) -> Split:
     })
 
 
+@SUITES.register("sequences")
 def make_sequences(*, seed: int = 0, length: int = 16, vocab: int = 8, motifs: int = 4,
                    train_samples: int = 4000, val_samples: int = 1000, test_samples: int = 1000) -> TaskSuite:
     seed, length = _integer("seed", seed, 0), _integer("length", length, 4)

@@ -20,7 +20,7 @@ import torch
 
 from spaces.errors import PrunefuseError
 
-from .base import Split, Task, TaskSuite, check_sizes
+from .base import SUITES, Split, Task, TaskSuite, check_sizes
 
 
 def _integer(name: str, value, low: int, high: int | None = None) -> int:
@@ -49,6 +49,7 @@ def _scales(label_scale, tasks: int) -> list[float]:
     return [_real(f"label_scale[{i}]", v, positive=True) for i, v in enumerate(label_scale)]
 
 
+@SUITES.register("synthetic")
 def make_synthetic(*, seed: int = 0, tasks: int = 2, correlation: float = 0.5, dim: int = 100, c: float = 1.0,
                    sines: int = 10, noise: float = 0.1, label_scale: list | None = None,
                    train_samples: int = 8000, val_samples: int = 2000, test_samples: int = 2000) -> TaskSuite:

@@ -30,7 +30,7 @@ import torch
 
 from spaces.errors import PrunefuseError
 
-from .base import Split, Task, TaskSuite
+from .base import SUITES, Split, Task, TaskSuite
 
 KINDS = ("classification", "regression", "multilabel")
 MIN_ROWS = 20
@@ -210,6 +210,7 @@ def _encode_label(df, name, kind, columns, train_idx):
     return Task(name, kind, 1, metric="r2", unit=std), torch.from_numpy(((v - mean) / std).astype(np.float32))
 
 
+@SUITES.register("tabular")
 def make_tabular(*, path: str, features: list, tasks: list, seed: int = 0,
                  data_sha256: str | None = None) -> TaskSuite:
     """The suite of a CSV / Parquet file. `data_sha256`, when given (a policy's suite spec),
