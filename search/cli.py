@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where latency is timed: torch (eager, the default) or onnxruntime (the exported graph); "
                         "the dense base is timed the same way")
     s.add_argument("--tracking", default=None, metavar="mlflow[=URI]",
-                   help="log every trial to MLflow (default store: EXPERIMENT/mlruns; mlflow=http://host:5000 for a server)")
+                   help="log every trial to MLflow (default store: sqlite EXPERIMENT/mlflow.db; mlflow=http://host:5000 for a server)")
     s.add_argument("--trials", type=int, default=None, help="number of trials (default 48)")
     s.add_argument("--time-budget", type=finite_float, default=None, metavar="S", help="stop starting trials after S seconds")
     s.add_argument("--address", default=None, help="auto | HOST:PORT of a Ray cluster (default: embedded local Ray)")

@@ -94,7 +94,9 @@ def measure_control(cfg: SearchConfig, suite, art, space: SearchSpace, log) -> d
     policy = space.control_policy()
     digest = hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     cached = Path(artifact_cache(cfg), art.key, f"control-{digest}.pt")
-    state = torch.load(cached, map_location="cpu", weights_only=True) if cached.is_file() else None
+    from mtl_models.models.weights import load_weights
+
+    state = load_weights(cached) if cached.is_file() else None
     log("reusing the dense control from the cache" if state is not None else
         f"fine-tuning the dense control ({policy.finetune.epochs:g} epochs at lr {policy.finetune.lr:g}, "
         f"{policy.weighting.method} weighting: the trials' fine-tune) ...")
