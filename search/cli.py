@@ -238,6 +238,8 @@ def _report_and_export(path) -> None:
     print(f"report: {report}")
     df = experiment.load_experiment(path)
     objectives = experiment.objectives(path)
+    if experiment.unreadable_note(df):
+        print(experiment.unreadable_note(df))
     try:
         row = select.by_knee(df, objectives, path)
     except PrunefuseError as exc:
@@ -304,6 +306,8 @@ def cmd_export(args) -> int:
     if limited and (args.trial or args.knee):
         raise PrunefuseError("choose one way: --trial ID, --knee, or constraints (--max-params, --max-latency-ms, "
                              "--min-score, --min-task), not several")
+    if (limited or args.knee) and not args.trial and experiment.unreadable_note(df):
+        print(experiment.unreadable_note(df))  # the front below is computed without them: say so
     if args.trial:
         row = select.by_trial(df, args.trial)
     elif limited:

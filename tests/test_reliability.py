@@ -56,3 +56,25 @@ def test_a_poisoned_cache_entry_is_one_line_and_nothing_else(tmp_path):
                            cwd=tmp_path)
     one_line(code, err, "cached artifact", "base.pt", "delete its folder")
     assert "UserWarning" not in err and not (tmp_path / "model").exists()
+
+
+# --- 2. export names the trials it could not read ---
+
+def test_export_names_the_trials_it_could_not_read(tmp_path):
+    from report_fixtures import make_experiment
+
+    exp = make_experiment(tmp_path / "runs", 8)
+    code, out, _ = run_cli("export", exp, "--knee", "-o", tmp_path / "before.yaml", cwd=tmp_path)
+    assert code == 0 and "could not read" not in out
+    knee = out.split("exported trial ")[1].split()[0]
+    other = next(d for d in sorted(exp.glob("trial_*")) if d.name != f"trial_{knee}")
+    result = (exp / f"trial_{knee}" / "result.json").read_bytes()
+    (exp / f"trial_{knee}" / "result.json").write_bytes(result[: len(result) // 2])   # truncated
+    (other / "params.json").write_bytes(b"\x00\x01\x02 binary")
+    for how in (["--knee"], ["--max-params", "1e9"]):
+        code, out, err = run_cli("export", exp, *how, "-o", tmp_path / "after.yaml", cwd=tmp_path)
+        assert code == 0, err[-2000:]
+        [line] = [ln for ln in out.splitlines() if "could not read" in ln]
+        assert "2 trial(s)" in line and knee in line and other.name.removeprefix("trial_") in line
+        assert "result.json" in line and "params.json" in line and "computed without them" in line
+        assert f"exported trial {knee} " not in out
