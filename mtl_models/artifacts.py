@@ -248,8 +248,10 @@ def _save(state, path: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(buffer.getvalue())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 
 

@@ -138,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="rebuild the compressed model from a policy and save it")
     a.add_argument("policy")
     a.add_argument("-o", "--output", required=True, help="folder for model.pt, policy.yaml, metrics.json")
-    a.add_argument("--cache", default=os.path.join("runs", "_artifacts"), help="where trained bases are cached")
+    a.add_argument("--cache", default=None,
+                   help="where trained bases are cached (default: the cache of the search the policy came from, "
+                        "when its experiment is reachable here, else runs/_artifacts)")
     a.add_argument("--threads", type=int, default=1, help="CPU threads (the search's trials used --cpus-per-trial)")
     a.add_argument("--latency-backend", choices=LATENCY_BACKENDS, default=None,
                    help="time in torch or onnxruntime (default: the backend the policy's trial was timed with)")
@@ -332,9 +334,24 @@ def cmd_apply(args) -> int:
     policy = Policy.from_yaml(args.policy)
     from mtl_models.apply import apply_and_save
 
-    apply_and_save(policy, args.output, cache=args.cache, threads=args.threads, device=args.device,
+    apply_and_save(policy, args.output, cache=_apply_cache(args, policy), threads=args.threads, device=args.device,
                    latency_backend=args.latency_backend)
     return 0
+
+
+def _apply_cache(args, policy) -> str:
+    """`--cache`, else the cache of the search the policy came from (its very base and experts:
+    retrained in another process they would differ in the last digits), else runs/_artifacts."""
+    if args.cache is not None:
+        return args.cache
+    from .shared_artifacts import search_cache_of
+
+    found = search_cache_of(policy, args.policy)
+    if found is None:
+        return os.path.join("runs", "_artifacts")
+    cache, where = found
+    print(f"using the artifact cache of the search {where}: {cache}")
+    return cache
 
 
 def os_error_line(exc: OSError) -> str:

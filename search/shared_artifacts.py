@@ -22,6 +22,31 @@ def artifact_cache(cfg: SearchConfig) -> str:
     return os.path.join(cfg.storage, "_artifacts")
 
 
+def search_cache_of(policy, policy_file: str) -> tuple[str, str] | None:
+    """(the artifact cache, the experiment) of the search a policy came from, where that
+    experiment is reachable here: the folder its provenance names, or the folder holding the
+    policy file (a knee's policy.yaml sits in its experiment). None when neither is one.
+
+    `apply` then rebuilds from the very base and experts its trial started from: training
+    them again in another process is not bit-identical."""
+    from spaces.vocabulary import CONFIG_FILE
+
+    named = (policy.provenance or {}).get("experiment")
+    for where in (named, os.path.dirname(os.path.abspath(policy_file))):
+        if not where or is_uri(str(where)) or not os.path.isfile(os.path.join(str(where), CONFIG_FILE)):
+            continue
+        try:
+            cfg = SearchConfig.load(str(where))
+        except Exception:  # noqa: BLE001 a damaged experiment is only a lost shortcut: the cache is retrained
+            continue
+        # An experiment is STORAGE/NAME, and a local storage keeps its cache beside it.
+        cache = artifact_cache(cfg) if is_uri(cfg.storage) else os.path.join(os.path.dirname(
+            os.path.abspath(str(where)).rstrip(os.sep)), "_artifacts")
+        if os.path.isdir(cache):
+            return cache, str(where)
+    return None
+
+
 def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, log):
     """Base, experts and references, trained once and cached by content hash (or reused).
 

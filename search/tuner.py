@@ -11,6 +11,7 @@ import json
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
@@ -271,11 +272,40 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
 
 
 def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None) -> str:
-    from .cluster import check_fits, connect
+    from .cluster import check_fits, cluster_watch, connect
 
     started = time.time()
     connect(cfg.address, suite_name=cfg.suite["name"], log=log)  # before any write: a wrong address leaves nothing
     check_fits(cfg.address, cfg.cpus_per_trial, cfg.gpus_per_trial, log=log)
+    with cluster_watch(cfg.address, lambda gcs: cluster_lost_line(cfg, gcs)):
+        results = _train_and_fit(cfg, suite, space, base_state, resume=resume, log=log, warm=warm)
+    _after_fit(cfg, results, log)
+    elapsed = time.time() - started
+    from .progress import ProgressPrinter
+
+    printer = ProgressPrinter.last if results else None
+    write_text(join(cfg.path, FINISHED_FILE), json.dumps({
+        "wall_s": elapsed, "finished_at": time.time(), "resumed": bool(resume),
+        "trial_wall_s": dict(printer.wall_s) if printer else {}}))
+    counts = ""
+    if printer:
+        counts = f" ({printer.done} trials finished, {printer.failed} failed)"
+    log(f"search finished in {elapsed:.0f} s{counts}: {cfg.path}")
+    return cfg.path
+
+
+def cluster_lost_line(cfg: SearchConfig, gcs: str) -> str:
+    """What a search whose cluster went away says last: what is kept, and how to go on."""
+    from spaces.vocabulary import FINAL_FILE
+
+    kept = len(list(Path(cfg.path).glob(f"trial_*/{FINAL_FILE}"))) if not is_uri(cfg.storage) else None
+    what = f"the {kept} trial(s) that finished are kept" if kept is not None else "the trials that finished are kept"
+    return (f"the Ray cluster at {gcs} went away during search {cfg.name!r}; {what} in {cfg.path}; once a cluster "
+            f"is up again: prunefuse search --resume {cfg.name} --storage {cfg.storage} --address {cfg.address}")
+
+
+def _train_and_fit(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None) -> list:
+    """The Ray part of a search: shared artifacts, the dense base and control, the trials."""
     if not resume:
         cfg.save()
     art = train_artifacts(cfg, suite, space, base_state, log)
@@ -302,19 +332,7 @@ def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, l
     if remaining is None or remaining > 0:
         tuner = make_tuner(cfg, suite, space, art, dense, trials=remaining)
         results = tuner.fit()
-    _after_fit(cfg, results, log)
-    elapsed = time.time() - started
-    from .progress import ProgressPrinter
-
-    printer = ProgressPrinter.last if results else None
-    write_text(join(cfg.path, FINISHED_FILE), json.dumps({
-        "wall_s": elapsed, "finished_at": time.time(), "resumed": bool(resume),
-        "trial_wall_s": dict(printer.wall_s) if printer else {}}))
-    counts = ""
-    if printer:
-        counts = f" ({printer.done} trials finished, {printer.failed} failed)"
-    log(f"search finished in {elapsed:.0f} s{counts}: {cfg.path}")
-    return cfg.path
+    return results
 
 
 def _settle_stopped_driver(cfg: SearchConfig, dense: dict, log) -> int | None:
@@ -324,6 +342,9 @@ def _settle_stopped_driver(cfg: SearchConfig, dense: dict, log) -> int | None:
     if is_uri(cfg.storage):
         raise PrunefuseError(f"--resume needs the experiment on a local or shared folder; {cfg.storage!r} is a URI")
     ended = reconcile(cfg.path, study_url(cfg), cfg.name, cfg.objectives, floors=task_floors(cfg, dense), log=log)
+    from .trial_files import complete_result_logs
+
+    complete_result_logs(cfg.path, log=log)  # kept trials whose last report the stopped driver never logged
     if cfg.trials is None:
         log(f"resuming search {cfg.name!r} from {cfg.path}: {ended} trial(s) ended, a new --time-budget of "
             f"{cfg.time_budget_s:g} s for the rest")
