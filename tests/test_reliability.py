@@ -242,3 +242,47 @@ def test_a_disk_filling_while_a_model_is_saved_keeps_the_earlier_model(tmp_path,
     one_line(code, err, "no space left on the device")
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in output.iterdir()} == before
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model"]   # no staging folder left
+
+
+# --- 1. apply without --cache finds the search's artifacts: a scenes policy matches its trial ---
+
+SCENES = ["--suite", "scenes", "--suite-option", "train_images=64", "--suite-option", "val_images=32",
+          "--suite-option", "test_images=32", "--trunk", "cnn", "--model-option", "channels=[4,8]",
+          "--train-option", "epochs=2", "--train-option", "batch_size=32", "--trials", "2",
+          "--measure-option", "latency_batch=32", "--measure-option", "runs=3"]
+
+
+@pytest.mark.slow
+def test_a_scenes_policy_applied_without_cache_matches_its_trial(tmp_path):
+    """Segmentation, depth (abs_err) and normals (degrees): exported from one folder, applied
+    from another with no --cache, the policy finds its search's base and rebuilds every digit;
+    with the base retrained (an empty cache) it still matches, each metric judged in points
+    of its own score."""
+    (tmp_path / "space.yaml").write_text("fusion: {method: none}\npruning: {importance: l2, sparsity: "
+                                         "{low: 0.0, high: 0.9}}\nfinetune: {epochs: 1, batch_size: 32}\n")
+    code, _, err = run_cli("search", *SCENES, "--space", "space.yaml", "--storage", "store", "--name", "sc",
+                           "--no-report", cwd=tmp_path, timeout=1200)
+    assert code == 0, err[-3000:]
+    code, _, err = run_cli("export", "store/sc", "--knee", "-o", "knee.yaml", cwd=tmp_path)   # relative paths
+    assert code == 0, err[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, out, err = run_cli("apply", tmp_path / "knee.yaml", "-o", "model", cwd=elsewhere, timeout=900)
+    assert code == 0, err[-3000:]
+    assert f"using the artifact cache of the search {tmp_path / 'store' / 'sc'}" in out and "reusing the dense base" in out
+    assert "matches its trial" in out
+    measured = yaml_policy(tmp_path / "knee.yaml")["provenance"]["metrics"]
+    applied = json.loads((elsewhere / "model" / "metrics.json").read_text())
+    assert applied["matches_trial"] is True
+    for task in ("semantic", "depth", "normals"):
+        assert applied[f"metric/{task}"] == pytest.approx(measured[f"metric/{task}"], abs=1e-6), task
+    code, out, err = run_cli("apply", tmp_path / "knee.yaml", "-o", "retrained", "--cache", "empty", cwd=elsewhere,
+                             timeout=900)
+    assert code == 0, err[-3000:]
+    assert "training the dense base model" in out and "matches its trial" in out
+
+
+def yaml_policy(path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
