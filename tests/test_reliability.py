@@ -226,6 +226,7 @@ def test_a_disk_filling_while_the_base_is_cached_leaves_no_half_file(tmp_path, s
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_disk_filling_while_a_model_is_saved_keeps_the_earlier_model(tmp_path, small_disk):
     """17 MiB left after the checks (the save's own check passes) and a model of 2 × 19 MB
     (model.pt, model.onnx): the disk fills in the middle of the save."""
