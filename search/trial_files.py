@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 from spaces.files import atomic_write_text
-from spaces.vocabulary import FINAL_FILE
+
+# One reader of a trial's final.json (a dict with "final": true, or None): warm start's.
+from .warm_start import _final
 
 RESULT_LOG = "result.json"  # Tune's JSON-lines log of a trial's reports
 
@@ -37,14 +39,6 @@ def _complete(folder: Path) -> bool:
     text = "".join(json.dumps(r) + "\n" for r in [*rows, final])
     atomic_write_text(folder / RESULT_LOG, text)
     return True
-
-
-def _final(folder: Path) -> dict | None:
-    try:
-        data = json.loads((folder / FINAL_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("final") else None
 
 
 def _whole_rows(path: Path) -> list[dict] | None:
