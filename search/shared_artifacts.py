@@ -33,17 +33,19 @@ def search_cache_of(policy, policy_file: str) -> tuple[str, str] | None:
 
     named = (policy.provenance or {}).get("experiment")
     for where in (named, os.path.dirname(os.path.abspath(policy_file))):
-        if not where or is_uri(str(where)) or not os.path.isfile(os.path.join(str(where), CONFIG_FILE)):
+        if not isinstance(where, str) or not where or is_uri(where):
             continue
         try:
-            cfg = SearchConfig.load(str(where))
-        except Exception:  # noqa: BLE001 a damaged experiment is only a lost shortcut: the cache is retrained
+            if not os.path.isfile(os.path.join(where, CONFIG_FILE)):
+                continue
+            cfg = SearchConfig.load(where)
+        except Exception:  # noqa: BLE001 a damaged or odd experiment is only a lost shortcut: the base is retrained
             continue
         # An experiment is STORAGE/NAME, and a local storage keeps its cache beside it.
         cache = artifact_cache(cfg) if is_uri(cfg.storage) else os.path.join(os.path.dirname(
-            os.path.abspath(str(where)).rstrip(os.sep)), "_artifacts")
+            os.path.abspath(where).rstrip(os.sep)), "_artifacts")
         if os.path.isdir(cache):
-            return cache, str(where)
+            return cache, where
     return None
 
 

@@ -287,3 +287,20 @@ def yaml_policy(path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_apply_finds_the_cache_of_the_experiment_a_policy_names(tmp_path):
+    from report_fixtures import make_experiment
+    from search.shared_artifacts import search_cache_of
+    from spaces import Policy
+
+    exp = make_experiment(tmp_path / "store", 2)
+    (tmp_path / "store" / "_artifacts").mkdir()
+    data = {"schema": "prunefuse.policy/1", "suite": {"name": "synthetic"}, "model": {"trunk": "mlp"}}
+    named = Policy.from_dict({**data, "provenance": {"experiment": str(exp), "trial": "x", "metrics": {}}})
+    found = (str(tmp_path / "store" / "_artifacts"), str(exp))
+    assert search_cache_of(named, str(tmp_path / "elsewhere" / "p.yaml")) == found
+    assert search_cache_of(Policy.from_dict(data), str(exp / "policy.yaml")) == found   # a knee's policy.yaml
+    for where in ("\0odd", str(tmp_path / "nowhere"), "s3://bucket/runs/x", str(tmp_path)):
+        odd = Policy.from_dict({**data, "provenance": {"experiment": where, "trial": "x", "metrics": {}}})
+        assert search_cache_of(odd, str(tmp_path / "p.yaml")) is None, where
