@@ -5,7 +5,8 @@ import torch
 
 from spaces import Policy
 from spaces.errors import PrunefuseError
-from spaces.vocabulary import MEAN_SCORE, TASK_METRIC, TASK_TEST_METRIC
+from spaces.scores import task_score
+from spaces.vocabulary import MEAN_SCORE, TASK_METRIC, TASK_TEST_METRIC, task_metric, test_metric
 
 
 def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
@@ -72,7 +73,7 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     log(f"model.onnx: ONNX Runtime vs PyTorch on {parity['onnx_parity_rows']} validation inputs, "
         f"max abs diff {parity['onnx_max_abs_diff']:.3g}")
     metrics = {**metrics, **parity}
-    problem = mismatch(metrics, measured)
+    problem = mismatch(metrics, measured, scales=metric_scales(suite, art))
     if measured:
         metrics = {**metrics, "matches_trial": problem is None, "mismatch": problem}
     folder = checkpoint.save(model, policy, metrics, output, files={"model.onnx": graph})
@@ -84,16 +85,36 @@ def apply_and_save(policy: Policy, output: str, *, cache: str, threads: int = 1,
     return model, metrics
 
 
-# How far a rebuilt model's per-task metric may be from its trial's, in points (×100).
+# How far a rebuilt model's per-task metric may be from its trial's: in points of the score
+# the search optimises (spaces.scores: percent of the dense base's value, oriented), so 0.5 is
+# 0.5 % of that task's dense metric whatever its unit (a fraction, degrees, a regression's units).
 METRIC_TOLERANCE = 0.5
 
 
-def mismatch(metrics: dict, measured: dict) -> str | None:
+def metric_scales(suite, art) -> dict[str, tuple[float, str]]:
+    """Each task's validation and test metric key -> (the dense base's value on that split, the
+    metric's sense): what a difference in that metric is measured against."""
+    scales = {}
+    for key_of, split in ((task_metric, "val"), (test_metric, "test")):
+        for task, value in (art.dense_metrics or {}).get(split, {}).items():
+            scales[key_of(task)] = (float(value), suite.senses.get(task, "max"))
+    return scales
+
+
+def points_apart(now: float, then: float, scale: tuple[float, str] | None) -> float:
+    """|now − then| in points of the oriented task score against `scale`'s reference (the trial's
+    own value where there is no reference): the same for a higher- or a lower-is-better metric."""
+    reference, sense = scale if scale is not None else (then, "max")
+    return abs(task_score(now, reference, sense) - task_score(then, reference, sense))
+
+
+def mismatch(metrics: dict, measured: dict, *, scales: dict | None = None) -> str | None:
     """Why a rebuilt model is not the one its trial measured (`measured`: the trial's
     metrics), or None: the stored and the nonzero parameter counts must be equal (the second
     is what unstructured masks change), every per-task metric (val and test) within
-    METRIC_TOLERANCE points. Nothing measured (None, NaN: a column older trials lack): nothing
-    to compare. Any other key of `measured` is ignored, so a trial's whole record can be given."""
+    METRIC_TOLERANCE points of its oriented score (`scales`: `metric_scales`). Nothing measured
+    (None, NaN: a column older trials lack): nothing to compare. Any other key of `measured`
+    is ignored, so a trial's whole record can be given."""
     for count in ("params", "nonzero_params"):
         then, now = measured.get(count), metrics.get(count)
         if then is None or now is None or then != then:
@@ -104,8 +125,10 @@ def mismatch(metrics: dict, measured: dict) -> str | None:
         then, now = measured[key], metrics.get(key)
         if now is None or then is None or then != then:
             continue
-        if abs(now - then) * 100 > METRIC_TOLERANCE:
-            return f"{key} {now:.4f} rebuilt, {then:.4f} in the trial (more than {METRIC_TOLERANCE} points)"
+        apart = points_apart(now, then, (scales or {}).get(key))
+        if apart > METRIC_TOLERANCE:
+            return (f"{key} {now:.4f} rebuilt, {then:.4f} in the trial: {apart:.2f} points of its score apart "
+                    f"(more than {METRIC_TOLERANCE} points)")
     return None
 
 
@@ -119,4 +142,5 @@ def _print_comparison(metrics: dict, measured: dict, log) -> None:
         fmt = (lambda v: f"{v:,.0f}") if k in counts else (lambda v: f"{v:.4f}")
         log(f"{k:<16}{fmt(metrics[k]):>14}{(fmt(then) if then is not None else '-'):>14}")
     if measured and metrics.get("matches_trial"):
-        log(f"matches its trial: parameters equal, every task metric within {METRIC_TOLERANCE} points")
+        log(f"matches its trial: parameters equal, every task metric within {METRIC_TOLERANCE} points of its "
+            f"score (percent of the dense base's value)")

@@ -19,6 +19,7 @@ import torch
 from spaces.errors import PrunefuseError
 from spaces.knobs import coerce_number
 
+from mtl_models.models.weights import load_weights
 from mtl_models.training.device import PRECISIONS, job_device
 from mtl_models.training.train import evaluate, train
 
@@ -247,14 +248,16 @@ def _save(state, path: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(buffer.getvalue())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 
 
 def _load(path: Path) -> dict:
     try:
-        return torch.load(path, weights_only=True)
+        return load_weights(path)
     except Exception as exc:
         raise PrunefuseError(f"cached artifact {str(path)!r} is unreadable ({str(exc).splitlines()[0][:120]}); "
                              f"delete its folder to retrain it") from None
@@ -272,7 +275,7 @@ def load_base_checkpoint(path: str, model):
     if not os.path.isfile(path):
         raise PrunefuseError(f"base checkpoint {path!r} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights(path)
     except Exception as exc:
         raise PrunefuseError(_unreadable_checkpoint(path, exc)) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -253,6 +253,20 @@ def load_experiment(path) -> pd.DataFrame:
     return _overlay_remeasured(df, exp)
 
 
+def unreadable_note(df: pd.DataFrame) -> str | None:
+    """One line naming the trials whose files could not be read (a truncated result.json, a
+    binary params.json): they count as failed, so a front or a knee is chosen without them,
+    and whoever exports must be told. None when every trial was read."""
+    if df.empty or "error" not in df:
+        return None
+    bad = df[df["error"].astype(str).str.startswith("unreadable: ")]
+    if bad.empty:
+        return None
+    named = "; ".join(f"{r['trial_id']} ({str(r['error']).removeprefix('unreadable: ')})" for _, r in bad.iterrows())
+    return (f"warning: could not read {len(bad)} trial(s): {named}; the front was computed without them "
+            f"(`prunefuse report` lists them as failed)")
+
+
 def remeasured(path) -> dict:
     """The front's re-timed latencies (end of search, `report --remeasure`): trial id (and
     "dense") -> ms; empty where nothing was re-timed."""

@@ -8,6 +8,7 @@ and reads no file itself: `experiment` is the experiment's records
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -145,5 +146,7 @@ def policy_of(row: pd.Series, experiment, objectives) -> Policy:
                if is_recorded_metric(k)}
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
     where = experiment.path if isinstance(experiment, Records) else str(experiment)
+    if "://" not in where:  # absolute: `apply` finds the search's cached base from any folder
+        where = os.path.abspath(where)
     provenance = {"experiment": where, "trial": row["trial_id"], "metrics": metrics}
     return Policy.from_dict({**row["policy"], "provenance": provenance}, source=f"trial {row['trial_id']}")

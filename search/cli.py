@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where latency is timed: torch (eager, the default) or onnxruntime (the exported graph); "
                         "the dense base is timed the same way")
     setting("tracking", default=None, metavar="mlflow[=URI]",
-                   help="log every trial to MLflow (default store: EXPERIMENT/mlruns; mlflow=http://host:5000 for a server)")
+                   help="log every trial to MLflow (default store: sqlite EXPERIMENT/mlflow.db; mlflow=http://host:5000 for a server)")
     s.add_argument(FLAGS["trials"], type=int, default=None, help="number of trials (default 48)")
     setting("time_budget_s", type=finite_float, default=None, metavar="S", help="stop starting trials after S seconds")
     setting("address", default=None, help="auto | HOST:PORT of a Ray cluster (default: embedded local Ray)")
@@ -144,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="rebuild the compressed model from a policy and save it")
     a.add_argument("policy")
     a.add_argument("-o", "--output", required=True, help="folder for model.pt, policy.yaml, metrics.json")
-    a.add_argument("--cache", default=os.path.join("runs", "_artifacts"), help="where trained bases are cached")
+    a.add_argument("--cache", default=None,
+                   help="where trained bases are cached (default: the cache of the search the policy came from, "
+                        "when its experiment is reachable here, else runs/_artifacts)")
     a.add_argument("--threads", type=int, default=1, help="CPU threads (the search's trials used --cpus-per-trial)")
     a.add_argument("--latency-backend", default=None, metavar="BACKEND",
                    help="time in torch or onnxruntime (default: the backend the policy's trial was timed with)")
@@ -241,6 +243,8 @@ def _report_and_export(path) -> None:
     print(f"report: {report}")
     df = experiment.load_experiment(path)
     objectives = experiment.objectives(path)
+    if experiment.unreadable_note(df):
+        print(experiment.unreadable_note(df))
     try:
         row = select.by_knee(df, objectives, path)
     except PrunefuseError as exc:
@@ -307,6 +311,8 @@ def cmd_export(args) -> int:
     if limited and (args.trial or args.knee):
         raise PrunefuseError("choose one way: --trial ID, --knee, or constraints (--max-params, --max-latency-ms, "
                              "--min-score, --min-task), not several")
+    if (limited or args.knee) and not args.trial and experiment.unreadable_note(df):
+        print(experiment.unreadable_note(df))  # the front below is computed without them: say so
     if args.trial:
         row = select.by_trial(df, args.trial)
     elif limited:
@@ -331,9 +337,24 @@ def cmd_apply(args) -> int:
     policy = Policy.from_yaml(args.policy)
     from mtl_models.apply import apply_and_save
 
-    apply_and_save(policy, args.output, cache=args.cache, threads=args.threads, device=args.device,
+    apply_and_save(policy, args.output, cache=_apply_cache(args, policy), threads=args.threads, device=args.device,
                    latency_backend=args.latency_backend)
     return 0
+
+
+def _apply_cache(args, policy) -> str:
+    """`--cache`, else the cache of the search the policy came from (its very base and experts:
+    retrained in another process they would differ in the last digits), else runs/_artifacts."""
+    if args.cache is not None:
+        return args.cache
+    from .shared_artifacts import search_cache_of
+
+    found = search_cache_of(policy, args.policy)
+    if found is None:
+        return os.path.join("runs", "_artifacts")
+    cache, where = found
+    print(f"using the artifact cache of the search {where}: {cache}")
+    return cache
 
 
 def os_error_line(exc: OSError) -> str:

@@ -143,8 +143,72 @@ def connect(address: str | None, *, num_cpus: int | None = None, suite_name: str
         raise PrunefuseError(f"cannot connect to the Ray cluster at {address!r}: {first}") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     how = "installed package" if "working_dir" not in kwargs["runtime_env"] else f"working_dir {project_root()}"
-    log(f"connected to Ray at {address}: {len(nodes)} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
-        f"{ray.cluster_resources().get('GPU', 0):g} GPUs; code via {how}")
+    joined = gcs_address()  # what "auto" (or a name) resolved to: the cluster actually joined
+    given = "" if joined == address else f" (--address {address})"
+    log(f"connected to Ray at {joined}{given}: {len(nodes)} node(s), "
+        f"{int(ray.cluster_resources().get('CPU', 0))} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
+        f"code via {how}")
+
+
+def gcs_address() -> str:
+    """HOST:PORT of the head this driver is connected to."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+# How long the head may be unreachable before the search says the cluster went away (Ray's
+# own driver retries for minutes and then ends in its own messages, without a word on what
+# was kept). A restarting head within this time is not lost.
+CLUSTER_LOST_S = float(os.environ.get("PRUNEFUSE_CLUSTER_LOST_S", "15"))
+
+
+class cluster_watch:
+    """While the block runs, check every second that the head's GCS port still answers; when it
+    has not for CLUSTER_LOST_S, print `lost_line()` as the search's last line and end the
+    process (exit code 3): the driver cannot go on, and Ray's shutdown would wait on the dead
+    head. Everything a trial finished is on disk already (final.json), so --resume keeps it."""
+
+    def __init__(self, address: str | None, lost_line):
+        self.address, self.lost_line = address, lost_line
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        if self.address is not None:
+            self._thread = threading.Thread(target=self._watch, args=(gcs_address(),), daemon=True,
+                                            name="prunefuse-cluster-watch")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        return False
+
+    def _watch(self, gcs: str) -> None:
+        import sys
+        import time
+
+        host, _, port = gcs.rpartition(":")
+        last_seen = time.monotonic()
+        while not self._stop.wait(1.0):
+            if _answers(host, int(port)):
+                last_seen = time.monotonic()
+            elif time.monotonic() - last_seen > CLUSTER_LOST_S and not self._stop.is_set():
+                sys.stdout.flush()
+                print(f"prunefuse: error: {self.lost_line(gcs)}", file=sys.stderr, flush=True)
+                os._exit(3)
+
+
+def _answers(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
 
 
 def check_fits(address: str | None, cpus: float, gpus: float, log=print) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from spaces.errors import PrunefuseError
-from spaces.files import is_uri, join, read_text, write_text
+from spaces.files import atomic_write_text, is_uri, join, read_text, write_text
 from spaces.vocabulary import FINAL_FILE, FINISHED_FILE, STUDY_DB, SUGGESTED_FILE
 
 # Optuna user attributes prunefuse sets on a study's trials.
@@ -28,6 +29,7 @@ RERUN_ATTR = "rerun_of"               # an unfinished trial's parameters, enqueu
 STALE_REASON = "left running by a driver that stopped"
 
 TRIAL_PREFIX = "trial_"
+RESULT_LOG = "result.json"            # Tune's JSON-lines log of a trial's reports (written on the driver)
 ORPHANS = "_orphans"                  # folders of trials a stopped driver left unfinished
 
 
@@ -231,3 +233,51 @@ def fail_stale_trials(storage_url: str, study_name: str) -> int:
     for t in stale:
         mark_stale(storage, t._trial_id)
     return len(stale)
+
+
+# A trial writes final.json itself before it reports; Tune's logger on the driver appends the
+# same row to result.json only when the report reaches it. A driver killed in between leaves a
+# kept trial with a 0-byte result.json (or without its last row): resume completes it.
+def complete_result_logs(experiment, log=print) -> int:
+    """For each trial folder with a final result, make its result.json end with that row
+    (whole lines kept, a torn last line dropped); returns how many logs were completed."""
+    fixed = [t for t, folder in trial_folders(experiment).items() if _complete_log(experiment, t, Path(folder))]
+    if fixed:
+        log(f"completed the result.json of {len(fixed)} kept trial(s) from their final.json "
+            f"(the stopped driver had not logged their last report)")
+    return len(fixed)
+
+
+def _complete_log(experiment: str, trial_id: str, folder: Path) -> bool:
+    final = read_final(experiment, trial_id)
+    if final is None:
+        return False
+    rows = _whole_rows(folder / RESULT_LOG)
+    if rows is None or (rows and rows[-1].get("final")):
+        return False  # unreadable (the report names it; nothing is overwritten) or complete already
+    text = "".join(json.dumps(r) + "\n" for r in [*rows, final])
+    atomic_write_text(folder / RESULT_LOG, text)
+    return True
+
+
+def _whole_rows(path: Path) -> list[dict] | None:
+    """The log's rows ([] for a missing or empty file; a torn last line dropped), or None when
+    an earlier line is damaged: that is not a write the kill cut short."""
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError):
+        return None
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            return None
+        if not isinstance(row, dict):
+            return None
+        rows.append(row)
+    return rows

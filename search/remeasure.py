@@ -31,7 +31,7 @@ def remeasure_front(experiment, *, backend: str | None = None, log=print) -> tup
     from reports import experiment as exp_io
     from reports import select
 
-    from mtl_models.apply import mismatch, rebuild
+    from mtl_models.apply import metric_scales, mismatch, rebuild
     from .config import SearchConfig
     from spaces.files import join, write_text
     from .shared_artifacts import artifact_cache
@@ -48,7 +48,7 @@ def remeasure_front(experiment, *, backend: str | None = None, log=print) -> tup
         policy = Policy.from_dict(row["policy"], source=f"trial {row['trial_id']}")
         suite, art = rebuild(policy, cache=artifact_cache(cfg), log=lambda *a: None)
         model, metrics = apply_policy(suite, policy, art, measure_spec=MeasureSpec(**{**measure, "runs": 1}))
-        problem = mismatch(metrics, row.to_dict())
+        problem = mismatch(metrics, row.to_dict(), scales=metric_scales(suite, art))
         if problem:
             mismatched.append(f"trial {row['trial_id']}: {problem}")
         if policy.quantization.method != "none" or spec.latency_backend != "torch":

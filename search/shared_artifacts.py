@@ -23,6 +23,33 @@ def artifact_cache(cfg: SearchConfig) -> str:
     return os.path.join(cfg.storage, "_artifacts")
 
 
+def search_cache_of(policy, policy_file: str) -> tuple[str, str] | None:
+    """(the artifact cache, the experiment) of the search a policy came from, where that
+    experiment is reachable here: the folder its provenance names, or the folder holding the
+    policy file (a knee's policy.yaml sits in its experiment). None when neither is one.
+
+    `apply` then rebuilds from the very base and experts its trial started from: training
+    them again in another process is not bit-identical."""
+    from spaces.vocabulary import CONFIG_FILE
+
+    named = (policy.provenance or {}).get("experiment")
+    for where in (named, os.path.dirname(os.path.abspath(policy_file))):
+        if not isinstance(where, str) or not where or is_uri(where):
+            continue
+        try:
+            if not os.path.isfile(os.path.join(where, CONFIG_FILE)):
+                continue
+            cfg = SearchConfig.load(where)
+        except Exception:  # noqa: BLE001 a damaged or odd experiment is only a lost shortcut: the base is retrained
+            continue
+        # An experiment is STORAGE/NAME, and a local storage keeps its cache beside it.
+        cache = artifact_cache(cfg) if is_uri(cfg.storage) else os.path.join(os.path.dirname(
+            os.path.abspath(where).rstrip(os.sep)), "_artifacts")
+        if os.path.isdir(cache):
+            return cache, where
+    return None
+
+
 def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, log):
     """Base, experts and references, trained once and cached by content hash (or reused).
 
@@ -95,7 +122,9 @@ def measure_control(cfg: SearchConfig, suite, art, space: SearchSpace, log) -> d
     policy = space.control_policy()
     digest = hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     cached = Path(artifact_cache(cfg), art.key, f"control-{digest}.pt")
-    state = torch.load(cached, map_location="cpu", weights_only=True) if cached.is_file() else None
+    from mtl_models.models.weights import load_weights
+
+    state = load_weights(cached) if cached.is_file() else None
     log("reusing the dense control from the cache" if state is not None else
         f"fine-tuning the dense control ({policy.finetune.epochs:g} epochs at lr {policy.finetune.lr:g}, "
         f"{policy.weighting.method} weighting: the trials' fine-tune) ...")

@@ -250,11 +250,36 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
 
 
 def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None) -> str:
-    from .cluster import check_fits, connect
+    from .cluster import check_fits, cluster_watch, connect
 
     started = time.time()
     connect(cfg.address, suite_name=cfg.suite["name"], log=log)  # before any write: a wrong address leaves nothing
     check_fits(cfg.address, cfg.cpus_per_trial, cfg.gpus_per_trial, log=log)
+    with cluster_watch(cfg.address, lambda gcs: cluster_lost_line(cfg, gcs)):
+        results, printer = _train_and_fit(cfg, suite, space, base_state, resume=resume, log=log, warm=warm)
+    _after_fit(cfg, results, log)
+    elapsed = time.time() - started
+    write_text(join(cfg.path, FINISHED_FILE), json.dumps({
+        "wall_s": elapsed, "finished_at": time.time(), "resumed": bool(resume),
+        "trial_wall_s": dict(printer.wall_s) if printer else {}}))
+    counts = ""
+    if printer:
+        counts = f" ({printer.done} trials finished, {printer.failed} failed)"
+    log(f"search finished in {elapsed:.0f} s{counts}: {cfg.path}")
+    return cfg.path
+
+
+def cluster_lost_line(cfg: SearchConfig, gcs: str) -> str:
+    """What a search whose cluster went away says last: what is kept, and how to go on."""
+    kept = None if is_uri(cfg.storage) else sum(ex.read_final(cfg.path, t) is not None for t in ex.trial_folders(cfg.path))
+    what = f"the {kept} trial(s) that finished are kept" if kept is not None else "the trials that finished are kept"
+    return (f"the Ray cluster at {gcs} went away during search {cfg.name!r}; {what} in {cfg.path}; once a cluster "
+            f"is up again: prunefuse search --resume {cfg.name} --storage {cfg.storage} --address {cfg.address}")
+
+
+def _train_and_fit(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None):
+    """The Ray part of a search: shared artifacts, the dense base and control, the trials;
+    returns Tune's results and the progress printer (None where no trial ran)."""
     if not resume:
         cfg.save()
     art = train_artifacts(cfg, suite, space, base_state, log)
@@ -283,17 +308,7 @@ def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, l
     if remaining is None or remaining > 0:
         printer = ProgressPrinter(remaining)
         results = make_tuner(cfg, suite, space, art, dense, trials=remaining, progress=printer).fit()
-        printer = printer if results else None
-    _after_fit(cfg, results, log)
-    elapsed = time.time() - started
-    write_text(join(cfg.path, FINISHED_FILE), json.dumps({
-        "wall_s": elapsed, "finished_at": time.time(), "resumed": bool(resume),
-        "trial_wall_s": dict(printer.wall_s) if printer else {}}))
-    counts = ""
-    if printer:
-        counts = f" ({printer.done} trials finished, {printer.failed} failed)"
-    log(f"search finished in {elapsed:.0f} s{counts}: {cfg.path}")
-    return cfg.path
+    return results, (printer if results else None)
 
 
 def _settle_stopped_driver(cfg: SearchConfig, dense: dict, log) -> int | None:
@@ -301,6 +316,7 @@ def _settle_stopped_driver(cfg: SearchConfig, dense: dict, log) -> int | None:
     from .resume import reconcile
 
     ended = reconcile(cfg.path, ex.study_url(cfg), cfg.name, cfg.objectives, floors=task_floors(cfg, dense), log=log)
+    ex.complete_result_logs(cfg.path, log=log)  # kept trials whose last report the stopped driver never logged
     if cfg.trials is None:
         log(f"resuming search {cfg.name!r} from {cfg.path}: {ended} trial(s) ended, a new --time-budget of "
             f"{cfg.time_budget_s:g} s for the rest")

@@ -343,3 +343,60 @@ def test_killed_driver_resumes_keeping_finished_trials(workdir):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == trials
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_a_cluster_that_goes_away_ends_in_one_line_and_resumes_keeping_what_finished(workdir):
+    """The whole cluster killed mid-search: the driver says so in one last line (what is kept,
+    how to resume) within seconds, not Ray's messages after minutes; --resume on another
+    cluster keeps every trial that had finished and runs the rest."""
+    gone, storage, exp = Cluster(), workdir / "runs", workdir / "runs" / "vanish"
+    log = open(workdir / "vanish.log", "w+")
+    try:
+        gone.start_node("head", head=True)
+        gone.start_node("worker")
+        proc = start_cli("search", "--address", "auto", *SUITE, "--space", workdir / "slow.yaml", "--trials", 8,
+                         "--storage", storage, "--name", "vanish", "--no-report", log=log,
+                         env={**gone.env, "RAY_ADDRESS": gone.address, "PRUNEFUSE_CLUSTER_LOST_S": "5"})
+        try:
+            deadline = time.time() + 300
+            while len(list(exp.glob("trial_*/final.json"))) < 2 and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, "the search ended before its cluster could go away"
+            assert not gone.shutdown(), "the cluster's processes survived"
+            killed_at = time.time()
+            proc.wait(timeout=120)
+            took = time.time() - killed_at
+        finally:
+            kill_session(proc.pid)
+    finally:
+        gone.shutdown()
+        shutil.rmtree(gone.dir, ignore_errors=True)
+    log.seek(0)
+    out = log.read()
+    # which cluster "auto" joined, before anything trained
+    said = f":{gone.port} (--address auto): 2 node(s), 2 CPUs, 0 GPUs"   # the head's IP, as Ray names it
+    assert said in out, out[:3000]
+    joined = out.index(said)
+    assert joined < out.index("training the dense base"), out[:2000]
+    last = out.strip().splitlines()[-1]
+    assert proc.returncode == 3 and took < 60, (proc.returncode, took, out[-3000:])
+    assert last.startswith("prunefuse: error: the Ray cluster at ") and "went away" in last, out[-3000:]
+    assert "prunefuse search --resume vanish" in last and "--address auto" in last and "are kept" in last
+    assert "Traceback" not in out
+    kept = {f.parent.name.removeprefix("trial_"): json.loads(f.read_text()) for f in exp.glob("trial_*/final.json")}
+    assert f"the {len(kept)} trial(s) that finished are kept" in last and len(kept) >= 2
+
+    again = Cluster()
+    try:
+        again.start_node("head", head=True)
+        code, out = run_cli("search", "--resume", "vanish", "--storage", storage, "--address", again.address,
+                            "--no-report", env=again.env)
+    finally:
+        again.shutdown()
+        shutil.rmtree(again.dir, ignore_errors=True)
+    assert code == 0, out[-4000:]
+    df = load(exp)
+    assert len(df) == 8 and (df["status"] == "finished").all(), df[["trial_id", "status", "error"]]
+    for trial_id, final in kept.items():
+        assert df.loc[df["trial_id"] == trial_id, "params"].item() == final["params"]

@@ -114,8 +114,9 @@ def test_mlflow_runs_read_back(experiment, monkeypatch):
     import mlflow
 
     _, exp = experiment
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when told to
-    client = mlflow.MlflowClient(f"file://{exp / 'mlruns'}")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the default store needs no opt-out
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{exp / 'mlflow.db'}")   # MLflow's recommended backend
+    assert not (exp / "mlruns").exists() and (exp / "mlartifacts").is_dir()
     runs = client.search_runs([client.get_experiment_by_name("int8").experiment_id])
     assert len(runs) == TRIALS and all(r.info.status == "FINISHED" for r in runs)
     for run in runs:
@@ -165,3 +166,15 @@ def test_int8_space_timed_in_torch_is_refused_before_anything_is_written(tmp_pat
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     code, _, err = run_cli("search", "--tracking", "wandb", "--trials", 1, cwd=tmp_path)
     assert code == 2 and "expected mlflow or mlflow=URI" in err
+
+
+def test_tracking_defaults_to_sqlite_in_the_experiment_and_keeps_a_given_uri(tmp_path):
+    from search import tracking
+    from search.config import SearchConfig
+
+    cfg = SearchConfig(name="t", storage=str(tmp_path), tracking="mlflow")
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path / 't' / 'mlflow.db'}"
+    assert tracking.artifact_location(cfg) == f"file://{tmp_path / 't' / 'mlartifacts'}"
+    for given in ("http://host:5000", "sqlite:////data/mine.db", "file:///data/mlruns"):
+        cfg = SearchConfig(name="t", storage=str(tmp_path), tracking=f"mlflow={given}")
+        assert tracking.tracking_uri(cfg) == given and tracking.artifact_location(cfg) is None

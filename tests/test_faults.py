@@ -99,6 +99,9 @@ def check_resumed(exp: Path, before: dict[str, dict]):
         assert final == result, f"trial {trial_id}'s final result changed: {result} -> {final}"
         for key in ("params", "latency_ms", "node_id"):
             assert row.iloc[0][key] == result[key], (trial_id, key)
+    for folder in exp.glob("trial_*"):   # every kept trial's log ends with its final row, none left 0 bytes
+        rows = (folder / "result.json").read_text().splitlines()
+        assert rows and json.loads(rows[-1]).get("final"), f"{folder.name}/result.json lacks its final row"
     study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / 'optuna.db'}")
     states = [t.state for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -21,6 +21,7 @@ import torch
 from spaces.errors import PrunefuseError
 from spaces.policy import Policy
 
+from mtl_models.models.weights import load_weights
 from mtl_models.models.resize import RESIZERS, resize_to  # noqa: F401  (how each module type takes saved shapes)
 
 
@@ -137,7 +138,7 @@ def load(out_dir, *, suite=None):
     if suite is None:
         suite = suites.from_spec(policy.suite)
     model = suite.build_model(**policy.model)
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    state = load_weights(folder / "model.pt")
     resize_to(model, state)
     try:
         model.load_state_dict(state, strict=True)
