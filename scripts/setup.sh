@@ -9,17 +9,26 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
 python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -qq --upgrade pip >/dev/null
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  spec="${TORCH_SPEC:-torch}"
+  vision="${TORCHVISION_SPEC:-torchvision}"
+else
+  spec="${TORCH_SPEC:-torch==2.13.0}"
+  # The torchvision that pins torch==2.13.0: a newer one would replace the CPU torch with a CUDA build.
+  vision="${TORCHVISION_SPEC:-torchvision==0.28.0}"
+fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    spec="${TORCH_SPEC:-torch}"
-  else
-    spec="${TORCH_SPEC:-torch==2.13.0}"
-  fi
   echo "setup: installing $spec ..." >&2
-  .venv/bin/pip install -q "$spec"
+  .venv/bin/pip install -qq "$spec"
+fi
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"; then
+  echo "setup: installing $vision ..." >&2
+  .venv/bin/pip install -qq "$vision"
 fi
 echo "setup: installing prunefuse and its dependencies ..." >&2
-.venv/bin/pip install -q -e ".[test,deploy]"  # quiet on success (pyproject's package-dir); errors show and stop
+.venv/bin/pip install -qq -e ".[test,deploy,zoo]"  # quiet on success (pyproject's package-dir); errors show and stop
 .venv/bin/python -c "import torch, ray, optuna, torch_pruning, plotly, onnx, onnxruntime, mlflow, search.cli"
+# timm, torchvision and transformers import through the one place that makes torchvision load beside the CPU torch
+.venv/bin/python -c "from mtl_models.models import imports; imports.timm(); imports.torchvision(); imports.transformers()"
 echo "$want" > "$stamp"

@@ -10,12 +10,17 @@ module; a policy's sparsity for it is the fraction of its heads removed):
          torch-pruning's graph as the module's pruner).
   fused  a module with a `qkv` Linear (3·heads·head_dim outputs, reshaped to (B, N, 3, heads,
          head_dim)) and an int `num_heads` (timm's Attention).
-  split  a module with `query` / `key` / `value` Linears and an int `num_attention_heads` or
-         `num_heads` (Hugging Face's BERT / ViT self-attention).
+  split  a module with separate q / k / v Linears (`SPLIT_NAMES`: BERT's query/key/value, HF
+         ViT's q_proj/k_proj/v_proj, DistilBERT's q_lin/k_lin/v_lin) and an int head count
+         (`HEAD_COUNT_ATTRS`: num_attention_heads, num_heads, n_heads).
 For fused and split, torch-pruning's dependency graph already ties q, k, v and the output
 Linear that reads the heads (timm's `proj`, BERT's `dense` in a sibling module): the
 channels of whole heads are pruned through `get_pruning_group` on the q layer, and the
-module's head count is updated (`sync_heads`) so its reshape sees the new layout.
+module's head count and inner width are updated (`sync_heads`: timm's `num_heads` and
+`attn_dim`, BERT's `num_attention_heads` and `all_head_size`) so its reshape sees the new
+layout. (torch-pruning's own head support, `num_heads=` / `prune_num_heads` of its
+MetaPruner, is not used: prunefuse decides which heads go itself, by `head_scores`, and
+prunes through the graph directly.)
 
 The residual width stays free of the head count: a pruned `nn.MultiheadAttention` becomes a
 `PrunedMultiheadAttention`, whose forward works with heads·head_dim != embed_dim, so no
@@ -34,7 +39,12 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")  # timm, HF BERT / ViT, DistilBERT
+# q / k / v Linears of the split layout: HF BERT, HF ViT / CLIP / most newer HF models, DistilBERT, plain code
+SPLIT_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
+# Attributes that hold heads · head_dim and that a forward may reshape with (timm's `attn_dim`,
+# HF BERT's `all_head_size`): kept equal to the pruned width by `sync_heads`.
+INNER_WIDTH_ATTRS = ("attn_dim", "all_head_size")
 
 
 # --- the forward of a pruned nn.MultiheadAttention ---
@@ -251,14 +261,17 @@ def _classify(name: str, module) -> tuple[Site | None, str | None]:
         if qkv.out_features % (3 * heads):
             return None, f"qkv has {qkv.out_features} outputs, not 3 × {attr}={heads} heads"
         return Site(name, "fused", (f"{name}.qkv",), _head_dim(module, qkv.out_features // 3 // heads)), None
-    parts = [getattr(module, p, None) for p in ("query", "key", "value")]
-    if all(isinstance(p, nn.Linear) for p in parts):
+    for names in SPLIT_NAMES:
+        parts = [getattr(module, p, None) for p in names]
+        if not all(isinstance(p, nn.Linear) for p in parts):
+            continue
         if len({p.out_features for p in parts}) > 1 or parts[0].out_features % heads:
-            return None, f"query/key/value widths {[p.out_features for p in parts]} do not split into {heads} heads"
-        return Site(name, "split", tuple(f"{name}.{p}" for p in ("query", "key", "value")),
+            return None, (f"{'/'.join(names)} widths {[p.out_features for p in parts]} do not split into {heads} "
+                          f"heads alike (grouped-query attention is not pruned by heads)")
+        return Site(name, "split", tuple(f"{name}.{p}" for p in names),
                     _head_dim(module, parts[0].out_features // heads)), None
-    return None, (f"has {attr}={heads} but neither a fused `qkv` Linear nor `query`/`key`/`value` Linears "
-                  f"(the layouts prunefuse prunes by heads)")
+    return None, (f"has {attr}={heads} but neither a fused `qkv` Linear nor separate q / k / v Linears "
+                  f"({', '.join('/'.join(n) for n in SPLIT_NAMES)}: the layouts prunefuse prunes by heads)")
 
 
 def _head_dim(module, derived: int) -> int:
@@ -447,17 +460,25 @@ def _prune_mha_heads(m, channels: list[int]) -> None:
 
 def sync_heads(model, known) -> None:
     """Each fused / split attention module of `known` (its `Site`s, taken before pruning or a
-    reload changed the widths) gets its head count (and BERT's `all_head_size`) from its q
-    layer's width; head_dim never changes."""
+    reload changed the widths) gets its head count (every attribute of `HEAD_COUNT_ATTRS` it
+    has) and its inner width (`INNER_WIDTH_ATTRS`: timm's `attn_dim`, BERT's `all_head_size`)
+    from its q layer's width; head_dim never changes."""
     modules = dict(model.named_modules())
     for site in known:
         if site.kind == "mha":
             continue
         module, width = modules[site.name], modules[site.q[0]].out_features
         width //= 3 if site.kind == "fused" else 1
-        setattr(module, _head_count_attr(module), width // site.head_dim)
-        if isinstance(getattr(module, "all_head_size", None), int):
-            module.all_head_size = width
+        for attr in HEAD_COUNT_ATTRS:
+            if _is_int(getattr(module, attr, None)):
+                setattr(module, attr, width // site.head_dim)
+        for attr in INNER_WIDTH_ATTRS:
+            if _is_int(getattr(module, attr, None)):
+                setattr(module, attr, width)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def resize_mha(m: nn.MultiheadAttention) -> None:
