@@ -326,7 +326,7 @@ def measure(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="4000,16000,64000")
-    p.add_argument("--quick", action="store_true", help="sizes 300,1200, 1 trial, few steps: a smoke run")
+    p.add_argument("--quick", action="store_true", help="sizes 200,800, 1 trial, few steps: a smoke run")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "prunefuse" / "bench-data"))
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--base-steps", type=int, default=30, help="the dense base's training steps in the search")
@@ -339,7 +339,7 @@ def main(argv=None) -> None:
     if args.measure:
         return measure(args)
     if args.quick:
-        args.sizes, args.trials, args.steps, args.base_steps, args.trial_steps = "300,1200", 1, 4, 4, 2
+        args.sizes, args.trials, args.steps, args.base_steps, args.trial_steps = "200,800", 1, 4, 4, 2
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     env = {"PRUNEFUSE_DATA_CACHE": str(cache / "decoded")}

@@ -45,6 +45,7 @@ def make_images(*, path: str, tasks: list | None = None, image_column: str = "pa
     from .image_table import read_table
     from .tabular import check_label_columns, checked_digest, encode_labels, parse_tasks, split_rows
 
+    _check_pillow()
     size = coerce_number("images", "size", size, int, low=2, high=MAX_SIZE)
     crop = size if crop is None else coerce_number("images", "crop", crop, int, low=1, high=size)
     flip, normalize = _flag("flip", flip), _flag("normalize", normalize)
@@ -73,6 +74,14 @@ def make_images(*, path: str, tasks: list | None = None, image_column: str = "pa
                    normalize=normalize, seed=seed, data_sha256=digest, images_sha256=store.images_sha256)
     return TaskSuite("images", options, suite_tasks, splits["train"], splits["val"], splits["test"],
                      input_shape=(3, crop, crop))
+
+
+def _check_pillow() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("PIL") is None:
+        raise PrunefuseError("the images suite reads images with Pillow, which is not installed: "
+                             "pip install -e '.[images]' (or pip install pillow)")
 
 
 def _flag(name: str, value) -> bool:
