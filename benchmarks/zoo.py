@@ -47,6 +47,7 @@ from mtl_models.pipeline import MeasureSpec, apply_policy  # noqa: E402
 from mtl_models.pruning import attention, coupled_groups, prune  # noqa: E402
 from mtl_models.suites.base import Split, TaskSuite  # noqa: E402
 from spaces import Policy  # noqa: E402
+from spaces.vocabulary import POLICY_SCHEMA  # noqa: E402
 
 MAC_TARGET = 0.5   # the fraction of the dense MACs the uniform sparsity aims to remove
 MACS_PASS = 0.6    # a row passes with at most this fraction of the dense MACs left
@@ -160,7 +161,7 @@ def step(name: str, fn, *args, **kwargs):
 
 
 def policy_for(suite, spec: dict, train: artifacts.TrainSpec, sparsity: dict, ft: float) -> Policy:
-    return Policy.from_dict({"schema": "prunefuse.policy/1", "suite": suite.spec, "model": spec,
+    return Policy.from_dict({"schema": POLICY_SCHEMA, "suite": suite.spec, "model": spec,
                              "base": dataclasses.asdict(train), "weighting": {"method": "equal"},
                              "fusion": {"method": "ties", "params": {"density": 0.5},
                                         "coefficients": {t: 1.0 for t in suite.task_names}},

@@ -21,7 +21,7 @@ from spaces.knobs import coerce_number
 
 from mtl_models.models.weights import load_weights
 from mtl_models.training.device import PRECISIONS, job_device
-from mtl_models.training.train import evaluate, train
+from mtl_models.training.train import Guidance, TrainOptions, evaluate, train
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ def train_base(suite, model_spec: dict, spec: TrainSpec, *, device: str = "cpu",
     if base_state is not None:
         load_checked(model, base_state, source="base checkpoint")
     else:
-        train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed, device=device,
-              precision=spec.precision)
+        train(model, suite, TrainOptions(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
+                                         device=device, precision=spec.precision))
     model.cpu()
     return {k: v.clone() for k, v in model.state_dict().items()}, _metrics(model, suite)
 
@@ -109,12 +109,13 @@ def train_expert(suite, model_spec, spec: TrainSpec, base: dict, task: str, *, d
     anchor = None
     if spec.expert_preserve > 0:
         others = [t for t in suite.task_names if t != task]
-        anchor = {t: y for t, y in predict(model, suite.train.x, device=device).items() if t in others}
+        anchor = {t: y for t, y in predict(model, suite.train, device=device).items() if t in others}
         for t in others:
             model.heads[t].requires_grad_(False)
-    train(model, suite, epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed + 1, device=device, anchor=anchor, anchor_weight=spec.expert_preserve,
-          precision=spec.precision)
+    train(model, suite, TrainOptions(epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr,
+                                     batch_size=spec.batch_size, tasks=(task,), seed=spec.seed + 1, device=device,
+                                     precision=spec.precision),
+          guide=Guidance(anchor=anchor, anchor_weight=spec.expert_preserve))
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -122,8 +123,8 @@ def train_reference(suite, model_spec, spec: TrainSpec, task: str, *, device: st
     """A single-task model with the same trunk, trained from scratch; returns its metric per split."""
     torch.manual_seed(spec.seed)
     model = suite.build_model(**model_spec)
-    train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed, device=device, precision=spec.precision)
+    train(model, suite, TrainOptions(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, tasks=(task,),
+                                     seed=spec.seed, device=device, precision=spec.precision))
     return {split: evaluate(model, suite, split)[task] for split in ("val", "test")}
 
 

@@ -21,7 +21,9 @@ from .experiment import read_final, write_final
 @functools.lru_cache(maxsize=4)
 def _suite(spec_json: str):
     # Suites are deterministic in their options: build once per worker process, reuse across
-    # trials (actors are reused).
+    # trials (actors are reused). A suite read from files (the images suite) holds only its
+    # rows' positions and labels here; the decoded data is a file on this node's disk that every
+    # worker reads (mtl_models.suites.image_cache), prepared once per node, never per trial.
     from mtl_models import suites
 
     return suites.from_spec(json.loads(spec_json))

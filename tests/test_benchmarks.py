@@ -22,6 +22,7 @@ RUNS = {
     "search": ["--quick", "--cache", "{tmp}", "--out", "{tmp}/search.html"],
     "deploy": ["--quick", "--cache", "{tmp}"],
     "distill": ["--quick", "--cache", "{tmp}"],
+    "data": ["--quick", "--cache", "{tmp}"],
 }
 
 

@@ -226,7 +226,7 @@ def transformer(suite, *, dim: int = 64, depth: int = 2, heads: int = 4, mlp: in
     vocab = token_vocab(suite)
     if vocab is None:
         raise PrunefuseError(f"trunk 'transformer' needs token ids (int64 rows of shape (length,)); suite "
-                             f"{suite.name!r} has {suite.train.x.dtype} rows of shape {suite.input_shape}")
+                             f"{suite.name!r} has {_row_kind(suite)} rows of shape {suite.input_shape}")
     return TokenTrunk(vocab, suite.input_shape[0], dim=dim, depth=depth, heads=heads, mlp=mlp), dim
 
 
@@ -237,8 +237,14 @@ def _divisible_heads(trunk: str, dim: int, heads: int) -> None:
 
 def token_vocab(suite) -> int | None:
     """For a suite of token ids (int rows of shape (length,)): the largest id in any split + 1;
-    None for any other suite."""
-    splits = [suite.train.x, suite.val.x, suite.test.x]
-    if len(suite.input_shape) != 1 or any(x.is_floating_point() or x.is_complex() for x in splits):
+    None for any other suite. Token ids are read off splits held in memory (a split read in
+    batches has no `x`)."""
+    splits = [getattr(suite.split(s), "x", None) for s in ("train", "val", "test")]
+    if len(suite.input_shape) != 1 or any(x is None or x.is_floating_point() or x.is_complex() for x in splits):
         return None
     return int(max(int(x.max()) for x in splits)) + 1
+
+
+def _row_kind(suite) -> str:
+    x = getattr(suite.split("train"), "x", None)
+    return str(x.dtype) if x is not None else "batched"

@@ -23,10 +23,10 @@ from spaces.errors import PrunefuseError, unknown_name
 from spaces.vocabulary import PLUGIN_PATH_ENV, TASK_KINDS, TASK_METRICS, split_suite_spec
 
 # The built-in suites register themselves in SUITES (`@SUITES.register("name")`) when imported.
-from . import multidigits, scenes, sequences, synthetic, tabular  # noqa: F401
-from .base import SUITES, Split, Task, TaskSuite
+from . import images, multidigits, scenes, sequences, synthetic, tabular  # noqa: F401
+from .base import SUITES, DataSplit, Rows, Split, Task, TaskSuite
 
-__all__ = ["Task", "Split", "TaskSuite", "SUITES", "get"]
+__all__ = ["Task", "Split", "DataSplit", "Rows", "TaskSuite", "SUITES", "get"]
 
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -119,21 +119,33 @@ def _check_suite(name: str, suite: TaskSuite) -> None:
     if not isinstance(suite.options, dict):
         raise PrunefuseError(f"{where}: options must be a dict (they rebuild the suite), got {type(suite.options).__name__}")
     for split_name in ("train", "val", "test"):
-        split = suite.split(split_name)
-        if not isinstance(split, Split) or not isinstance(split.x, torch.Tensor):
-            raise PrunefuseError(f"{where}: {split_name} must be a Split(x=Tensor, y={{task: Tensor}})")
-        if len(split) == 0:
-            raise PrunefuseError(f"{where}: the {split_name} split is empty")
-        if tuple(split.x.shape[1:]) != tuple(suite.input_shape):
-            raise PrunefuseError(f"{where}: {split_name}.x has rows of shape {tuple(split.x.shape[1:])}, "
-                                 f"but input_shape is {tuple(suite.input_shape)}")
-        for t in suite.tasks:
-            y = split.y.get(t.name)
-            if y is None:
-                raise PrunefuseError(f"{where}: the {split_name} split has no labels for task {t.name!r}")
-            if len(y) != len(split):
-                raise PrunefuseError(f"{where}: {split_name} labels of task {t.name!r} have {len(y)} rows, "
-                                     f"x has {len(split)}")
+        _check_split(where, suite, split_name)
+
+
+def _check_split(where: str, suite: TaskSuite, split_name: str) -> None:
+    """A split is a DataSplit (a Split of tensors, or a dataset read in batches) with a
+    label for every row and task, and inputs of the suite's `input_shape`."""
+    import torch
+
+    from .reading import first_rows
+
+    split = suite.split(split_name)
+    if not isinstance(split, DataSplit) or (isinstance(split, Split) and not isinstance(split.x, torch.Tensor)):
+        raise PrunefuseError(f"{where}: {split_name} must be a Split(x=Tensor, y={{task: Tensor}}) or an "
+                             f"mtl_models.suites.DataSplit")
+    if len(split) == 0:
+        raise PrunefuseError(f"{where}: the {split_name} split is empty")
+    x, _ = first_rows(split, 2)
+    if tuple(x.shape[1:]) != tuple(suite.input_shape):
+        raise PrunefuseError(f"{where}: {split_name}.x has rows of shape {tuple(x.shape[1:])}, "
+                             f"but input_shape is {tuple(suite.input_shape)}")
+    for t in suite.tasks:
+        y = split.y.get(t.name)
+        if y is None:
+            raise PrunefuseError(f"{where}: the {split_name} split has no labels for task {t.name!r}")
+        if len(y) != len(split):
+            raise PrunefuseError(f"{where}: {split_name} labels of task {t.name!r} have {len(y)} rows, "
+                                 f"x has {len(split)}")
 
 
 class CheckedModelFactory:
