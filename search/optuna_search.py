@@ -7,7 +7,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from spaces import SearchSpace
 from spaces.scores import floor_violations
-from spaces.vocabulary import TASK_METRIC
+from spaces.vocabulary import task_metric
 
 from . import experiment as ex
 from .samplers import make_sampler
@@ -33,7 +33,7 @@ class TaskFloors:
         self.dense, self.max_drop, self.senses = dict(dense), max_drop, dict(senses or {})
 
     def values(self, result: dict) -> list[float]:
-        if any(f"{TASK_METRIC}{t}" not in result for t in self.dense):
+        if any(task_metric(t) not in result for t in self.dense):
             raise KeyError("a task metric is missing")
         return floor_violations(result, self.dense, self.senses, self.max_drop)
 
@@ -57,7 +57,10 @@ class PrunefuseOptunaSearch(OptunaSearch):
             # its parameters beside its folder: a study lost with optuna.db is rebuilt from them.
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr(ex.TUNE_ID_ATTR, trial_id)
-            ex.write_suggested(self._experiment, trial_id, ot_trial.params, ot_trial.distributions)
+            try:
+                ex.write_suggested(self._experiment, trial_id, ot_trial.params, ot_trial.distributions)
+            except OSError as exc:  # a side file never stops the search; a rebuilt study would lack its params
+                print(f"  trial {trial_id}: could not record its parameters ({exc})", flush=True)
         return out
 
     def on_trial_complete(self, trial_id, result=None, error=False):
@@ -65,11 +68,8 @@ class PrunefuseOptunaSearch(OptunaSearch):
             # Stopped early (ASHA) after an intermediate step: its metrics are not the policy's,
             # so Optuna records the trial as pruned instead of learning from them.
             result = None
-        if self._floors is not None and result and not error and trial_id in self._ot_trials:
-            try:
-                values = self._floors.values(result)
-            except KeyError:
-                values = None
+        if result and not error and trial_id in self._ot_trials:
+            values = ex.floor_values(self._floors, result)
             if values is not None:
                 trial = self._ot_trials[trial_id]
                 ex.record_constraints(trial.storage, trial._trial_id, values)

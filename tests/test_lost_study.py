@@ -25,6 +25,40 @@ def finals(exp: Path) -> dict[str, str]:
     return {p.parent.name: p.read_text() for p in exp.glob("trial_*/final.json")}
 
 
+def test_a_lost_study_is_rebuilt_from_the_trial_folders(tmp_path):
+    """Finished (final.json), failed (error.txt) and unfinished folders: the first two become
+    trials of a new study with what they recorded; only the unfinished one is set aside."""
+    import optuna
+
+    from search import experiment as ex
+    from search.optuna_search import TaskFloors
+    from search.resume import reconcile
+
+    exp, objectives = tmp_path / "lost", [("score", "max"), ("params", "min")]
+    distribution = optuna.distributions.FloatDistribution(0.0, 0.9)
+    final = {"final": True, "score": -1.5, "params": 1234, "metric/left": 0.8}
+    exp.mkdir()
+    ex.write_final(str(exp), "done", final)
+    ex.write_suggested(str(exp), "done", {"pruning/sparsity": 0.5}, {"pruning/sparsity": distribution})
+    (exp / "trial_failed").mkdir()
+    (exp / "trial_failed" / "error.txt").write_text("RuntimeError: boom\n")
+    (exp / "trial_cut").mkdir()
+    floors = TaskFloors({"left": 0.9}, 5.0, senses={"left": "max"})
+    url, lines = f"sqlite:///{tmp_path / 'optuna.db'}", []
+    assert reconcile(str(exp), url, "lost", objectives, floors=floors, log=lines.append) == 2
+    trials = {t.user_attrs[ex.TUNE_ID_ATTR]: t for t in optuna.load_study(study_name="lost", storage=url).trials}
+    assert set(trials) == {"done", "failed"}
+    done = trials["done"]
+    assert done.state.name == "COMPLETE" and done.values == [-1.5, 1234.0]
+    assert done.params == {"pruning/sparsity": 0.5} and done.distributions == {"pruning/sparsity": distribution}
+    assert done.user_attrs[ex.CONSTRAINTS_ATTR] == floors.values(final)
+    assert list(done.system_attrs.values()) == [floors.values(final)]  # Optuna's own constraint record (as stored)
+    assert trials["failed"].state.name == "FAIL"
+    assert (exp / "trial_done").is_dir() and (exp / "trial_failed").is_dir()
+    assert (exp / "_orphans" / "trial_cut").is_dir()
+    assert any("rebuilt it from the trial folders (1 finished, 1 failed" in line for line in lines), lines
+
+
 @pytest.mark.slow
 def test_resume_after_a_lost_study_keeps_every_finished_trial(tmp_path):
     from search.experiment import CONSTRAINTS_ATTR, TUNE_ID_ATTR
