@@ -21,5 +21,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing prunefuse and its dependencies ..." >&2
 .venv/bin/pip install -q -e ".[test,deploy]" 2>&1 | grep -v -i "warning" || true
+# FusionBench's merge functions are a reference in tests/test_fusion_reference.py. The modules
+# used need only torch; its own requirements (Lightning, Hydra, a CUDA torch) are not installed.
+.venv/bin/pip install -q --no-deps "fusion-bench==0.2.33" 2>&1 | grep -v -i "warning" || true
 .venv/bin/python -c "import torch, ray, optuna, torch_pruning, plotly, onnx, onnxruntime, mlflow, search.cli"
 echo "$want" > "$stamp"

@@ -21,7 +21,14 @@ IDENTITY = {
     "ties": {"density": 1.0, "scale": 1.0},
     "dare_linear": {"drop_rate": 0.0},
     "dare_ties": {"drop_rate": 0.0, "density": 1.0, "scale": 1.0},
+    "breadcrumbs": {"density": 1.0, "gamma": 0.0},
+    "della": {"density": 1.0, "epsilon": 0.0, "scale": 1.0},
+    "tsv": {},  # one task keeps its whole rank: its own SVD, already orthonormal
+    "adamerging": {},  # with its coefficients given (steps 0), task arithmetic
 }
+# Methods that flatten the merged spectrum, so even one expert comes back changed.
+FLAT_SPECTRUM = ["iso_c", "iso_cts"]
+ALL = sorted([*IDENTITY, *FLAT_SPECTRUM])
 DARE = ["dare_linear", "dare_ties"]
 
 
@@ -72,7 +79,7 @@ def ones(experts, lam=1.0):
 # --- registry ----------------------------------------------------------------
 
 def test_registry_names_and_knobs():
-    assert set(METHODS) == set(IDENTITY)
+    assert set(METHODS) == set(ALL)
     assert set(KNOBS) == set(METHODS)
     assert KNOBS["average"] == {} and KNOBS["task_arithmetic"] == {}
     assert set(KNOBS["ties"]) == {"density", "scale"}
@@ -80,7 +87,7 @@ def test_registry_names_and_knobs():
     assert set(KNOBS["dare_ties"]) == {"drop_rate", "density", "scale"}
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_knob_defaults_match_function_defaults(method):
     params = inspect.signature(METHODS[method]).parameters
     for name, knob in KNOBS[method].items():
@@ -207,7 +214,7 @@ def test_dare_masks_differ_across_tasks_and_keys():
     assert not torch.equal(only_a["x.weight"], only_a["y.weight"])
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_keys_shapes_dtypes_kept_ints_from_base(method, base, experts):
     out = merge(base, experts, method, ones(experts, 0.5))
     assert list(out) == list(base)
@@ -239,7 +246,7 @@ def test_layer_group_of_keys(base):
     assert layer_groups(base) == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_layerwise_same_lambda_equals_scalar(method, base, experts):
     scalar = {"seg": 0.6, "depth": 0.3, "normal": 0.9}
     layered = {t: {g: lam for g in layer_groups(base)} for t, lam in scalar.items()}
@@ -248,7 +255,7 @@ def test_layerwise_same_lambda_equals_scalar(method, base, experts):
         assert_close(a[k], b[k])
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_layerwise_acts_per_group(method, base, experts):
     per_group = {"0": 1.0, "1": 0.0, "2": 0.4}
     out = merge(base, experts, method, {t: dict(per_group) for t in experts})
