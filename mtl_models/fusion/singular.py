@@ -51,11 +51,20 @@ def tsv(deltas: Mapping[str, Tensor], key: str) -> Tensor:
     if not is_matrix(first):
         return summed(deltas)
     rank = max(1, min(first.shape) // len(deltas))  # each task's share of the rank (at least 1)
-    parts = [torch.linalg.svd(d, full_matrices=False) for d in deltas.values()]
-    u = torch.cat([p.U[:, :rank] for p in parts], dim=1)       # (rows, T*rank)
-    s = torch.cat([p.S[:rank] for p in parts])                 # (T*rank,)
-    vh = torch.cat([p.Vh[:rank] for p in parts], dim=0)        # (T*rank, cols)
+    parts = [top_triplets(deltas, t, rank) for t in deltas]
+    u = torch.cat([p[0] for p in parts], dim=1)       # (rows, T*rank)
+    s = torch.cat([p[1] for p in parts])              # (T*rank,)
+    vh = torch.cat([p[2] for p in parts], dim=0)      # (T*rank, cols)
     return rebuild(u, s, vh)
+
+
+def top_triplets(deltas: Mapping[str, Tensor], task: str, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top `rank` singular triplets of deltas[task]: from the cross-merge cache where `merge`
+    handed its TaskDeltas (fusion.cache), else computed."""
+    if hasattr(deltas, "singular"):
+        return deltas.singular(task, rank)
+    u, s, vh = torch.linalg.svd(deltas[task], full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
 
 
 def flat_spectrum(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
