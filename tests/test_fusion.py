@@ -391,3 +391,33 @@ def test_expert_preserve_is_part_of_the_cache_key():
     keys = {cache_key({"name": "s"}, {"trunk": "mlp"}, TrainSpec(expert_preserve=p), "trained") for p in (0, 1.0, 2)}
     assert len(keys) == 3
     assert cache_key({"name": "s"}, {"trunk": "mlp"}, TrainSpec(expert_preserve=1), "trained") in keys  # 1 == 1.0
+
+
+# --- the cross-merge cache (fusion.cache): TSV-M's singular vectors ------------------
+
+def _uncached(method, base, experts, lam):
+    """The merge computed by the method on plain dicts: no TaskDeltas, no cache."""
+    out = {}
+    for k in floats(base):
+        out[k] = base[k] + METHODS[method]({t: lam[t] * (e[k] - base[k]) for t, e in experts.items()}, k)
+    return out
+
+
+def test_tsv_reuses_singular_vectors_across_merges_and_sees_changed_experts(base, experts):
+    from mtl_models.fusion import cache
+
+    cache.clear()
+    first = {"seg": 0.5, "depth": 0.8, "normal": 1.0}
+    merge(base, experts, "tsv", first)
+    entries = len(cache._ENTRIES)
+    assert entries == 3 * 2  # 3 tasks x 2 matrices
+    other = {"seg": -0.7, "depth": 0.2, "normal": 1.3}  # another trial, a negative coefficient too
+    got = merge(base, experts, "tsv", other)
+    assert len(cache._ENTRIES) == entries  # every triplet came from the cache
+    for k, v in _uncached("tsv", base, experts, other).items():
+        assert_close(got[k], v, atol=1e-5, rtol=1e-5)
+    changed = {**experts, "seg": {k: v * 1.5 if v.is_floating_point() else v for k, v in experts["seg"].items()}}
+    got = merge(base, changed, "tsv", other)
+    assert len(cache._ENTRIES) == entries + 2  # the changed expert's matrices were decomposed again
+    for k, v in _uncached("tsv", base, changed, other).items():
+        assert_close(got[k], v, atol=1e-5, rtol=1e-5)
