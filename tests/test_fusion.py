@@ -421,3 +421,12 @@ def test_tsv_reuses_singular_vectors_across_merges_and_sees_changed_experts(base
     assert len(cache._ENTRIES) == entries + 2  # the changed expert's matrices were decomposed again
     for k, v in _uncached("tsv", base, changed, other).items():
         assert_close(got[k], v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_merge_leaves_base_and_experts_as_they_were(method, base, experts):
+    """TIES trims merge's own temporaries in place: never the caller's tensors."""
+    before = {t: {k: v.clone() for k, v in e.items()} for t, e in {"base": base, **experts}.items()}
+    merge(base, experts, method, ones(experts))
+    for t, e in {"base": base, **experts}.items():
+        assert all(torch.equal(e[k], before[t][k]) for k in e), t

@@ -130,8 +130,10 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
 
 
 class TaskDeltas(dict):
-    """task -> lambda_t * tau_t for one key: what a method merges. `singular(task, rank)` gives
-    that vector's top singular triplets, from `cache` when these experts were merged before."""
+    """task -> lambda_t * tau_t for one key: what a method merges. The tensors are `merge`'s own
+    temporaries, freed after the method returns: a method may overwrite them (TIES trims in
+    place). `singular(task, rank)` gives a vector's top singular triplets, from `cache` when
+    these experts were merged before."""
 
     def __init__(self, *, key: str, base: Tensor, experts: Mapping[str, Tensor]):
         super().__init__()

@@ -30,6 +30,7 @@ from spaces.errors import PrunefuseError
 from spaces.knobs import Knob
 
 from .linear import summed
+from .merge import TaskDeltas
 from .registry import register
 
 _TIES_KNOBS = {"density": Knob(0.05, 1.0), "scale": Knob(0.3, 1.5)}
@@ -49,11 +50,11 @@ def _top_count(fraction: float, n: int) -> int:
     return round(fraction * n)
 
 
-def trim(delta: Tensor, density: float) -> Tensor:
+def trim(delta: Tensor, density: float, *, in_place: bool = False) -> Tensor:
     """Keep the top-`density` fraction of entries by magnitude, exactly k = round(density * n)
     of them (at least one): the k-th largest magnitude is found by selection (kthvalue, O(n);
     a top-k sort of a 23M-entry embedding took 10 s), and among entries equal to it the first
-    ones are kept until k survive."""
+    ones are kept until k survive. in_place: zero `delta`'s own entries (a temporary the caller owns)."""
     _check_fraction("density", density)
     flat = delta.flatten()
     n = flat.numel()
@@ -66,7 +67,8 @@ def trim(delta: Tensor, density: float) -> Tensor:
     short = k - int(keep.sum())
     if short > 0:  # ties at the threshold
         keep[(magnitude == threshold).nonzero().flatten()[:short]] = True
-    return (flat * keep).view_as(delta)
+    del magnitude
+    return delta.mul_(keep.view_as(delta)) if in_place else (flat * keep).view_as(delta)
 
 
 def elect_and_average(deltas: list[Tensor], scale: float) -> Tensor:
@@ -76,7 +78,8 @@ def elect_and_average(deltas: list[Tensor], scale: float) -> Tensor:
     for d in deltas:
         elected += d
     elected.sign_()
-    total, count = torch.zeros_like(elected), torch.zeros_like(elected)
+    total = torch.zeros_like(elected)
+    count = torch.zeros(elected.shape, dtype=torch.uint8 if len(deltas) < 256 else torch.int32, device=elected.device)
     for d in deltas:
         agree = d.sign() == elected  # zeros have sign 0 and so never agree with +-1
         total += d * agree
@@ -135,7 +138,8 @@ def magprune(delta: Tensor, *, density: float, epsilon: float, draws: Tensor) ->
 
 @register("ties", knobs=_TIES_KNOBS)
 def ties(deltas: Mapping[str, Tensor], key: str, *, density: float = 0.2, scale: float = 1.0) -> Tensor:
-    return elect_and_average([trim(d, density) for d in deltas.values()], scale)
+    owned = isinstance(deltas, TaskDeltas)  # merge's own temporaries: trimmed where they lie
+    return elect_and_average([trim(d, density, in_place=owned) for d in deltas.values()], scale)
 
 
 @register("dare_linear", knobs=_DARE_KNOBS, needs=("seed",))
@@ -146,7 +150,7 @@ def dare_linear(deltas: Mapping[str, Tensor], key: str, *, drop_rate: float = 0.
 @register("dare_ties", knobs={**_DARE_KNOBS, **_TIES_KNOBS}, needs=("seed",))
 def dare_ties(deltas: Mapping[str, Tensor], key: str, *, drop_rate: float = 0.5, density: float = 0.2,
               scale: float = 1.0, seed: int = 0) -> Tensor:
-    return elect_and_average([trim(d, density) for d in dare(deltas, key, drop_rate, seed)], scale)
+    return elect_and_average([trim(d, density, in_place=True) for d in dare(deltas, key, drop_rate, seed)], scale)
 
 
 def crumbs(delta: Tensor, density: float, gamma: float) -> Tensor:
