@@ -41,6 +41,8 @@ with a CNN trunk (BN_MODEL): for six merges (DARE up to p = 0.95), each model th
 statistics merged as task vectors (what merging did before), the base's statistics (a), and
 statistics recalibrated on 512 training samples after the merge (b, the default of
 `pipeline.start_model`); a merged model whose outputs are NaN / inf is counted, not scored.
+Part `size` (--parts size): TIES (and TSV-M) over three BERT-base experts, the merge before
+this branch and now, time and peak RSS (benchmarks/_merge_size.py).
 Goals: searched ≥ the best default row *by test* (the strictest reading) in ≥ 2 of 3 seeds;
 TIES (defaults) ≥ average in mean test over seeds. A TIES investigation (density, per-tensor
 vs global trim, λ, and how far each merge moves the trunk) is printed as an extra table.
@@ -387,7 +389,8 @@ def main(argv=None) -> None:
     ap.add_argument("--expert-lr", type=float, default=None,
                     help="Adam lr of the expert fine-tunes (default: TrainSpec's)")
     ap.add_argument("--parts", default="merge,bn",
-                    help="merge: the methods on the MLP suites; bn: BatchNorm statistics after a merge (CNN)")
+                    help="merge: the methods on the MLP suites; bn: BatchNorm statistics after a merge (CNN); "
+                         "size: TIES / TSV over 3 BERT-base experts, before and after (run it alone)")
     ap.add_argument("--bn-train-pairs", type=int, default=4000, help="bn part: multidigits train_pairs")
     ap.add_argument("--bn-epochs", type=float, default=6.0, help="bn part: base epochs (experts: --expert-epochs / 3)")
     ap.add_argument("--threads", type=int, default=1)
@@ -418,6 +421,12 @@ def main(argv=None) -> None:
         with stopwatch("bn statistics"):
             per_seed = {seed: bn_seed(seed, bn_spec, args.bn_train_pairs, cache_dir) for seed in args.seeds}
         goals += report_bn(per_seed)
+    if "size" in parts:
+        import _merge_size
+
+        with stopwatch("real size"):
+            rows = _merge_size.run(args.threads)
+        goals += _merge_size.report(rows, markdown_table, fmt)
     print("\n### Goals\n")
     print(goals_table(goals))
 

@@ -12,9 +12,9 @@ import torch
 
 from spaces.errors import PrunefuseError, unknown_name
 from spaces.knobs import coerce_number
-from spaces.policy import Policy
+from spaces.policy import Policy, learned_fusion_record
 from spaces.scores import mean_score
-from spaces.vocabulary import task_metric, test_metric
+from spaces.vocabulary import LEARNED_FUSION, task_metric, test_metric
 
 from mtl_models.deployment import deploy, quantize
 from mtl_models import fusion
@@ -130,6 +130,57 @@ def calibration_batch(suite) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return first_rows(suite.train, CALIBRATION_SAMPLES)
 
 
+def _trunk_and_experts(suite, artifacts: Artifacts) -> tuple[dict, dict]:
+    """The base's trunk and each task expert's: what a merge combines (heads are never merged)."""
+    trunk = {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
+    return trunk, {t: {k: artifacts.experts[t][k] for k in trunk} for t in suite.task_names}
+
+
+def _expert_heads(suite, artifacts: Artifacts) -> dict:
+    """Each head from its own expert."""
+    return {k: v for t in suite.task_names for k, v in artifacts.experts[t].items() if k.startswith(f"heads.{t}.")}
+
+
+def _check_experts(artifacts: Artifacts) -> None:
+    if not artifacts.experts:
+        raise PrunefuseError("the policy fuses task experts, but none were trained for this search")
+
+
+# AdaMerging's unlabeled inputs: the first training rows, deterministic view (labels never read).
+ADAMERGING_ROWS = 4096
+
+
+def unlabeled_inputs(suite) -> torch.Tensor:
+    from mtl_models.suites.reading import first_rows
+
+    return first_rows(suite.train, ADAMERGING_ROWS)[0]
+
+
+def learn_fusion(suite, policy: Policy, artifacts: Artifacts, *, device: str) -> Policy:
+    """`policy` itself, or, where its fusion method learns its coefficients from unlabeled
+    training inputs (`adamerging`) and has steps to take, a copy holding the learned
+    coefficients and `steps: 0`: the policy a trial records (`LEARNED_FUSION`), which merges
+    the same trunk again without learning."""
+    f = policy.fusion
+    if f is None or f.method not in fusion.METHODS.needing("data"):
+        return policy
+    params = {**{k: knob.default for k, knob in fusion.KNOBS[f.method].items()}, **f.params}
+    if int(params["steps"]) <= 0:
+        return policy
+    _check_experts(artifacts)
+    model = suite.build_model(**policy.model)
+    model.load_state_dict({**artifacts.base, **_expert_heads(suite, artifacts)})
+    trunk, experts = _trunk_and_experts(suite, artifacts)
+    coefficients = fusion.learn_coefficients(
+        model, trunk, experts, inputs=unlabeled_inputs(suite), kinds={t.name: t.kind for t in suite.tasks},
+        layerwise=any(isinstance(c, dict) for c in f.coefficients.values()), steps=int(params["steps"]),
+        lr=float(params["lr"]), init=float(params["init"]), seed=policy.seed,
+        buffers=fusion.buffer_keys(model, "trunk."), device=device)
+    data = policy.to_dict()
+    data["fusion"] = {**data["fusion"], "coefficients": coefficients, "params": {**f.params, "steps": 0}}
+    return Policy.from_dict(data, source="the learned fusion coefficients")
+
+
 def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, statistics: str = "recalibrate"):
     """The dense base, or the base with its trunk merged from the task experts (BatchNorm
     statistics set as `statistics` says)."""
@@ -138,10 +189,8 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, sta
     model.load_state_dict(artifacts.base)
     if policy.fusion is None:
         return model
-    if not artifacts.experts:
-        raise PrunefuseError("the policy fuses task experts, but none were trained for this search")
-    trunk = {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
-    experts = {t: {k: artifacts.experts[t][k] for k in trunk} for t in suite.task_names}
+    _check_experts(artifacts)
+    trunk, experts = _trunk_and_experts(suite, artifacts)
     # Merging happens here: only the shared trunk is merged; each head comes from its own expert.
     if statistics not in STATISTICS:
         raise unknown_name("merged statistics", statistics, STATISTICS)
@@ -149,8 +198,7 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, sta
                    buffers=fusion.buffer_keys(model, "trunk."), **fusion_params(policy))
     state = dict(artifacts.base)
     state.update(merged)
-    for t in suite.task_names:
-        state.update({k: v for k, v in artifacts.experts[t].items() if k.startswith(f"heads.{t}.")})
+    state.update(_expert_heads(suite, artifacts))
     model.load_state_dict(state)
     calib, _ = calibration_batch(suite)
     if statistics == "recalibrate":
@@ -283,7 +331,10 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     device = measure_spec.device
     check_precision(policy.finetune.precision, device)
     measure_spec = dataclasses.replace(measure_spec, precision=policy.finetune.precision)
-    model = start_model(suite, policy, artifacts, device=device)
+    learned = learn_fusion(suite, policy, artifacts, device=device)
+    # A learned merge is recorded beside the metrics: the trial's exported policy holds it.
+    record = {} if learned is policy else {LEARNED_FUSION: learned_fusion_record(learned)}
+    model = start_model(suite, learned, artifacts, device=device)
     calib, calib_y = calibration_batch(suite)
 
     def task_losses(m):
@@ -303,6 +354,7 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
                   guide=Guidance(teacher=teacher, distill=ft.distill.model_dump() if teacher is not None else None))
         metrics.clear()
         metrics.update(measure_model(without_masks(m), suite, artifacts, measure_spec))
+        metrics.update(record)
         if step == p.steps and quantize.quantizes(policy.quantization):
             metrics.update(measure_quantized(without_masks(m), suite, policy, artifacts, measure_spec, metrics))
         if on_step:

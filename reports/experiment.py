@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 
 from spaces.errors import PrunefuseError
+from spaces.policy import with_learned_fusion
 
 from spaces.vocabulary import (CARRIED_FILE, CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINAL_FILE, FINISHED_FILE, REMEASURED_FILE,
-                               is_recorded_metric)
+                               LEARNED_FUSION, is_recorded_metric)
 STATUS = ("finished", "failed", "stopped", "running")
 
 
@@ -223,8 +224,8 @@ def load_trial(trial_dir: Path, *, search_over: bool) -> dict | None:
             row["carried_from"] = str(json.loads(_text(carried)).get("from"))
         except (ValueError, AttributeError, _Unreadable):
             row["carried_from"] = "an earlier experiment"
-    row["policy"] = config.get("policy")
-    _flatten("policy", config.get("policy", {}), row)
+    row["policy"] = with_learned_fusion(config.get("policy"), result.get(LEARNED_FUSION))
+    _flatten("policy", row["policy"] or {}, row)
     row.pop("policy/provenance", None)
     return row
 

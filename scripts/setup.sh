@@ -28,6 +28,9 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
 fi
 echo "setup: installing prunefuse and its dependencies ..." >&2
 .venv/bin/pip install -qq -e ".[test,deploy,zoo]"  # quiet on success (pyproject's package-dir); errors show and stop
+# FusionBench's merge functions are a reference in tests/test_fusion_reference.py. The modules
+# used need only torch; its own requirements (Lightning, Hydra, a CUDA torch) are not installed.
+.venv/bin/pip install -qq --no-deps "fusion-bench==0.2.33"
 .venv/bin/python -c "import torch, ray, optuna, torch_pruning, plotly, onnx, onnxruntime, mlflow, search.cli"
 # timm, torchvision and transformers import through the one place that makes torchvision load beside the CPU torch
 .venv/bin/python -c "from mtl_models.models import imports; imports.timm(); imports.torchvision(); imports.transformers()"

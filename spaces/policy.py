@@ -8,6 +8,7 @@ the policy is applied, since `spaces` imports no torch.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
@@ -166,3 +167,23 @@ class Policy(Strict):
 
     def replace(self, **changes) -> "Policy":
         return Policy.from_dict({**self.to_dict(), **changes})
+
+
+# --- a fusion section learned in a trial (AdaMerging's coefficients) ---
+
+def learned_fusion_record(policy: Policy) -> str:
+    """The fusion section of a policy whose coefficients a trial learned, as the JSON text its
+    results carry under `spaces.vocabulary.LEARNED_FUSION`."""
+    return json.dumps(policy.to_dict()["fusion"], sort_keys=True)
+
+
+def with_learned_fusion(policy, record):
+    """A trial's proposed policy (a dict) with the fusion section it learned, where its results
+    recorded one: what its export holds, so `apply` merges without learning again."""
+    if not isinstance(record, str) or not isinstance(policy, dict):
+        return policy
+    try:
+        fusion = json.loads(record)
+    except ValueError:
+        return policy  # a damaged record: the proposed policy (apply then learns again)
+    return {**policy, "fusion": fusion} if isinstance(fusion, dict) else policy

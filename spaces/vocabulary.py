@@ -29,6 +29,9 @@ MEASUREMENT_FACTS = ("latency_batch", "threads", "device", "device_name", "cuda_
                      "half_precision", "lock_wait_s", "timed_from", "timed_to")
 # Which runtime timed latency_ms (mtl_models.deployment.deploy); an int8 policy's method and its fp32 model's figures.
 MEASUREMENT_FACTS += ("latency_backend", "quantization", "fp32_score", "fp32_bytes", "fp32_latency_ms")
+# A trial that learned its merge coefficients (fusion method `adamerging`) reports the fusion
+# section it learned under this key (JSON text); the report puts it in the trial's policy.
+LEARNED_FUSION = "fusion_learned"
 TASK_METRIC = "metric/"         # metric/<task>: the task's validation metric
 TASK_TEST_METRIC = "test/"      # test/<task>: the same on the test split
 

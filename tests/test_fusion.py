@@ -21,7 +21,14 @@ IDENTITY = {
     "ties": {"density": 1.0, "scale": 1.0},
     "dare_linear": {"drop_rate": 0.0},
     "dare_ties": {"drop_rate": 0.0, "density": 1.0, "scale": 1.0},
+    "breadcrumbs": {"density": 1.0, "gamma": 0.0},
+    "della": {"density": 1.0, "epsilon": 0.0, "scale": 1.0},
+    "tsv": {},  # one task keeps its whole rank: its own SVD, already orthonormal
+    "adamerging": {},  # with its coefficients given (steps 0), task arithmetic
 }
+# Methods that flatten the merged spectrum, so even one expert comes back changed.
+FLAT_SPECTRUM = ["iso_c", "iso_cts"]
+ALL = sorted([*IDENTITY, *FLAT_SPECTRUM])
 DARE = ["dare_linear", "dare_ties"]
 
 
@@ -72,7 +79,7 @@ def ones(experts, lam=1.0):
 # --- registry ----------------------------------------------------------------
 
 def test_registry_names_and_knobs():
-    assert set(METHODS) == set(IDENTITY)
+    assert set(METHODS) == set(ALL)
     assert set(KNOBS) == set(METHODS)
     assert KNOBS["average"] == {} and KNOBS["task_arithmetic"] == {}
     assert set(KNOBS["ties"]) == {"density", "scale"}
@@ -80,7 +87,7 @@ def test_registry_names_and_knobs():
     assert set(KNOBS["dare_ties"]) == {"drop_rate", "density", "scale"}
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_knob_defaults_match_function_defaults(method):
     params = inspect.signature(METHODS[method]).parameters
     for name, knob in KNOBS[method].items():
@@ -207,7 +214,7 @@ def test_dare_masks_differ_across_tasks_and_keys():
     assert not torch.equal(only_a["x.weight"], only_a["y.weight"])
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_keys_shapes_dtypes_kept_ints_from_base(method, base, experts):
     out = merge(base, experts, method, ones(experts, 0.5))
     assert list(out) == list(base)
@@ -239,7 +246,7 @@ def test_layer_group_of_keys(base):
     assert layer_groups(base) == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_layerwise_same_lambda_equals_scalar(method, base, experts):
     scalar = {"seg": 0.6, "depth": 0.3, "normal": 0.9}
     layered = {t: {g: lam for g in layer_groups(base)} for t, lam in scalar.items()}
@@ -248,7 +255,7 @@ def test_layerwise_same_lambda_equals_scalar(method, base, experts):
         assert_close(a[k], b[k])
 
 
-@pytest.mark.parametrize("method", sorted(IDENTITY))
+@pytest.mark.parametrize("method", ALL)
 def test_layerwise_acts_per_group(method, base, experts):
     per_group = {"0": 1.0, "1": 0.0, "2": 0.4}
     out = merge(base, experts, method, {t: dict(per_group) for t in experts})
@@ -384,3 +391,42 @@ def test_expert_preserve_is_part_of_the_cache_key():
     keys = {cache_key({"name": "s"}, {"trunk": "mlp"}, TrainSpec(expert_preserve=p), "trained") for p in (0, 1.0, 2)}
     assert len(keys) == 3
     assert cache_key({"name": "s"}, {"trunk": "mlp"}, TrainSpec(expert_preserve=1), "trained") in keys  # 1 == 1.0
+
+
+# --- the cross-merge cache (fusion.cache): TSV-M's singular vectors ------------------
+
+def _uncached(method, base, experts, lam):
+    """The merge computed by the method on plain dicts: no TaskDeltas, no cache."""
+    out = {}
+    for k in floats(base):
+        out[k] = base[k] + METHODS[method]({t: lam[t] * (e[k] - base[k]) for t, e in experts.items()}, k)
+    return out
+
+
+def test_tsv_reuses_singular_vectors_across_merges_and_sees_changed_experts(base, experts):
+    from mtl_models.fusion import cache
+
+    cache.clear()
+    first = {"seg": 0.5, "depth": 0.8, "normal": 1.0}
+    merge(base, experts, "tsv", first)
+    entries = len(cache._ENTRIES)
+    assert entries == 3 * 2  # 3 tasks x 2 matrices
+    other = {"seg": -0.7, "depth": 0.2, "normal": 1.3}  # another trial, a negative coefficient too
+    got = merge(base, experts, "tsv", other)
+    assert len(cache._ENTRIES) == entries  # every triplet came from the cache
+    for k, v in _uncached("tsv", base, experts, other).items():
+        assert_close(got[k], v, atol=1e-5, rtol=1e-5)
+    changed = {**experts, "seg": {k: v * 1.5 if v.is_floating_point() else v for k, v in experts["seg"].items()}}
+    got = merge(base, changed, "tsv", other)
+    assert len(cache._ENTRIES) == entries + 2  # the changed expert's matrices were decomposed again
+    for k, v in _uncached("tsv", base, changed, other).items():
+        assert_close(got[k], v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_merge_leaves_base_and_experts_as_they_were(method, base, experts):
+    """TIES trims merge's own temporaries in place: never the caller's tensors."""
+    before = {t: {k: v.clone() for k, v in e.items()} for t, e in {"base": base, **experts}.items()}
+    merge(base, experts, method, ones(experts))
+    for t, e in {"base": base, **experts}.items():
+        assert all(torch.equal(e[k], before[t][k]) for k in e), t

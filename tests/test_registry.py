@@ -56,6 +56,7 @@ def test_every_registered_knob_default_lies_in_its_range(kind):
 
 
 def test_what_methods_need_is_declared_beside_them():
-    assert fusion.METHODS.needing("seed") == {"dare_linear", "dare_ties"}
+    assert fusion.METHODS.needing("seed") == {"dare_linear", "dare_ties", "della"}
+    assert fusion.METHODS.needing("data") == {"adamerging"}  # learns its coefficients on training inputs
     assert weighting.METHODS.needing("seed") == {"rlw"}
     assert NEEDS_GRADS == {"taylor", "multitask_taylor"}

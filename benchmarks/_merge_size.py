@@ -1,0 +1,131 @@
+"""Part `size` of benchmarks/fusion.py: merging three BERT-base-sized experts (random weights).
+
+Each row runs in its own process (peak RSS is per process): build `BertModel(BertConfig())`
+with random init as the base, three experts as base + 0.01 N(0, 1) perturbations of every
+float tensor (state dicts only, the models freed), then merge. "before" is `fusion.merge` as
+of commit BEFORE (read with `git show`, run unchanged); "after" is the merge of this tree,
+twice in one process (a search merges the same experts once per trial: the second merge
+shows what the cross-trial cache saves). Columns: wall seconds and CPU seconds of the merge
+(CPU seconds compare rows fairly when other work shares the cores), peak RSS of the process,
+and the merge's own part of it (peak RSS minus the RSS before merging: inputs excluded).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = "aeab905"  # the last commit with the single-module fusion/__init__.py
+ROWS = [("ties", "before", {"density": 0.2}), ("ties", "after", {"density": 0.2}),
+        ("tsv", "after", {})]
+
+
+def _rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def _state_dicts(seed: int):
+    import torch
+
+    # The torchvision wheel here is a CUDA build: declaring its two ops lets transformers import
+    # it beside the CPU torch (/work/shared/GROUND.md); a matching torchvision needs none of this.
+    try:
+        torch.ops.torchvision.nms
+    except (AttributeError, RuntimeError):
+        lib = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _state_dicts.lib = lib  # keep the definitions alive
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    base = {k: v.detach().clone() for k, v in BertModel(BertConfig()).state_dict().items()}
+    experts = {t: {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in base.items()}
+               for t in ("a", "b", "c")}
+    return base, experts
+
+
+def _merge_fn(variant: str):
+    if variant == "after":
+        from mtl_models import fusion
+
+        return fusion.merge
+    import importlib.util
+
+    source = subprocess.run(["git", "show", f"{BEFORE}:mtl_models/fusion/__init__.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="fusion-before-")) / "fusion_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("fusion_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.merge
+
+
+def worker(method: str, variant: str, params: dict, threads: int) -> dict:
+    """One row, in this process: {seconds: [first, second], peak_gb, merge_gb, inputs_gb}."""
+    import torch
+
+    torch.set_num_threads(threads)
+    merge = _merge_fn(variant)
+    base, experts = _state_dicts(0)
+    inputs = _rss_gb()
+    seconds, cpu = [], []
+    for lam in (0.3, 0.5)[:2 if variant == "after" else 1]:  # trials: other coefficients, same experts
+        start, start_cpu = time.perf_counter(), time.process_time()
+        merged = merge(base, experts, method, {t: lam for t in experts}, **params)
+        seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        del merged
+    return {"seconds": seconds, "cpu_s": cpu, "peak_gb": _peak_gb(), "merge_gb": _peak_gb() - inputs,
+            "inputs_gb": inputs}
+
+
+def run(threads: int, log=print) -> list[dict]:
+    rows = []
+    for method, variant, params in ROWS:
+        cmd = [sys.executable, __file__, json.dumps([method, variant, params, threads])]
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if out.returncode != 0:
+            raise RuntimeError(f"size row {method}/{variant} failed:\n{out.stderr[-3000:]}")
+        row = {"method": method, "variant": variant, **json.loads(out.stdout.strip().splitlines()[-1])}
+        log(f"  {method} {variant}: {row}")
+        rows.append(row)
+    return rows
+
+
+def report(rows: list[dict], markdown_table, fmt) -> list[tuple[str, bool, str]]:
+    print("\n### Merging at real size: 3 BERT-base experts (random weights), one process per row\n")
+    second = lambda values: values[1] if len(values) > 1 else None  # noqa: E731
+    print(markdown_table(["method", "code", "wall s (1st trial)", "CPU s (1st)", "wall s (2nd trial)", "CPU s (2nd)",
+                          "peak RSS GB", "merge's own RSS GB", "inputs RSS GB"],
+                         [[r["method"], r["variant"], fmt(r["seconds"][0], 1), fmt(r["cpu_s"][0], 1),
+                           fmt(second(r["seconds"]), 1), fmt(second(r["cpu_s"]), 1),
+                           fmt(r["peak_gb"]), fmt(r["merge_gb"]), fmt(r["inputs_gb"])] for r in rows]))
+    before = next(r for r in rows if r["method"] == "ties" and r["variant"] == "before")
+    after = next(r for r in rows if r["method"] == "ties" and r["variant"] == "after")
+    time_ratio = after["cpu_s"][0] / before["cpu_s"][0]
+    memory_ratio = after["merge_gb"] / max(before["merge_gb"], 1e-9)
+    return [("TIES, 3 BERT-base experts: CPU time after / before ≤ 1/3", time_ratio <= 1 / 3,
+             f"{time_ratio:.2f} (wall {after['seconds'][0]:.1f} vs {before['seconds'][0]:.1f} s, shared machine)"),
+            ("TIES, 3 BERT-base experts: merge's own RSS after / before ≤ 1/3", memory_ratio <= 1 / 3,
+             f"{memory_ratio:.2f} (peak {after['peak_gb']:.2f} vs {before['peak_gb']:.2f} GB with the inputs)")]
+
+
+if __name__ == "__main__":
+    method, variant, params, threads = json.loads(sys.argv[1])
+    print(json.dumps(worker(method, variant, params, threads)))
