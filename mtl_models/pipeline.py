@@ -131,7 +131,9 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, sta
         return model
     if not artifacts.experts:
         raise PrunefuseError("the policy fuses task experts, but none were trained for this search")
-    trunk = {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
+    # Task vectors are taken against the trunk the experts were fine-tuned from: the base's, or
+    # the backbone a user's own experts (--experts) started from.
+    trunk = artifacts.backbone or {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
     experts = {t: {k: artifacts.experts[t][k] for k in trunk} for t in suite.task_names}
     # Merging happens here: only the shared trunk is merged; each head comes from its own expert.
     if statistics not in STATISTICS:

@@ -102,7 +102,12 @@ def _parser() -> argparse.ArgumentParser:
                         "under --storage) whose suite, model, training and space are the same")
     s.add_argument("--retries", type=int, default=0, help="retry a failing trial this many times")
     s.add_argument("--references", action="store_true", help="train single-task references; Δm is measured against them")
-    s.add_argument("--base-checkpoint", default=None, help="start from this trained base (a weights-only state dict)")
+    s.add_argument("--base-checkpoint", default=None,
+                   help="start from this backbone or trained base: a torch state dict (.pt/.pth/.bin), .safetensors "
+                        "(or a sharded *.index.json) or a Hugging Face model folder; library key names are mapped")
+    s.add_argument("--experts", action="append", metavar="TASK=PATH",
+                   help="one per task: a copy of the --base-checkpoint backbone fine-tuned on TASK (same formats, "
+                        "with or without its head); merged instead of experts prunefuse would fine-tune")
     s.add_argument("--data", default=None, help="tabular suite: a CSV or Parquet file")
     s.add_argument("--features", default=None, help="tabular suite: comma-separated feature columns")
     s.add_argument("--task", action="append", metavar="NAME:KIND:COLUMN",
@@ -176,11 +181,24 @@ def cmd_search(args) -> int:
                      **({"latency_backend": args.latency_backend} if args.latency_backend else {})},
             tracking=args.tracking, references=args.references, max_task_drop=args.max_task_drop, asha=args.asha,
             early_stop=args.early_stop, early_stop_keep=args.early_stop_keep, warm_start=args.warm_start,
-            address=args.address, base_checkpoint=args.base_checkpoint)
+            address=args.address, base_checkpoint=args.base_checkpoint, experts=_experts(args.experts))
         path = run_search(cfg)
     if not args.no_report:
         _report_and_export(path)
     return 0
+
+
+def _experts(pairs: list[str] | None) -> dict[str, str] | None:
+    """`--experts left=a.safetensors` -> {"left": "a.safetensors"}: paths stay strings."""
+    out = {}
+    for pair in pairs or []:
+        task, sep, path = pair.partition("=")
+        if not sep or not task or not path:
+            raise PrunefuseError(f"--experts expects TASK=PATH, got {pair!r}")
+        if task in out:
+            raise PrunefuseError(f"--experts names task {task!r} twice; one expert per task")
+        out[task] = path
+    return out or None
 
 
 def _only_resume_flags(args) -> None:

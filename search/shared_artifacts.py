@@ -22,7 +22,7 @@ def artifact_cache(cfg: SearchConfig) -> str:
     return os.path.join(cfg.storage, "_artifacts")
 
 
-def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, log):
+def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, user_weights, log):
     """Base, experts and references, trained once and cached by content hash (or reused).
 
     Experts and references fan out as Ray tasks with the trials' resources. The base is a Ray
@@ -38,7 +38,9 @@ def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, lo
 
     on_ray = runs_on_ray(cfg)
     return artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=artifact_cache(cfg),
-                             experts=space.fuses, references=cfg.references, base_state=base_state,
+                             experts=space.fuses, references=cfg.references,
+                             base_state=user_weights.base if user_weights else None,
+                             user_experts=user_weights.experts if user_weights else None,
                              map_fn=mapper, base_map_fn=mapper if on_ray else None, log=log)
 
 
@@ -74,6 +76,8 @@ def measure_dense(cfg: SearchConfig, suite, art) -> dict:
     dense["task_metrics"] = {t.name: t.metric for t in suite.tasks}
     if art.references:
         dense["references"] = art.references
+    if art.expert_metrics:  # a user's experts, each on its own task: the individual-model reference
+        dense["experts"] = art.expert_metrics
     return dense
 
 

@@ -43,17 +43,27 @@ def base_spec(cfg: SearchConfig) -> dict:
     """The policy's `base:` section: the TrainSpec plus the user's checkpoint, if any."""
     from mtl_models.artifacts import TrainSpec
 
+    from mtl_models.models.weights import checkpoint_sha256
+
     spec = asdict(TrainSpec(**cfg.train))
-    if cfg.base_checkpoint:
+    if cfg.base_checkpoint:  # path and SHA-256 of every user file: apply rebuilds from them, or refuses
         spec["checkpoint"] = os.path.abspath(cfg.base_checkpoint)
+        spec["checkpoint_sha256"] = checkpoint_sha256(cfg.base_checkpoint, what="base checkpoint")
+    if cfg.experts:
+        spec["experts"] = {t: {"path": os.path.abspath(p), "sha256": checkpoint_sha256(p, what=f"expert for task {t!r}")}
+                           for t, p in cfg.experts.items()}
     return spec
 
 
 def prepare_inputs(cfg: SearchConfig):
     """Everything that can be wrong with the user's request is found here, before any write."""
-    from mtl_models import artifacts, suites
+    from mtl_models import suites
 
     suite = suites.from_spec(cfg.suite)
+    if cfg.experts:  # before the space: its base section reads (and hashes) every expert file
+        from mtl_models.models.pretrained import check_expert_tasks
+
+        check_expert_tasks(cfg.experts, suite.task_names, cfg.base_checkpoint)
     for name, _ in cfg.objectives:
         task = name.removeprefix("metric/")
         if name.startswith("metric/") and task not in suite.task_names:
@@ -75,10 +85,13 @@ def prepare_inputs(cfg: SearchConfig):
     if unpruned:
         print(unpruned, flush=True)
     check_pruning(suite, space.hardest_pruning())  # a model that pruning breaks fails now, not after training
-    base_state = None
-    if cfg.base_checkpoint:
-        base_state = artifacts.load_base_checkpoint(cfg.base_checkpoint, model)
-    return suite, space, base_state
+    from mtl_models.models.pretrained import load_user_weights
+
+    if cfg.experts and cfg.references:
+        raise PrunefuseError("--references trains single-task references; with --experts the experts are the "
+                             "references (Δm is taken against their own metrics): leave out --references")
+    user_weights = load_user_weights(model, base=cfg.base_checkpoint, experts=cfg.experts)
+    return suite, space, user_weights
 
 
 def check_precisions(cfg: SearchConfig, space: SearchSpace) -> None:
@@ -257,7 +270,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
         from .warm_start import check_source
 
         warm = check_source(cfg)
-    suite, space, base_state = prepare_inputs(cfg)
+    suite, space, user_weights = prepare_inputs(cfg)
     from .claim import claimed
 
     with claimed(cfg.path) if not is_uri(cfg.storage) else contextlib.nullcontext():
@@ -267,10 +280,10 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
         if resume and search_over(cfg):
             log(f"search {cfg.name!r} had finished already; nothing to resume, nothing changed: {cfg.path}")
             return cfg.path
-        return _run_claimed(cfg, suite, space, base_state, resume=resume, log=log, warm=warm)
+        return _run_claimed(cfg, suite, space, user_weights, resume=resume, log=log, warm=warm)
 
 
-def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None) -> str:
+def _run_claimed(cfg: SearchConfig, suite, space, user_weights, *, resume: bool, log, warm=None) -> str:
     from .cluster import check_fits, connect
 
     started = time.time()
@@ -278,7 +291,7 @@ def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, l
     check_fits(cfg.address, cfg.cpus_per_trial, cfg.gpus_per_trial, log=log)
     if not resume:
         cfg.save()
-    art = train_artifacts(cfg, suite, space, base_state, log)
+    art = train_artifacts(cfg, suite, space, user_weights, log)
     dense = _saved_dense(cfg) if resume else None
     if dense is None:
         dense = measure_dense(cfg, suite, art)
