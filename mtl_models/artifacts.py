@@ -172,7 +172,9 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
         log(f"reusing the dense base from {folder}")
     else:
         if base_state is not None:
-            log("loading the base checkpoint ...")
+            heads = {k.split(".")[1] for k in base_state if k.startswith("heads.")}
+            log("loading the base checkpoint ..." if heads >= set(suite.task_names) else
+                "fine-tuning the backbone of the base checkpoint, with fresh heads, on the suite's tasks ...")
             base, dense = train_base(suite, model_spec, spec, device=device, base_state=base_state)
         elif base_map_fn is not None:
             log("training the dense base model as a Ray task ...")

@@ -15,11 +15,11 @@ from dataclasses import asdict
 from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
 
-from spaces.vocabulary import CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCORE, STUDY_DB, TASK_METRIC
+from spaces.vocabulary import CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCORE, RECIPES_FILE, STUDY_DB, TASK_METRIC
 
 from . import tracking
 from .config import SearchConfig, is_uri, join, write_text
-from .shared_artifacts import artifact_cache, measure_control, measure_dense, train_artifacts
+from .shared_artifacts import artifact_cache, measure_control, measure_dense, measure_recipes, train_artifacts
 
 
 
@@ -303,6 +303,8 @@ def _run_claimed(cfg: SearchConfig, suite, space, user_weights, *, resume: bool,
         write_text(join(cfg.path, CONTROL_FILE), json.dumps(control, indent=1))
         tasks = ", ".join(f"{k.removeprefix(TASK_METRIC)} {v:.4g}" for k, v in control.items() if k.startswith(TASK_METRIC))
         log(f"dense control (the base fine-tuned as every trial is): {tasks}")
+    if art.expert_metrics and not (resume and _saved_json(cfg, RECIPES_FILE)):
+        write_text(join(cfg.path, RECIPES_FILE), json.dumps(measure_recipes(cfg, suite, art, space, log), indent=1))
     remaining = cfg.trials
     if resume:
         remaining = _settle_stopped_driver(cfg, dense, log)
