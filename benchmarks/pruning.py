@@ -64,7 +64,7 @@ from mtl_models.pruning import attention  # noqa: E402
 from mtl_models.pruning import (MAX_SPARSITY, coupled_groups, kept_units, prunable_layers, prune,  # noqa: E402
                                  without_masks)
 from mtl_models.training.tasks import task_loss  # noqa: E402
-from mtl_models.training.train import evaluate, train  # noqa: E402
+from mtl_models.training.train import TrainOptions, evaluate, train  # noqa: E402
 
 SPEC = {"trunk": "cnn", "channels": [32, 64, 128], "fc": 128}
 # d): the built-in coupled trunks, wider than their defaults so that batch-256 time is compute, not calls.
@@ -152,7 +152,7 @@ def pruned(suite, base, sparsity, *, mode="structured", importance="l2", seed=0,
 
     def fine_tune(step, m):
         if ft > 0:
-            train(m, suite, epochs=ft, lr=1e-3, batch_size=256, seed=seed)
+            train(m, suite, TrainOptions(epochs=ft, lr=1e-3, batch_size=256, seed=seed))
 
     if any(v > 0 for v in sparsity.values()):
         prune(model, sparsity, mode=mode, importance=importance, example_inputs=suite.example_inputs(2),

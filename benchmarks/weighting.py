@@ -51,7 +51,7 @@ from _common import fmt, goals_table, markdown_table, mean, setup_threads, stdev
 from mtl_models import artifacts, pipeline, pruning, suites  # noqa: E402
 from mtl_models.measuring import measure  # noqa: E402
 from mtl_models.training import weighting as weighting_mod  # noqa: E402
-from mtl_models.training.train import evaluate, train  # noqa: E402
+from mtl_models.training.train import TrainOptions, evaluate, train  # noqa: E402
 from spaces import SearchSpace, SpaceSpec  # noqa: E402
 
 MODEL = {"trunk": "mlp", "width": 256, "depth": 3}
@@ -86,7 +86,8 @@ class Runner:
         s = self.spec
         torch.manual_seed(s.seed)  # the same init as artifacts.train_base gives the base
         model = self.suite.build_model(**MODEL)
-        train(model, self.suite, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, weighting=weighting, seed=s.seed)
+        train(model, self.suite, TrainOptions(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, weighting=weighting,
+                                              seed=s.seed))
         return self.scored({split: evaluate(model, self.suite, split) for split in ("val", "test")})
 
     def equal(self) -> dict:

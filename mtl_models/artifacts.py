@@ -20,7 +20,7 @@ from spaces.errors import PrunefuseError
 from spaces.knobs import coerce_number
 
 from mtl_models.training.device import PRECISIONS, job_device
-from mtl_models.training.train import evaluate, train
+from mtl_models.training.train import Guidance, TrainOptions, evaluate, train
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def train_base(suite, model_spec: dict, spec: TrainSpec, *, device: str = "cpu",
     else:
         if base_state is not None:  # a backbone alone: its trunk, fine-tuned with fresh heads on the suite's tasks
             model.load_state_dict(base_state, strict=False)
-        train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed, device=device,
-              precision=spec.precision)
+        train(model, suite, TrainOptions(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
+                                         device=device, precision=spec.precision))
     model.cpu()
     return {k: v.clone() for k, v in model.state_dict().items()}, _metrics(model, suite)
 
@@ -114,12 +114,13 @@ def train_expert(suite, model_spec, spec: TrainSpec, base: dict, task: str, *, d
     anchor = None
     if spec.expert_preserve > 0:
         others = [t for t in suite.task_names if t != task]
-        anchor = {t: y for t, y in predict(model, suite.train.x, device=device).items() if t in others}
+        anchor = {t: y for t, y in predict(model, suite.train, device=device).items() if t in others}
         for t in others:
             model.heads[t].requires_grad_(False)
-    train(model, suite, epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed + 1, device=device, anchor=anchor, anchor_weight=spec.expert_preserve,
-          precision=spec.precision)
+    train(model, suite, TrainOptions(epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr,
+                                     batch_size=spec.batch_size, tasks=(task,), seed=spec.seed + 1, device=device,
+                                     precision=spec.precision),
+          guide=Guidance(anchor=anchor, anchor_weight=spec.expert_preserve))
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -127,8 +128,8 @@ def train_reference(suite, model_spec, spec: TrainSpec, task: str, *, device: st
     """A single-task model with the same trunk, trained from scratch; returns its metric per split."""
     torch.manual_seed(spec.seed)
     model = suite.build_model(**model_spec)
-    train(model, suite, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed, device=device, precision=spec.precision)
+    train(model, suite, TrainOptions(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, tasks=(task,),
+                                     seed=spec.seed, device=device, precision=spec.precision))
     return {split: evaluate(model, suite, split)[task] for split in ("val", "test")}
 
 
@@ -241,8 +242,8 @@ def fit_expert_head(suite, model_spec, spec: TrainSpec, state: dict, task: str, 
     model.load_state_dict(state)
     model.requires_grad_(False)
     model.heads[task].requires_grad_(True)
-    train(model, suite, epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
-          tasks=[task], seed=spec.seed + 1, device=device, precision=spec.precision)
+    train(model, suite, TrainOptions(epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
+                                     tasks=(task,), seed=spec.seed + 1, device=device, precision=spec.precision))
     fitted = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     # Training mode moved BatchNorm statistics of the frozen trunk: the expert's own are put back.
     return {**fitted, **{k: v for k, v in state.items() if not k.startswith(f"heads.{task}.")}}

@@ -24,7 +24,7 @@ from mtl_models.training.device import check_precision, device_name, half_dtype
 from mtl_models.fusion import merge
 from mtl_models.pruning import prune, without_masks
 from mtl_models.training.tasks import task_loss
-from mtl_models.training.train import evaluate, train
+from mtl_models.training.train import Guidance, TrainOptions, evaluate, train
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,14 @@ CALIBRATION_SAMPLES = 512
 STATISTICS = ("base", "recalibrate")
 
 
+def calibration_batch(suite) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(x, y) of the first CALIBRATION_SAMPLES training rows, deterministic view (no augmentation):
+    what BatchNorm statistics, Taylor scores and the finiteness check are computed on."""
+    from mtl_models.suites.reading import first_rows
+
+    return first_rows(suite.train, CALIBRATION_SAMPLES)
+
+
 def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, statistics: str = "recalibrate"):
     """The dense base, or the base with its trunk merged from the task experts (BatchNorm
     statistics set as `statistics` says)."""
@@ -145,15 +153,16 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, sta
     for t in suite.task_names:
         state.update({k: v for k, v in artifacts.experts[t].items() if k.startswith(f"heads.{t}.")})
     model.load_state_dict(state)
+    calib, _ = calibration_batch(suite)
     if statistics == "recalibrate":
         from mtl_models.pruning import recalibrate_batchnorm
 
-        recalibrate_batchnorm(model, lambda m: m(suite.train.x[:CALIBRATION_SAMPLES]))
-    check_finite(model, f"the model merged by {policy.fusion.method}", suite.train.x[:CALIBRATION_SAMPLES])
+        recalibrate_batchnorm(model, lambda m: m(calib))
+    check_finite(model, f"the model merged by {policy.fusion.method}", calib)
     if policy.fusion.finetune_epochs > 0:
-        train(model, suite, epochs=policy.fusion.finetune_epochs, lr=policy.finetune.lr,
-              batch_size=policy.finetune.batch_size, weighting=weighting_spec(policy),
-              seed=policy.seed, device=device, precision=policy.finetune.precision)
+        train(model, suite, TrainOptions(epochs=policy.fusion.finetune_epochs, lr=policy.finetune.lr,
+                                         batch_size=policy.finetune.batch_size, weighting=weighting_spec(policy),
+                                         seed=policy.seed, device=device, precision=policy.finetune.precision))
     return model
 
 
@@ -278,12 +287,11 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     check_precision(policy.finetune.precision, device)
     measure_spec = dataclasses.replace(measure_spec, precision=policy.finetune.precision)
     model = start_model(suite, policy, artifacts, device=device)
-    calib = suite.train.x[:CALIBRATION_SAMPLES]
+    calib, calib_y = calibration_batch(suite)
 
     def task_losses(m):
         out = m(calib.to(device))
-        return {t.name: task_loss(t, out[t.name], suite.train.y[t.name][:CALIBRATION_SAMPLES].to(device))
-                for t in suite.tasks}
+        return {t.name: task_loss(t, out[t.name], calib_y[t.name].to(device)) for t in suite.tasks}
 
     p, ft = policy.pruning, policy.finetune
     metrics = {}
@@ -292,10 +300,10 @@ def apply_policy(suite, policy: Policy, artifacts: Artifacts, *, measure_spec: M
     def after_step(step, m):
         check_finite(m, f"the model pruned in step {step} of {p.steps}", calib)
         if ft.epochs > 0:
-            train(m, suite, epochs=ft.epochs / p.steps, lr=ft.lr, batch_size=ft.batch_size,
-                  weighting=weighting_spec(policy), seed=policy.seed + step, device=device,
-                  precision=ft.precision, teacher=teacher,
-                  distill=ft.distill.model_dump() if teacher is not None else None)
+            train(m, suite, TrainOptions(epochs=ft.epochs / p.steps, lr=ft.lr, batch_size=ft.batch_size,
+                                         weighting=weighting_spec(policy), seed=policy.seed + step, device=device,
+                                         precision=ft.precision),
+                  guide=Guidance(teacher=teacher, distill=ft.distill.model_dump() if teacher is not None else None))
         metrics.clear()
         metrics.update(measure_model(without_masks(m), suite, artifacts, measure_spec))
         if step == p.steps and quantize.quantizes(policy.quantization):

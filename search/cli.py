@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     s = sub.add_parser("search", help="run a search (the default: multidigits, embedded local Ray)")
-    s.add_argument("--suite", default="multidigits", help="multidigits | synthetic | tabular | package.module:function")
+    s.add_argument("--suite", default="multidigits", help="multidigits | synthetic | tabular | images | scenes | sequences | package.module:function")
     s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="a suite option, e.g. offset=1")
     s.add_argument("--trunk", default="mlp", help="a built-in trunk: mlp, cnn, resnet, mobilenet, vit, transformer")
     s.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
@@ -108,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--experts", action="append", metavar="TASK=PATH",
                    help="one per task: a copy of the --base-checkpoint backbone fine-tuned on TASK (same formats, "
                         "with or without its head); merged instead of experts prunefuse would fine-tune")
-    s.add_argument("--data", default=None, help="tabular suite: a CSV or Parquet file")
+    s.add_argument("--data", default=None, help="tabular suite: a CSV or Parquet file; images suite: a table "
+                   "(CSV / Parquet / Arrow) of image paths and labels, or a folder CLASS/*.png")
+    s.add_argument("--image-column", default=None, help="images suite: the table's column of image paths (default path)")
     s.add_argument("--features", default=None, help="tabular suite: comma-separated feature columns")
     s.add_argument("--task", action="append", metavar="NAME:KIND:COLUMN",
                    help="tabular suite: one per task; KIND classification | regression | multilabel "
@@ -219,8 +221,16 @@ def _suite_options(args) -> dict:
             raise PrunefuseError("--suite tabular needs --data FILE, --features a,b,c and at least one --task NAME:KIND:COLUMN")
         options.update(path=os.path.abspath(args.data), features=[c.strip() for c in args.features.split(",") if c.strip()],
                        tasks=list(args.task))
+    elif args.suite == "images":
+        if not args.data or args.features:
+            raise PrunefuseError("--suite images needs --data TABLE_OR_FOLDER (with --image-column COLUMN and "
+                                 "--task NAME:KIND:COLUMN for a table); --features belongs to --suite tabular")
+        options.update(path=os.path.abspath(args.data), **({"tasks": list(args.task)} if args.task else {}),
+                       **({"image_column": args.image_column} if args.image_column else {}))
     elif args.data or args.features or args.task:
-        raise PrunefuseError("--data, --features and --task belong to --suite tabular")
+        raise PrunefuseError("--data, --features and --task belong to --suite tabular or --suite images")
+    if args.image_column and args.suite != "images":
+        raise PrunefuseError("--image-column belongs to --suite images")
     return options
 
 

@@ -297,12 +297,12 @@ def test_base_checkpoint_parquet(data, tmp_path, capsys):
     import torch
 
     from mtl_models import suites
-    from mtl_models.training.train import evaluate, train
+    from mtl_models.training.train import TrainOptions, evaluate, train
 
     suite = suites.get("tabular", **tabular_options(data / "f.parquet"))
     torch.manual_seed(0)
     model = suite.build_model(trunk="mlp", width=32)
-    train(model, suite, epochs=10, lr=3e-3, batch_size=64)
+    train(model, suite, TrainOptions(epochs=10, lr=3e-3, batch_size=64))
     expected = evaluate(model, suite, "val")
     torch.save(model.state_dict(), tmp_path / "good.pt")
     torch.save(suite.build_model(trunk="mlp", width=64).state_dict(), tmp_path / "wide.pt")

@@ -84,24 +84,24 @@ def test_fp16_needs_cuda_and_bf16_runs_on_the_cpu():
 
 
 def test_bf16_training_on_the_cpu_learns_in_fp32_weights(tiny_suite):
-    from mtl_models.training.train import train
+    from mtl_models.training.train import TrainOptions, train
 
     torch.manual_seed(0)
     model = tiny_suite.build_model(trunk="mlp", width=32, depth=1)
     before = copy.deepcopy(model.state_dict())
-    history = train(model, tiny_suite, epochs=1, lr=1e-3, precision="bf16")
+    history = train(model, tiny_suite, TrainOptions(epochs=1, lr=1e-3, precision="bf16"))
     assert history and all(v == v for v in history[-1].values())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_fp16_training_on_the_cpu_fails_before_a_step(tiny_suite):
-    from mtl_models.training.train import train
+    from mtl_models.training.train import TrainOptions, train
 
     model = tiny_suite.build_model(trunk="mlp", width=32, depth=1)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(PrunefuseError, match="fp16 needs a CUDA GPU"):
-        train(model, tiny_suite, epochs=1, lr=1e-3, precision="fp16")
+        train(model, tiny_suite, TrainOptions(epochs=1, lr=1e-3, precision="fp16"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -28,7 +28,7 @@ def test_the_losses_are_zero_at_the_teacher_and_positive_elsewhere():
 
 def test_a_student_learns_its_teachers_outputs(tiny_suite, tiny_artifacts):
     from mtl_models.training.distill import combined, teacher_for
-    from mtl_models.training.train import train
+    from mtl_models.training.train import Guidance, TrainOptions, train
 
     build = lambda: tiny_suite.build_model(trunk="mlp", width=64, depth=2)  # noqa: E731
     start = build()
@@ -40,7 +40,7 @@ def test_a_student_learns_its_teachers_outputs(tiny_suite, tiny_artifacts):
     def student(**distill):
         torch.manual_seed(0)
         model = tiny_suite.build_model(trunk="mlp", width=16, depth=1)
-        train(model, tiny_suite, epochs=8, lr=3e-3, seed=0, **distill)
+        train(model, tiny_suite, TrainOptions(epochs=8, lr=3e-3, seed=0), guide=Guidance(**distill))
         with torch.no_grad():
             return combined(tiny_suite.tasks, model.eval()(x), teacher(x), weight=1.0, temperature=2.0).item()
 

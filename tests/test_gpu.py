@@ -30,11 +30,11 @@ def test_measurement_on_cuda_keeps_the_model_and_names_the_gpu(tiny_suite, tiny_
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_training_on_cuda_keeps_fp32_weights(tiny_suite, precision):
-    from mtl_models.training.train import train
+    from mtl_models.training.train import TrainOptions, train
 
     torch.manual_seed(0)
     model = tiny_suite.build_model(trunk="mlp", width=32, depth=1)
-    history = train(model, tiny_suite, epochs=1, lr=1e-3, device="cuda", precision=precision)
+    history = train(model, tiny_suite, TrainOptions(epochs=1, lr=1e-3, device="cuda", precision=precision))
     assert history and all(v == v for v in history[-1].values())
     assert all(p.dtype == torch.float32 and p.is_cuda for p in model.parameters())
 

@@ -181,11 +181,11 @@ def test_save_never_replaces_a_folder_with_other_files(tiny_suite, tiny_artifact
 
 
 def test_zero_epochs_trains_nothing(tiny_suite):
-    from mtl_models.training.train import train
+    from mtl_models.training.train import TrainOptions, train
 
     model = tiny_suite.build_model(trunk="mlp", width=16, depth=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert train(model, tiny_suite, epochs=0, lr=1.0) == []
+    assert train(model, tiny_suite, TrainOptions(epochs=0, lr=1.0)) == []
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
 

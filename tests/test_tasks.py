@@ -79,14 +79,14 @@ def test_worse_error_tasks_lower_the_score_and_break_their_floor(tmp_path):
 
     from mtl_models.artifacts import Artifacts
     from mtl_models.pipeline import MeasureSpec, measure_model
-    from mtl_models.training.train import evaluate, train
+    from mtl_models.training.train import TrainOptions, evaluate, train
     from reports import select
     from search.optuna_search import TaskFloors
 
     torch.manual_seed(0)
     suite = _error_suite()
     model = suite.build_model(trunk="cnn", channels=[8, 8])
-    train(model, suite, epochs=3, lr=3e-3, batch_size=32)
+    train(model, suite, TrainOptions(epochs=3, lr=3e-3, batch_size=32))
     dense = {split: evaluate(model, suite, split) for split in ("val", "test")}
     art = Artifacts("k", suite.spec, {"trunk": "cnn"}, model.state_dict(), dense)
     spec = MeasureSpec(latency_batch=4, runs=1, warmup=0)

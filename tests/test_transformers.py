@@ -17,7 +17,7 @@ from mtl_models import fusion, suites
 from mtl_models.pruning import attention, coupled_groups, prune, without_masks
 from mtl_models.models.resize import resize_to
 from mtl_models.training.tasks import task_loss
-from mtl_models.training.train import evaluate, train
+from mtl_models.training.train import TrainOptions, evaluate, train
 from spaces.errors import PrunefuseError
 from tests.plugins import attention_suites
 
@@ -53,7 +53,7 @@ def test_builtin_transformer_trunks_train(trunk, suite_name, options):
     torch.manual_seed(0)
     model = suite.build_model(trunk=trunk, dim=16, heads=2, mlp=32)
     before = evaluate(model, suite, "train")
-    train(model, suite, epochs=3, lr=3e-3, batch_size=50)
+    train(model, suite, TrainOptions(epochs=3, lr=3e-3, batch_size=50))
     after = evaluate(model, suite, "train")
     assert sum(after.values()) > sum(before.values())  # it learns something in a few seconds
 
@@ -210,7 +210,7 @@ def test_unstructured_masks_act_inside_attention_during_the_fine_tune(layout):
     seen = {}
 
     def fine_tune(step, m):
-        train(m, suite, epochs=1, lr=1e-2, batch_size=64)  # backward through the masks, several steps
+        train(m, suite, TrainOptions(epochs=1, lr=1e-2, batch_size=64))  # backward through the masks, several steps
         stored = without_masks(m)
         for name in attention.sites(m):
             module = dict(stored.named_modules())[name]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mtl_models.suites.base import Split, TaskSuite
-from mtl_models.training.train import train
+from mtl_models.training.train import TrainOptions, train
 from mtl_models.training.weighting import KNOBS, METHODS, UNCERTAINTY_LR, make_weighter
 from spaces.errors import PrunefuseError
 from spaces.knobs import Knob
@@ -311,7 +311,7 @@ def _train_capturing(monkeypatch, weighting, **kw):
                        train_samples=512, val_samples=16, test_samples=16)
     torch.manual_seed(0)
     model = suite.build_model("mlp", width=16, depth=2)
-    train(model, suite, epochs=1.0, lr=1e-3, batch_size=16, weighting=weighting, **kw)  # 32 steps
+    train(model, suite, TrainOptions(epochs=1.0, lr=1e-3, batch_size=16, weighting=weighting, **kw))  # 32 steps
     return model, seen["weighter"], seen["opt"]
 
 

@@ -217,7 +217,9 @@ def shipped_graph(model: nn.Module, suite, quantization, *, threads: int = 1) ->
     policy its quantized graph, with how far int8 moved the outputs (for information)."""
     from mtl_models.deployment.quantize import quantize, quantizes
 
-    x = suite.val.x[:PARITY_ROWS]
+    from mtl_models.suites.reading import first_rows
+
+    x, _ = first_rows(suite.val, PARITY_ROWS)
     fp32 = export_onnx(model, suite.example_inputs(2))
     facts = {"onnx_max_abs_diff": check_parity(model, fp32, x), "onnx_parity_rows": len(x)}
     if not quantizes(quantization):

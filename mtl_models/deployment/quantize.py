@@ -21,8 +21,6 @@ import logging
 import os
 import tempfile
 
-import torch
-
 from spaces.errors import unknown_name
 from spaces.policy import Quantization
 
@@ -40,7 +38,7 @@ def _dynamic(graph_in: str, graph_out: str, suite, spec: Quantization) -> None:
 def _static(graph_in: str, graph_out: str, suite, spec: Quantization) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(graph_in, graph_out, _Calibration(suite.train.x[:spec.calibration_samples]),
+    quantize_static(graph_in, graph_out, _Calibration(suite.train, spec.calibration_samples),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
 
@@ -49,14 +47,17 @@ METHODS = {"dynamic_int8": _dynamic, "static_int8": _static}
 
 
 class _Calibration:
-    """ONNX Runtime's CalibrationDataReader protocol over training rows, in fixed batches."""
+    """ONNX Runtime's CalibrationDataReader protocol over the first `rows` training rows, read
+    in fixed batches as the quantizer asks for them (deterministic view: no augmentation)."""
 
-    def __init__(self, x: torch.Tensor):
-        self._batches = iter([{INPUT_NAME: x[i:i + CALIBRATION_BATCH].numpy()}
-                              for i in range(0, len(x), CALIBRATION_BATCH)])
+    def __init__(self, split, rows: int):
+        from mtl_models.suites.reading import in_order, read
+
+        self._batches = read(split, in_order(split, batch_size=CALIBRATION_BATCH, rows=rows))
 
     def get_next(self):
-        return next(self._batches, None)
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch[1].numpy()}
 
 
 def quantizes(spec: Quantization) -> bool:

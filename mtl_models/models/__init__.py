@@ -303,9 +303,11 @@ def _vit_trunk(suite, spec: dict) -> ViTTrunk:
 def _token_trunk(suite, spec: dict) -> TokenTrunk:
     """The vocabulary is read off the data (the largest token id in any split, plus one)."""
     _divisible_heads("transformer", spec)
-    splits = [suite.train.x, suite.val.x, suite.test.x]
-    if len(suite.input_shape) != 1 or any(x.is_floating_point() or x.is_complex() for x in splits):
+    # Token ids are read off splits held in memory (a split read in batches has no `x`).
+    splits = [getattr(suite.split(s), "x", None) for s in ("train", "val", "test")]
+    if len(suite.input_shape) != 1 or any(x is None or x.is_floating_point() or x.is_complex() for x in splits):
+        kind = splits[0].dtype if splits[0] is not None else "batched"
         raise PrunefuseError(f"trunk 'transformer' needs token ids (int64 rows of shape (length,)); suite "
-                             f"{suite.name!r} has {suite.train.x.dtype} rows of shape {suite.input_shape}")
+                             f"{suite.name!r} has {kind} rows of shape {suite.input_shape}")
     vocab = int(max(int(x.max()) for x in splits)) + 1
     return TokenTrunk(vocab, suite.input_shape[0], **spec)

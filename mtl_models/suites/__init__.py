@@ -22,9 +22,9 @@ import sys
 from spaces.errors import PrunefuseError, unknown_name
 from spaces.vocabulary import PLUGIN_PATH_ENV, TASK_KINDS, split_suite_spec
 
-from .base import Split, Task, TaskSuite
+from .base import DataSplit, Rows, Split, Task, TaskSuite
 
-__all__ = ["Task", "Split", "TaskSuite", "SUITES", "get"]
+__all__ = ["Task", "Split", "DataSplit", "Rows", "TaskSuite", "SUITES", "get"]
 
 # name -> "module:function", imported on first use.
 SUITES = {
@@ -33,6 +33,7 @@ SUITES = {
     "tabular": "mtl_models.suites.tabular:make_tabular",
     "sequences": "mtl_models.suites.sequences:make_sequences",
     "scenes": "mtl_models.suites.scenes:make_scenes",
+    "images": "mtl_models.suites.images:make_images",
 }
 
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -106,8 +107,6 @@ def _check_options(name, factory, options):
 
 def _check_suite(name: str, suite: TaskSuite) -> None:
     """What a plugin's TaskSuite must hold for the rest of prunefuse to work on it."""
-    import torch
-
     from mtl_models.training.tasks import METRICS
 
     where = f"suite {name!r}"
@@ -128,21 +127,33 @@ def _check_suite(name: str, suite: TaskSuite) -> None:
     if not isinstance(suite.options, dict):
         raise PrunefuseError(f"{where}: options must be a dict (they rebuild the suite), got {type(suite.options).__name__}")
     for split_name in ("train", "val", "test"):
-        split = suite.split(split_name)
-        if not isinstance(split, Split) or not isinstance(split.x, torch.Tensor):
-            raise PrunefuseError(f"{where}: {split_name} must be a Split(x=Tensor, y={{task: Tensor}})")
-        if len(split) == 0:
-            raise PrunefuseError(f"{where}: the {split_name} split is empty")
-        if tuple(split.x.shape[1:]) != tuple(suite.input_shape):
-            raise PrunefuseError(f"{where}: {split_name}.x has rows of shape {tuple(split.x.shape[1:])}, "
-                                 f"but input_shape is {tuple(suite.input_shape)}")
-        for t in suite.tasks:
-            y = split.y.get(t.name)
-            if y is None:
-                raise PrunefuseError(f"{where}: the {split_name} split has no labels for task {t.name!r}")
-            if len(y) != len(split):
-                raise PrunefuseError(f"{where}: {split_name} labels of task {t.name!r} have {len(y)} rows, "
-                                     f"x has {len(split)}")
+        _check_split(where, suite, split_name)
+
+
+def _check_split(where: str, suite: TaskSuite, split_name: str) -> None:
+    """A split is a DataSplit (a Split of tensors, or a dataset read in batches) with a
+    label for every row and task, and inputs of the suite's `input_shape`."""
+    import torch
+
+    from .reading import first_rows
+
+    split = suite.split(split_name)
+    if not isinstance(split, DataSplit) or (isinstance(split, Split) and not isinstance(split.x, torch.Tensor)):
+        raise PrunefuseError(f"{where}: {split_name} must be a Split(x=Tensor, y={{task: Tensor}}) or an "
+                             f"mtl_models.suites.DataSplit")
+    if len(split) == 0:
+        raise PrunefuseError(f"{where}: the {split_name} split is empty")
+    x, _ = first_rows(split, 2)
+    if tuple(x.shape[1:]) != tuple(suite.input_shape):
+        raise PrunefuseError(f"{where}: {split_name}.x has rows of shape {tuple(x.shape[1:])}, "
+                             f"but input_shape is {tuple(suite.input_shape)}")
+    for t in suite.tasks:
+        y = split.y.get(t.name)
+        if y is None:
+            raise PrunefuseError(f"{where}: the {split_name} split has no labels for task {t.name!r}")
+        if len(y) != len(split):
+            raise PrunefuseError(f"{where}: {split_name} labels of task {t.name!r} have {len(y)} rows, "
+                                 f"x has {len(split)}")
 
 
 class CheckedModelFactory:

@@ -7,7 +7,7 @@ where the data came from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -64,13 +64,50 @@ class Task:
         return "max" if self.higher_is_better else "min"
 
 
+class Rows(NamedTuple):
+    """One batch to read: which rows of a split, and how to augment each (or not).
+
+    Drawn in the reading process from the training loop's seeded generator
+    (`DataSplit.plan`), so a batch's contents never depend on which loader worker reads it."""
+    rows: torch.Tensor               # (b,) int64 positions in the split
+    augment: torch.Tensor | None     # (b, k) the split's own per-row draws; None: the deterministic view
+
+
+class DataSplit:
+    """What training, evaluation and calibration read: a map-style dataset of batches.
+
+    `split[Rows(...)]` -> (rows, x, y): the batch's row positions, its inputs (b, *input_shape)
+    and {task: labels (b, ...)}. Read through `mtl_models.suites.reading`, which puts a
+    `torch.utils.data.DataLoader` (with `workers` processes) in front of it. `y` holds every
+    row's labels in memory (labels are small; inputs need not be)."""
+
+    y: dict[str, torch.Tensor]
+    workers: int = 0                 # DataLoader worker processes; 0 reads in the calling process
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def plan(self, rows: torch.Tensor, generator: torch.Generator | None) -> Rows:
+        """The request for `rows`; a training read (`generator` given) may draw augmentation."""
+        return Rows(rows, None)
+
+    def __getitem__(self, request: Rows):
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Split:
+class Split(DataSplit):
+    """A split held whole in memory (the built-in suites): a batch is `x[rows]`, `y[rows]`."""
+
     x: torch.Tensor                 # (n, *input_shape) float32, or int64 token ids
     y: dict[str, torch.Tensor]      # task name -> (n,) labels
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def __getitem__(self, request: Rows):
+        rows = request.rows
+        return rows, self.x[rows], {t: y[rows] for t, y in self.y.items()}
 
 
 @dataclass
@@ -122,7 +159,9 @@ class TaskSuite:
 
     def example_inputs(self, batch: int = 1) -> torch.Tensor:
         """Real inputs (the first `batch` validation rows, cycled if needed) for tracing and timing."""
-        x = self.val.x
+        from .reading import first_rows
+
+        x, _ = first_rows(self.val, batch)
         reps = -(-batch // len(x))
         return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch].contiguous()
 

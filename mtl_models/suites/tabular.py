@@ -210,6 +210,53 @@ def _encode_label(df, name, kind, columns, train_idx):
     return Task(name, kind, 1, metric="r2", unit=std), torch.from_numpy(((v - mean) / std).astype(np.float32))
 
 
+def parse_tasks(tasks, suite: str) -> list[tuple[str, str, list[str]]]:
+    """Every `--task` parsed, with unique names; at least one."""
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    parsed = [parse_task(t) for t in list(tasks or [])]
+    if not parsed:
+        raise PrunefuseError(f"--suite {suite} needs at least one --task NAME:KIND:COLUMN")
+    names = [p[0] for p in parsed]
+    if len(set(names)) != len(names):
+        raise PrunefuseError(f"task names must be unique; got {', '.join(names)}")
+    return parsed
+
+
+def checked_digest(path: str, expected: str | None, digest: str | None = None) -> str:
+    """The file's SHA-256 (or `digest`, computed elsewhere); when a policy recorded one
+    (`expected`), it must match: a policy is applied to the data it was searched on, or not at all."""
+    digest = digest or file_sha256(path)
+    if expected is not None and expected != digest:
+        raise PrunefuseError(f"data file {path!r} has changed since the policy was made "
+                             f"(sha256 {digest[:12]}..., the policy expects {str(expected)[:12]}...)")
+    return digest
+
+
+def check_label_columns(df, parsed, *, taken=(), taken_as: str = "a feature") -> None:
+    """Every label column exists, has no missing value and is not also an input column (`taken`)."""
+    for name, _, cols in parsed:
+        for col in cols:
+            if col in taken:
+                raise PrunefuseError(f"column {col!r} is both {taken_as} and task {name!r}'s label")
+            _check_column(df, col, f"label (task {name!r})")
+
+
+def split_rows(n: int, seed: int, path: str) -> dict[str, np.ndarray]:
+    """Row positions of the seeded 70 / 15 / 15 train / val / test split of n rows."""
+    if n < MIN_ROWS:
+        raise PrunefuseError(f"data file {path!r} has {n} rows; need at least {MIN_ROWS} to split 70/15/15")
+    order = np.random.default_rng(seed).permutation(n)
+    cut1, cut2 = int(0.7 * n), int(0.85 * n)
+    return {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
+
+
+def encode_labels(df, parsed, train_idx) -> tuple[tuple[Task, ...], dict[str, torch.Tensor]]:
+    """The suite's tasks and each task's labels over all rows (regression scaled by the training rows)."""
+    encoded = [_encode_label(df, name, kind, col, train_idx) for name, kind, col in parsed]
+    return tuple(t for t, _ in encoded), {t.name: y for t, y in encoded}
+
+
 def make_tabular(*, path: str, features: list, tasks: list, seed: int = 0,
                  data_sha256: str | None = None) -> TaskSuite:
     """The suite of a CSV / Parquet file. `data_sha256`, when given (a policy's suite spec),
@@ -224,35 +271,17 @@ def make_tabular(*, path: str, features: list, tasks: list, seed: int = 0,
     dupes = sorted({c for c in features if features.count(c) > 1})
     if dupes:
         raise PrunefuseError(f"--features names column {dupes[0]!r} more than once")
-    parsed = [parse_task(t) for t in tasks]
-    if not parsed:
-        raise PrunefuseError("--suite tabular needs at least one --task NAME:KIND:COLUMN")
-    names = [p[0] for p in parsed]
-    if len(set(names)) != len(names):
-        raise PrunefuseError(f"task names must be unique; got {', '.join(names)}")
+    parsed = parse_tasks(tasks, "tabular")
     path = os.path.abspath(str(path))
     df = _read(path)
-    digest = file_sha256(path)
-    if data_sha256 is not None and data_sha256 != digest:
-        raise PrunefuseError(f"data file {path!r} has changed since the policy was made "
-                             f"(sha256 {digest[:12]}..., the policy expects {str(data_sha256)[:12]}...)")
+    digest = checked_digest(path, data_sha256)
     for col in features:
         _check_column(df, col, "feature")
-    for name, _, cols in parsed:
-        for col in cols:
-            _check_column(df, col, f"label (task {name!r})")
-            if col in features:
-                raise PrunefuseError(f"column {col!r} is both a feature and task {name!r}'s label")
-    if len(df) < MIN_ROWS:
-        raise PrunefuseError(f"data file {path!r} has {len(df)} rows; need at least {MIN_ROWS} to split 70/15/15")
+    check_label_columns(df, parsed, taken=features)
     df = df.reset_index(drop=True)
-    order = np.random.default_rng(seed).permutation(len(df))
-    cut1, cut2 = int(0.7 * len(df)), int(0.85 * len(df))
-    parts = {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
+    parts = split_rows(len(df), seed, path)
     x = torch.from_numpy(_encode_features(df, features, parts["train"]))
-    encoded = [_encode_label(df, name, kind, col, parts["train"]) for name, kind, col in parsed]
-    suite_tasks = tuple(t for t, _ in encoded)
-    labels = {t.name: y for t, y in encoded}
+    suite_tasks, labels = encode_labels(df, parsed, parts["train"])
     splits = {k: Split(x[idx], {n: y[idx] for n, y in labels.items()}) for k, idx in parts.items()}
     options = dict(path=path, features=features, tasks=[str(t) for t in tasks], seed=seed, data_sha256=digest)
     return TaskSuite("tabular", options, suite_tasks, splits["train"], splits["val"], splits["test"],
