@@ -1,0 +1,237 @@
+"""A user's own checkpoints: every file format, library key names placed onto trunk and heads,
+user experts replacing prunefuse's, and the one-line refusals (pickled objects, a missing
+expert, an expert of another shape, a file changed since the policy) that write nothing.
+
+Fast: a tiny multidigits suite and an MLP trunk, or real transformers / timm modules built
+from small configs with random weights (never downloaded)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_SUITE
+
+MODEL = {"trunk": "mlp", "width": 32, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def suite():
+    from mtl_models import suites
+
+    return suites.get("multidigits", **{k: v // 3 for k, v in TINY_SUITE.items()})
+
+
+def trunk_of(model) -> dict:
+    return {k.removeprefix("trunk."): v.clone() for k, v in model.state_dict().items() if k.startswith("trunk.")}
+
+
+def save_every_format(state: dict, folder, *, config: dict | None = None) -> dict:
+    """The same tensors as each format a library writes: name -> path."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for suffix in (".pt", ".pth", ".bin"):
+        torch.save(state, folder / f"w{suffix}")
+        paths[suffix] = folder / f"w{suffix}"
+    torch.save({"state_dict": state, "epoch": 3}, folder / "lightning.ckpt")   # a training script's wrapper
+    paths["nested"] = folder / "lightning.ckpt"
+    save_file(state, folder / "w.safetensors")
+    paths[".safetensors"] = folder / "w.safetensors"
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    sharded = folder / "sharded"
+    sharded.mkdir()
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, sharded / file)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    paths["sharded"] = sharded / "model.safetensors.index.json"
+    hf = folder / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(config or {"model_type": "custom"}))
+    save_file(state, hf / "model.safetensors")
+    paths["hf folder"] = hf
+    hf_bin = folder / "hf_bin"
+    hf_bin.mkdir()
+    (hf_bin / "config.json").write_text(json.dumps(config or {"model_type": "custom"}))
+    torch.save(state, hf_bin / "pytorch_model.bin")
+    paths["hf folder (bin)"] = hf_bin
+    return paths
+
+
+def test_every_format_reads_the_same_tensors(tmp_path):
+    from mtl_models.models.weights import checkpoint_sha256, read_weights
+
+    state = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4), "b.weight": torch.randn(2, 4),
+             "b.running": torch.arange(3)}
+    paths = save_every_format(state, tmp_path, config={"model_type": "bert", "hidden_size": 4})
+    for kind, path in paths.items():
+        got = read_weights(path, what="base checkpoint")
+        assert sorted(got.state) == sorted(state), kind
+        for k in state:
+            torch.testing.assert_close(got.state[k], state[k])
+        assert (got.config is not None) == kind.startswith("hf"), kind
+        assert checkpoint_sha256(path, what="x") == checkpoint_sha256(path, what="x")
+    assert read_weights(paths["hf folder"], what="x").config["hidden_size"] == 4
+    # The digest covers every file read: a changed shard or config changes it.
+    before = checkpoint_sha256(paths["sharded"], what="x")
+    shard = paths["sharded"].parent / "model-00002-of-00002.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in read_weights(shard, what="x").state.items()}, shard)
+    assert checkpoint_sha256(paths["sharded"], what="x") != before
+    before = checkpoint_sha256(paths["hf folder"], what="x")
+    (paths["hf folder"] / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    assert checkpoint_sha256(paths["hf folder"], what="x") != before
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: torch.save(nn.Linear(2, 2), d / "m.pt"), ["pickles Python objects", "torch.nn.modules.linear.Linear",
+                                                        "refused unread"]),
+    (lambda d: (d / "m.pt").write_bytes(b"not a checkpoint"), ["not a torch state dict"]),
+    (lambda d: (d / "m.safetensors").write_bytes(b"\x10\x00garbage"), ["not a readable .safetensors"]),
+    (lambda d: (d / "m.txt").write_text("x"), ["expected a .safetensors"]),
+    (lambda d: torch.save([1, 2], d / "m.pt"), ["holds a list"]),
+    (lambda d: (d / "m").mkdir(), ["without config.json"]),
+    (lambda d: ((d / "m").mkdir(), (d / "m" / "config.json").write_text("{}")), ["no weights"]),
+    (lambda d: (d / "m.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}})),
+     ["outside its folder"]),
+    (lambda d: (d / "m.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}})),
+     ["'gone.safetensors', which is missing"]),
+])
+def test_unreadable_files_are_one_line(tmp_path, recwarn, make, words):
+    from mtl_models.models.weights import read_weights
+    from spaces.errors import PrunefuseError
+
+    make(tmp_path)
+    path = next(p for p in tmp_path.iterdir())
+    with pytest.raises(PrunefuseError) as err:
+        read_weights(path, what="base checkpoint")
+    line = str(err.value)
+    assert "\n" not in line and str(path) in line
+    for w in words:
+        assert w in line, line
+    assert not [w for w in recwarn if "torch" in str(w.filename)]   # no torch warning beside the line
+
+
+def bert_parts(hidden=16, labels=2):
+    """A real transformers BertModel (the trunk) and a BertForSequenceClassification of the same config."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=labels)
+    return config, BertModel(config), BertForSequenceClassification(config)
+
+
+class _Multi(nn.Module):
+    def __init__(self, trunk, heads):
+        super().__init__()
+        self.trunk, self.heads = trunk, nn.ModuleDict(heads)
+
+
+def test_bert_classifier_names_map_onto_trunk_and_head():
+    from mtl_models.models import keymap
+
+    config, backbone, expert = bert_parts()
+    model = _Multi(backbone, {"a": nn.Linear(16, 2), "b": nn.Linear(16, 3)})
+    own = model.state_dict()
+    placed = keymap.place(expert.state_dict(), own, tasks=["a", "b"], head_task="a")
+    assert placed.prefix == "bert."
+    assert keymap.first_trunk_problem(placed, own, expert.state_dict()) is None
+    assert placed.heads == ["a"] and not placed.unplaced
+    torch.testing.assert_close(placed.state["heads.a.weight"], expert.state_dict()["classifier.weight"])
+    torch.testing.assert_close(placed.state["trunk.encoder.layer.0.attention.self.query.weight"],
+                               expert.state_dict()["bert.encoder.layer.0.attention.self.query.weight"])
+    # The same classifier for task b (3 outputs) is a shape that does not fit: named, not placed.
+    placed = keymap.place(expert.state_dict(), own, tasks=["a", "b"], head_task="b")
+    assert placed.heads == [] and placed.misfit == ["classifier.weight (2, 16) for heads.b.weight (3, 16)"]
+    # The backbone alone (BertModel's own names) fills the trunk; no head.
+    placed = keymap.place(backbone.state_dict(), own, tasks=["a", "b"])
+    assert placed.prefix == "" and placed.heads == [] and not placed.unplaced
+    assert keymap.first_trunk_problem(placed, own, backbone.state_dict()) is None
+
+
+def test_a_trunk_that_keeps_its_library_module_under_an_attribute():
+    """A trunk wrapping the library model (`trunk.model.*`) and a DDP-saved checkpoint (`module.*`)."""
+    from mtl_models.models import keymap
+
+    _, backbone, _ = bert_parts()
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = backbone
+
+    own = _Multi(Wrapped(), {"a": nn.Linear(16, 2)}).state_dict()
+    saved = {"module." + k: v for k, v in backbone.state_dict().items()}
+    placed = keymap.place(saved, own, tasks=["a"])
+    assert keymap.first_trunk_problem(placed, own, saved) is None and placed.prefix == "module."
+
+
+def test_backbone_and_experts_of_the_mlp(suite, tmp_path):
+    """prunefuse's own names, library-style names (`model.*` + `classifier.*`), a head-less expert,
+    an ImageNet-like head left out of the backbone with a notice."""
+    from safetensors.torch import save_file
+
+    from mtl_models.models.pretrained import load_user_weights
+
+    model = suite.build_model(**MODEL)
+    trunk = trunk_of(model)
+    save_file({**trunk, "head.weight": torch.randn(1000, 32), "head.bias": torch.zeros(1000)},
+              tmp_path / "base.safetensors")
+    left = {"model." + k: v + 0.1 for k, v in trunk.items()}
+    left.update({"classifier.weight": torch.randn(10, 32), "classifier.bias": torch.randn(10)})
+    torch.save(left, tmp_path / "left.pt")
+    save_file({k: v - 0.1 for k, v in trunk.items()}, tmp_path / "right.safetensors")   # no head
+    torch.save(model.state_dict(), tmp_path / "sum.pth")                               # prunefuse's names
+    lines = []
+    user = load_user_weights(model, base=str(tmp_path / "base.safetensors"), log=lines.append,
+                             experts={"left": str(tmp_path / "left.pt"), "right": str(tmp_path / "right.safetensors"),
+                                      "sum": str(tmp_path / "sum.pth")})
+    assert len(lines) == 1 and "head.weight (1000, 32)" in lines[0] and "heads start fresh" in lines[0]
+    assert sorted(user.base) == sorted(f"trunk.{k}" for k in trunk)
+    torch.testing.assert_close(user.experts["left"]["heads.left.weight"], left["classifier.weight"])
+    torch.testing.assert_close(user.experts["left"]["trunk.fc1.weight"], left["model.fc1.weight"])
+    assert not any(k.startswith("heads.") for k in user.experts["right"])
+    assert sorted(k for k in user.experts["sum"] if k.startswith("heads.")) == ["heads.sum.bias", "heads.sum.weight"]
+
+
+def test_user_experts_merge_against_the_backbone(suite, tmp_path):
+    """Coefficients 1 and 0 give one expert back exactly (its trunk and head), its metric the
+    reference; a head-less expert gets a head fitted on its frozen trunk, which stays its own."""
+    from mtl_models import artifacts
+    from mtl_models.pipeline import start_model
+    from mtl_models.training.train import evaluate
+    from spaces import Policy
+
+    torch.manual_seed(0)
+    backbone = suite.build_model(**MODEL)
+    experts = {}
+    for k, task in enumerate(suite.task_names):
+        e = suite.build_model(**MODEL)
+        e.load_state_dict(backbone.state_dict())
+        with torch.no_grad():
+            for p in e.trunk.parameters():
+                p.add_(torch.randn_like(p) * 0.05 * (k + 1))
+        state = {f"trunk.{n}": v for n, v in trunk_of(e).items()}
+        if task != "right":
+            state.update({n: v for n, v in e.state_dict().items() if n.startswith(f"heads.{task}.")})
+        experts[task] = state
+    base = {f"trunk.{k}": v for k, v in trunk_of(backbone).items()}
+    art = artifacts.prepare(suite, MODEL, artifacts.TrainSpec(epochs=0.2, expert_epochs=0.2), cache_dir=tmp_path,
+                            experts=True, base_state=base, user_experts=experts, log=lambda *_: None)
+    torch.testing.assert_close(art.backbone["trunk.fc1.weight"], base["trunk.fc1.weight"])
+    torch.testing.assert_close(art.experts["right"]["trunk.fc1.weight"], experts["right"]["trunk.fc1.weight"])
+    assert art.references == art.expert_metrics and set(art.expert_metrics["val"]) == set(suite.task_names)
+    for task in suite.task_names:
+        coefficients = {t: float(t == task) for t in suite.task_names}
+        policy = Policy(suite=suite.spec, model=MODEL,
+                        fusion={"method": "task_arithmetic", "coefficients": coefficients})
+        merged = start_model(suite, policy, art, device="cpu")
+        assert evaluate(merged, suite, "val")[task] == pytest.approx(art.expert_metrics["val"][task], abs=1e-6)
+        torch.testing.assert_close(merged.state_dict()["trunk.fc2.weight"], experts[task]["trunk.fc2.weight"])
