@@ -172,7 +172,7 @@ def cmd_search(args) -> int:
             name=args.name if args.name is not None else
             f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage=args.storage, suite=suite_spec(args.suite, _suite_options(args)),
-            model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
+            model=_model_spec(args),
             space=_space(args.space), objectives=parse_objectives(args.objectives) if args.objectives else None,
             trials=args.trials if args.trials is not None else (None if args.time_budget else 48),
             time_budget_s=args.time_budget, sampler=args.sampler, seed=args.seed,
@@ -188,6 +188,14 @@ def cmd_search(args) -> int:
     if not args.no_report:
         _report_and_export(path)
     return 0
+
+
+def _model_spec(args) -> dict:
+    """--trunk and --model-option; an hf: trunk takes a Hugging Face --base-checkpoint folder's config.json."""
+    from mtl_models.models.pretrained import model_spec_from_checkpoint
+
+    return model_spec_from_checkpoint({"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
+                                      args.base_checkpoint)
 
 
 def _experts(pairs: list[str] | None) -> dict[str, str] | None:

@@ -121,8 +121,12 @@ def test_unreadable_files_are_one_line(tmp_path, recwarn, make, words):
 
 def bert_parts(hidden=16, labels=2):
     """A real transformers BertModel (the trunk) and a BertForSequenceClassification of the same config."""
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from mtl_models.models import imports
 
+    transformers = imports.transformers("the test")  # beside the CPU torch (imports.py)
+    BertConfig, BertForSequenceClassification, BertModel = (transformers.BertConfig,
+                                                            transformers.BertForSequenceClassification,
+                                                            transformers.BertModel)
     config = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=16, num_labels=labels)
     return config, BertModel(config), BertForSequenceClassification(config)

@@ -225,9 +225,9 @@ def transformer(suite, *, dim: int = 64, depth: int = 2, heads: int = 4, mlp: in
     _divisible_heads("transformer", dim, heads)
     vocab = token_vocab(suite)
     if vocab is None:
+        x = getattr(suite.train, "x", None)  # a split read in batches has none
         raise PrunefuseError(f"trunk 'transformer' needs token ids (int64 rows of shape (length,)); suite "
-                             f"{suite.name!r} has {getattr(suite.train, 'x', None) is not None and suite.train.x.dtype or 'batched'} "
-                             f"rows of shape {suite.input_shape}")
+                             f"{suite.name!r} has {x.dtype if x is not None else 'batched'} rows of shape {suite.input_shape}")
     return TokenTrunk(vocab, suite.input_shape[0], dim=dim, depth=depth, heads=heads, mlp=mlp), dim
 
 

@@ -69,7 +69,7 @@ def place(state: dict, model_state: dict, *, tasks, head_task: str | None = None
         if key.startswith(q) and name in state:
             placed.state[TRUNK + key] = state[name]
             used.add(name)
-    for task in tasks:
+    for task in [head_task] if head_task else tasks:   # an expert brings its own task's head only
         prefixes = [f"{HEADS}{task}."] + (list(HEAD_PREFIXES) if task == head_task else [])
         for prefix in prefixes:
             head = _head_under(state, prefix, model_state, task, used)
@@ -94,11 +94,11 @@ def _head_under(state, prefix, model_state, task, used):
     `task`'s head's with its shapes; (None, why) when they are its names with other shapes;
     None when they are not its names."""
     own = f"{HEADS}{task}."
-    wanted = {k[len(own):] for k in model_state if k.startswith(own)}
+    wanted = [k[len(own):] for k in model_state if k.startswith(own)]   # in the model's order
     found = {n[len(prefix):] for n in state if n.startswith(prefix) and n not in used}
-    if not wanted or found != wanted:
+    if not wanted or found != set(wanted):
         return None
-    for rel in sorted(wanted):
+    for rel in wanted:
         have, need = tuple(state[prefix + rel].shape), tuple(model_state[own + rel].shape)
         if have != need:
             return None, f"{prefix + rel} {have} for {own + rel} {need}"

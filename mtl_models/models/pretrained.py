@@ -119,3 +119,27 @@ def check_expert_tasks(experts: dict[str, str], tasks, base: str | None) -> None
     if missing:
         raise PrunefuseError(f"--experts has no expert for task {missing[0]!r}; give one per task "
                              f"(--experts {missing[0]}=PATH)")
+
+
+# config.json entries that describe the saved file rather than the model.
+_CONFIG_NOISE = ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+
+
+def model_spec_from_checkpoint(model_spec: dict, base_checkpoint: str | None) -> dict:
+    """`--trunk hf:TYPE` with a Hugging Face folder as `--base-checkpoint`: the trunk is built from
+    the folder's config.json (the spec's `config`; other model options override its entries)."""
+    import json
+    import os
+
+    trunk = str(model_spec.get("trunk", ""))
+    if not trunk.startswith("hf:") or "config" in model_spec or not base_checkpoint \
+            or not os.path.isfile(os.path.join(base_checkpoint, "config.json")):
+        return model_spec
+    path = os.path.join(base_checkpoint, "config.json")
+    try:
+        config = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as exc:
+        raise PrunefuseError(f"base checkpoint {path!r} is not JSON ({str(exc)[:120]})") from None
+    if not isinstance(config, dict):
+        raise PrunefuseError(f"base checkpoint {path!r} holds a {type(config).__name__}, not a mapping")
+    return {**model_spec, "config": {k: v for k, v in config.items() if k not in _CONFIG_NOISE}}
