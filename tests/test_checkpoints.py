@@ -239,3 +239,94 @@ def test_user_experts_merge_against_the_backbone(suite, tmp_path):
         merged = start_model(suite, policy, art, device="cpu")
         assert evaluate(merged, suite, "val")[task] == pytest.approx(art.expert_metrics["val"][task], abs=1e-6)
         torch.testing.assert_close(merged.state_dict()["trunk.fc2.weight"], experts[task]["trunk.fc2.weight"])
+
+
+# --- refusals through the CLI: one line, exit 2, nothing written --------------------------
+
+@pytest.fixture(scope="module")
+def user_files(suite, tmp_path_factory):
+    """A backbone (library names), one expert per task, and the bad files a user can hand over."""
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("user")
+    torch.manual_seed(0)
+    model = suite.build_model(**MODEL)
+    trunk = trunk_of(model)
+    save_file(trunk, d / "backbone.safetensors")
+    for k, task in enumerate(suite.task_names):
+        torch.save({"model." + n: v + 0.01 * (k + 1) for n, v in trunk.items()}, d / f"{task}.pt")
+    wide = suite.build_model(**{**MODEL, "width": 48})
+    save_file(trunk_of(wide), d / "wide.safetensors")
+    torch.save(model, d / "pickled.pt")        # the whole nn.Module: pickled objects
+    return d
+
+
+def search_args(suite, d, storage, *extra):
+    return ["search", "--suite", "multidigits", *(a for k, v in suite.spec.items() if k != "name"
+                                                  for a in ("--suite-option", f"{k}={v}")),
+            "--model-option", "width=32", "--model-option", "depth=2", "--storage", storage, "--name", "x",
+            "--trials", "1", *extra]
+
+
+def experts_args(suite, d, **override):
+    paths = {t: d / f"{t}.pt" for t in suite.task_names}
+    paths.update(override)
+    return [a for t, p in paths.items() for a in ("--experts", f"{t}={p}")]
+
+
+def test_search_refusals_are_one_line(suite, user_files, tmp_path, capsys):
+    from test_byo import assert_one_line_error, cli_main
+
+    d, storage = user_files, tmp_path / "runs"
+    base = ["--base-checkpoint", d / "backbone.safetensors"]
+    first = suite.task_names[0]
+    cases = [
+        ([*base, *experts_args(suite, d, **{first: d / "absent.pt"})], ["expert for task", "absent.pt", "not found"]),
+        ([*base, *experts_args(suite, d, **{first: d / "wide.safetensors"})],
+         ["is not a copy of the backbone", "'fc1.weight' has shape (48, 100)", "needs (32, 100)"]),
+        ([*base, *experts_args(suite, d, **{first: d / "pickled.pt"})], ["pickles Python objects", "refused unread"]),
+        (["--base-checkpoint", d / "pickled.pt"], ["base checkpoint", "pickles Python objects"]),
+        (["--base-checkpoint", d / "wide.safetensors"], ["does not fit the trunk", "(48, 100)"]),
+        (experts_args(suite, d), ["--experts needs --base-checkpoint"]),
+        ([*base, *experts_args(suite, d)[:-2]], ["no expert for task", suite.task_names[-1]]),
+        ([*base, *experts_args(suite, d), "--experts", f"nope={d / 'left.pt'}"], ["no task 'nope'"]),
+        ([*base, *experts_args(suite, d), "--references"], ["leave out --references"]),
+        ([*base, "--experts", "left"], ["TASK=PATH"]),
+    ]
+    for args, words in cases:
+        code, _, err = cli_main(capsys, *search_args(suite, d, storage, *args))
+        assert_one_line_error(code, err, *words)
+        assert not storage.exists(), args
+
+
+def test_apply_refuses_a_changed_file(suite, user_files, tmp_path, capsys):
+    """A policy records each file's SHA-256; one changed byte and apply stops before training, writing nothing."""
+    import shutil
+
+    from test_byo import assert_one_line_error, cli_main
+
+    from mtl_models.models.weights import checkpoint_sha256
+    from spaces import Policy
+
+    d = tmp_path / "files"
+    shutil.copytree(user_files, d)
+    experts = {t: {"path": str(d / f"{t}.pt"), "sha256": checkpoint_sha256(d / f"{t}.pt", what="x")}
+               for t in suite.task_names}
+    policy = Policy.from_dict({
+        "schema": "prunefuse.policy/1", "suite": suite.spec, "model": MODEL,
+        "base": {"epochs": 0.1, "checkpoint": str(d / "backbone.safetensors"),
+                 "checkpoint_sha256": checkpoint_sha256(d / "backbone.safetensors", what="x"), "experts": experts},
+        "fusion": {"method": "task_arithmetic", "coefficients": {t: 1.0 for t in suite.task_names}},
+        "finetune": {"epochs": 0.0}})
+    policy.to_yaml(tmp_path / "policy.yaml")
+    last = suite.task_names[-1]
+    state = torch.load(d / f"{last}.pt", weights_only=True)
+    state["model.fc1.bias"][0] += 1.0
+    torch.save(state, d / f"{last}.pt")
+    for changed in [d / f"{last}.pt", d / "backbone.safetensors"]:
+        code, _, err = cli_main(capsys, "apply", tmp_path / "policy.yaml", "-o", tmp_path / "out",
+                                "--cache", tmp_path / "cache")
+        assert_one_line_error(code, err, str(changed), "has changed since the policy was made", "nothing was applied")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+        (d / "backbone.safetensors").write_bytes((d / "backbone.safetensors").read_bytes() + b" ")
+        shutil.copy(user_files / f"{last}.pt", d / f"{last}.pt")
