@@ -325,22 +325,3 @@ def _write_json(path: Path, data) -> None:
     from spaces.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1))
-
-
-def load_base_checkpoint(path: str, model, *, log=print):
-    """A user's backbone or trained base (`--base-checkpoint`): a state dict, .safetensors (sharded
-    too) or a Hugging Face folder, placed onto `model` by name (`mtl_models.models.pretrained`).
-    The state holds the trunk, and the heads where it is a whole multi-task model."""
-    from mtl_models.models.pretrained import load_backbone
-
-    return load_backbone(path, model, list(model.heads), log=log).state
-
-
-def load_user_experts(paths: dict[str, str], model, backbone_path: str, *, log=print) -> dict[str, dict]:
-    """`--experts TASK=PATH`: task -> the expert's trunk (and head) by the model's names, each
-    checked against the backbone; one line for the first that is not a copy of it."""
-    from mtl_models.models.pretrained import load_backbone, load_expert
-
-    tasks = list(model.heads)
-    backbone = load_backbone(backbone_path, model, tasks, log=lambda _line: None)
-    return {task: load_expert(path, model, tasks, task, backbone) for task, path in paths.items()}

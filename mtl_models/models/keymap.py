@@ -26,6 +26,7 @@ class Placement:
     """Where a checkpoint's tensors go. `state` uses the model's names."""
     state: dict[str, torch.Tensor]
     prefix: str                                   # checkpoint prefix stripped for the trunk
+    trunk_prefix: str = ""                        # where the trunk keeps the library module ("model.")
     heads: list[str] = field(default_factory=list)        # tasks whose head the checkpoint held
     unplaced: list[str] = field(default_factory=list)     # checkpoint names with no place, as saved
     misfit: list[str] = field(default_factory=list)       # "name (shape) for key (shape)" of head-like tensors
@@ -62,7 +63,7 @@ def place(state: dict, model_state: dict, *, tasks, head_task: str | None = None
     only prunefuse's own `heads.<task>.*` are placed."""
     trunk = {k[len(TRUNK):]: v for k, v in model_state.items() if k.startswith(TRUNK)}
     p, q, _ = align_trunk(state, trunk)
-    placed = Placement({}, p)
+    placed = Placement({}, p, q)
     used = set()
     for key in trunk:
         name = p + key[len(q):]
@@ -119,6 +120,12 @@ def first_trunk_problem(placed: Placement, model_state: dict, state: dict) -> st
             name = placed.prefix + key[len(TRUNK):]
             return f"{name!r} has shape {tuple(have.shape)}, the trunk's {key!r} needs {tuple(value.shape)}"
     return None
+
+
+def trunk_modules(placed: Placement, model_state: dict) -> set[str]:
+    """The top-level module names of the trunk, as the checkpoint names them ("blocks", "encoder")."""
+    inner = [k[len(TRUNK):] for k in model_state if k.startswith(TRUNK + placed.trunk_prefix)]
+    return {k[len(placed.trunk_prefix):].split(".")[0] for k in inner}
 
 
 def describe(names, state, limit: int = 4) -> str:

@@ -54,8 +54,12 @@ def load_backbone(path: str, model, tasks, *, log=print) -> Backbone:
     return Backbone(str(path), placed.state, weights.config, complete, left_out)
 
 
-def load_expert(path: str, model, tasks, task: str, backbone: Backbone) -> dict[str, torch.Tensor]:
-    """The expert's trunk (and its head, when it has one that fits task `task`), by model names."""
+def load_expert(path: str, model, tasks, task: str, backbone: Backbone, *, log=print) -> dict[str, torch.Tensor]:
+    """The expert's trunk (and its head, when it has one that fits task `task`), by model names.
+
+    Tensors of modules the trunk has no part of (a library's pooler, which the backbone file
+    may lack) are left out with a notice; a tensor inside the trunk's modules that the trunk
+    lacks (a deeper expert's extra block) makes it another architecture."""
     what = f"expert for task {task!r}"
     weights = read_weights(path, what=what)
     own = model.state_dict()
@@ -63,8 +67,12 @@ def load_expert(path: str, model, tasks, task: str, backbone: Backbone) -> dict[
     problem = keymap.first_trunk_problem(placed, own, weights.state)
     if problem is None:
         extra = [n for n in placed.unplaced if n.removeprefix(placed.prefix) not in backbone.left_out]
-        if extra:
-            problem = f"{extra[0]!r} {tuple(weights.state[extra[0]].shape)} is neither in the backbone nor a head"
+        modules = keymap.trunk_modules(placed, own)
+        inside = [n for n in extra if n.startswith(placed.prefix) and n[len(placed.prefix):].split(".")[0] in modules]
+        if inside:
+            problem = f"{inside[0]!r} {tuple(weights.state[inside[0]].shape)} is not in the backbone's trunk"
+        elif extra:
+            log(f"{what} {path!r}: left out (no place in the model): {keymap.describe(extra, weights.state)}")
     if problem is None and placed.misfit:
         problem = f"its head does not fit task {task!r}: {placed.misfit[0]}"
     if problem:
@@ -102,7 +110,7 @@ def load_user_weights(model, *, base: str | None, experts: dict[str, str] | None
             raise PrunefuseError(f"{what} {path!r} has changed since the policy was made (sha256 {found[:12]}..., "
                                  f"the policy expects {expected[:12]}...); nothing was applied")
     backbone = load_backbone(base, model, tasks, log=log)
-    placed = {t: load_expert(p, model, tasks, t, backbone) for t, p in experts.items()} if experts else None
+    placed = {t: load_expert(p, model, tasks, t, backbone, log=log) for t, p in experts.items()} if experts else None
     return UserWeights(backbone.state, placed)
 
 
