@@ -21,7 +21,7 @@ from spaces.vocabulary import CARRIED_FILE, CONFIG_FILE, FINAL_FILE
 from .config import SearchConfig, is_uri, join
 
 # What must be the same for an old trial's result to be one this search could have measured.
-MATCHED = ("suite", "model", "train", "base_checkpoint", "space", "measure")
+MATCHED = ("suite", "model", "train", "base_checkpoint", "experts", "space", "measure")
 CARRIED_ATTR = "carried_from"   # Optuna user attr: the experiment a trial was carried over from
 
 
@@ -45,6 +45,8 @@ def _normalised(cfg: SearchConfig, field: str):
         return SpaceSpec.model_validate(value).model_dump(mode="json")
     if field == "base_checkpoint" and value:
         return os.path.abspath(value)
+    if field == "experts" and value:
+        return {t: os.path.abspath(p) for t, p in value.items()}
     return value
 
 
