@@ -330,3 +330,29 @@ def test_apply_refuses_a_changed_file(suite, user_files, tmp_path, capsys):
         assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
         (d / "backbone.safetensors").write_bytes((d / "backbone.safetensors").read_bytes() + b" ")
         shutil.copy(user_files / f"{last}.pt", d / f"{last}.pt")
+
+
+# --- the report: experts' own metrics and the standard recipes ------------------------------
+
+def test_report_shows_experts_and_recipes(tmp_path):
+    """dense.json's `experts` and recipes.json become header facts, dotted per-task lines and
+    one reference point per recipe in the Pareto charts; without them, nothing of the kind."""
+    from report_fixtures import make_experiment
+
+    from reports.html import build_report
+
+    exp = make_experiment(tmp_path, 8)
+    plain = build_report(exp)
+    assert "experts (each on its task)" not in plain and "TIES (defaults)" not in plain
+    dense = json.loads((exp / "dense.json").read_text())
+    dense["experts"] = {"val": {"left": 0.9123, "right": 0.8765, "sum": 0.7777}, "test": {}}
+    (exp / "dense.json").write_text(json.dumps(dense))
+    recipe = {k: v for k, v in dense.items() if k.startswith(("metric/", "test/")) or k in
+              ("score", "params", "latency_ms", "nonzero_params", "delta_m")}
+    (exp / "recipes.json").write_text(json.dumps({"task arithmetic λ=0.3": {**recipe, "delta_m": -3.25},
+                                                  "TIES (defaults)": {**recipe, "delta_m": -7.5}}))
+    page = build_report(exp)
+    assert "experts (each on its task)" in page and "0.9123" in page and "expert left (0.9123)" in page
+    for name, dm in (("task arithmetic λ=0.3", "-3.25"), ("TIES (defaults)", "-7.5")):
+        assert f"{name}</dt>" in page and f"delta_m {dm}" in page
+        assert f'"name":{json.dumps(name)}' in page    # drawn as a reference point in the charts (JSON-escaped)
