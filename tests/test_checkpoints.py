@@ -227,9 +227,11 @@ def test_user_experts_merge_against_the_backbone(suite, tmp_path):
             state.update({n: v for n, v in e.state_dict().items() if n.startswith(f"heads.{task}.")})
         experts[task] = state
     base = {f"trunk.{k}": v for k, v in trunk_of(backbone).items()}
-    art = artifacts.prepare(suite, MODEL, artifacts.TrainSpec(epochs=0.2, expert_epochs=0.2), cache_dir=tmp_path,
+    art = artifacts.prepare(suite, MODEL, artifacts.TrainSpec(epochs=1, expert_epochs=1), cache_dir=tmp_path,
                             experts=True, base_state=base, user_experts=experts, log=lambda *_: None)
     torch.testing.assert_close(art.backbone["trunk.fc1.weight"], base["trunk.fc1.weight"])
+    # The dense base is the backbone fine-tuned with fresh heads: task vectors are not taken against it.
+    assert not torch.equal(art.base["trunk.fc1.weight"], base["trunk.fc1.weight"])
     torch.testing.assert_close(art.experts["right"]["trunk.fc1.weight"], experts["right"]["trunk.fc1.weight"])
     assert art.references == art.expert_metrics and set(art.expert_metrics["val"]) == set(suite.task_names)
     for task in suite.task_names:
@@ -239,6 +241,13 @@ def test_user_experts_merge_against_the_backbone(suite, tmp_path):
         merged = start_model(suite, policy, art, device="cpu")
         assert evaluate(merged, suite, "val")[task] == pytest.approx(art.expert_metrics["val"][task], abs=1e-6)
         torch.testing.assert_close(merged.state_dict()["trunk.fc2.weight"], experts[task]["trunk.fc2.weight"])
+    # Task vectors against the backbone: λ = 0.5 each gives backbone + 0.5 Σ (expert − backbone).
+    policy = Policy(suite=suite.spec, model=MODEL,
+                    fusion={"method": "task_arithmetic", "coefficients": {t: 0.5 for t in suite.task_names}})
+    merged = start_model(suite, policy, art, device="cpu").state_dict()["trunk.fc1.weight"]
+    expected = base["trunk.fc1.weight"] + 0.5 * sum(experts[t]["trunk.fc1.weight"] - base["trunk.fc1.weight"]
+                                                    for t in suite.task_names)
+    torch.testing.assert_close(merged, expected)
 
 
 # --- refusals through the CLI: one line, exit 2, nothing written --------------------------
