@@ -216,7 +216,8 @@ def _add_user_experts(art: Artifacts, folder: Path, suite, spec: TrainSpec, back
     """Each task's expert as a whole model state: the base with the expert's trunk and its own
     head (fitted on its frozen trunk, once, when the expert came without one); measured once
     on its task: the individual-model reference that Δm (`delta_m`) is then taken against."""
-    sub = folder / f"user-experts-{_state_digest({f'{t}/{k}': v for t in sorted(user_experts) for k, v in user_experts[t].items()})}"
+    flat = {f"{t}/{k}": v for t in sorted(user_experts) for k, v in user_experts[t].items()}
+    sub = folder / f"user-experts-{_state_digest(flat)}"   # beside the base they were checked against
     sub.mkdir(exist_ok=True)
     art.backbone = {k: v for k, v in backbone.items() if k.startswith("trunk.")}
     for task in suite.task_names:

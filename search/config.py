@@ -64,7 +64,8 @@ FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives",
          "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
          "max_concurrent": "--max-concurrent", "retries": "--retries", "train": "--train-option",
          "measure": "--measure-option", "max_task_drop": "--max-task-drop", "address": "--address",
-         "base_checkpoint": "--base-checkpoint", "experts": "--experts", "suite": "--suite", "model": "--model-option", "space": "--space",
+         "base_checkpoint": "--base-checkpoint", "experts": "--experts", "suite": "--suite",
+         "model": "--model-option", "space": "--space",
          "tracking": "--tracking", "early_stop": "--early-stop", "early_stop_keep": "--early-stop-keep",
          "warm_start": "--warm-start"}
 

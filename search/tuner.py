@@ -50,8 +50,9 @@ def base_spec(cfg: SearchConfig) -> dict:
         spec["checkpoint"] = os.path.abspath(cfg.base_checkpoint)
         spec["checkpoint_sha256"] = checkpoint_sha256(cfg.base_checkpoint, what="base checkpoint")
     if cfg.experts:
-        spec["experts"] = {t: {"path": os.path.abspath(p), "sha256": checkpoint_sha256(p, what=f"expert for task {t!r}")}
-                           for t, p in cfg.experts.items()}
+        spec["experts"] = {t: {"path": os.path.abspath(path),
+                               "sha256": checkpoint_sha256(path, what=f"expert for task {t!r}")}
+                           for t, path in cfg.experts.items()}
     return spec
 
 
