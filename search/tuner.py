@@ -357,9 +357,10 @@ def check_paths(cfg: SearchConfig) -> None:
         return
     check_writable_folder(cfg.storage, "--storage")
     check_writable_folder(artifact_cache(cfg), "artifact cache")
-    if cfg.base_checkpoint and not os.path.isfile(cfg.base_checkpoint):
-        raise PrunefuseError(f"base checkpoint {cfg.base_checkpoint!r} not found" if not os.path.exists(
-            cfg.base_checkpoint) else f"base checkpoint {cfg.base_checkpoint!r} is not a file")
+    for what, path in [("base checkpoint", cfg.base_checkpoint),
+                       *((f"expert for task {t!r}", p) for t, p in (cfg.experts or {}).items())]:
+        if path and not os.path.exists(path):  # a file, or a Hugging Face model folder
+            raise PrunefuseError(f"{what} {path!r} not found")
 
 
 def search_over(cfg: SearchConfig) -> bool:
