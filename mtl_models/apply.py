@@ -19,10 +19,16 @@ def rebuild(policy: Policy, *, cache: str, log=print, device: str = "cpu"):
     model = suite.build_model(**policy.model)  # checks the model spec against the suite
     check_fits(suite, policy, model=model)  # another suite, tasks, layers or method: fail before training
     base = policy.base.model_dump()
-    checkpoint_path = base.pop("checkpoint")
-    base_state = artifacts.load_base_checkpoint(checkpoint_path, model) if checkpoint_path else None
+    checkpoint_path, experts = base.pop("checkpoint"), base.pop("experts") or {}
+    recorded = {checkpoint_path: base.pop("checkpoint_sha256"), **{e["path"]: e["sha256"] for e in experts.values()}}
+    from mtl_models.models.pretrained import load_user_weights
+
+    # Every recorded file is hashed first: a changed one is refused before anything loads or trains.
+    user = load_user_weights(model, base=checkpoint_path, experts={t: e["path"] for t, e in experts.items()} or None,
+                             recorded={p: h for p, h in recorded.items() if p and h}, log=log)
     art = artifacts.prepare(suite, policy.model, artifacts.TrainSpec(**base), cache_dir=cache,
-                            experts=policy.fusion is not None, base_state=base_state, log=log, device=device)
+                            experts=policy.fusion is not None, base_state=user.base if user else None,
+                            user_experts=user.experts if user else None, log=log, device=device)
     return suite, art
 
 

@@ -66,6 +66,10 @@ class Artifacts:
     dense_metrics: dict[str, dict[str, float]]           # split -> task -> metric
     experts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     references: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> task -> metric
+    # The trunk a user's experts (--experts) were fine-tuned from: their task vectors are taken
+    # against it. Empty: prunefuse's own experts, fine-tuned from the base's trunk.
+    backbone: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> task -> its expert's metric
 
 
 def cache_key(suite_spec: dict, model_spec: dict, spec: TrainSpec, kind: str) -> str:
@@ -86,9 +90,11 @@ def train_base(suite, model_spec: dict, spec: TrainSpec, *, device: str = "cpu",
     """The dense multi-task model (or a user's checkpoint, checked against the model)."""
     torch.manual_seed(spec.seed)
     model = suite.build_model(**model_spec)
-    if base_state is not None:
-        load_checked(model, base_state, source="base checkpoint")
+    if base_state is not None and set(base_state) >= set(model.state_dict()):
+        load_checked(model, base_state, source="base checkpoint")  # a whole multi-task model: used as it is
     else:
+        if base_state is not None:  # a backbone alone: its trunk, fine-tuned with fresh heads on the suite's tasks
+            model.load_state_dict(base_state, strict=False)
         train(model, suite, TrainOptions(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
                                          device=device, precision=spec.precision))
     model.cpu()
@@ -147,7 +153,7 @@ def load_checked(model, state: dict, *, source: str) -> None:
 
 def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: bool = False,
             references: bool = False, base_state=None, map_fn=map, base_map_fn=None, device: str = "cpu",
-            log=print) -> Artifacts:
+            log=print, user_experts: dict | None = None) -> Artifacts:
     """Train (or load from cache) everything trials share.
 
     map_fn(fn, items) runs the per-task trainings; the search passes one that fans them
@@ -168,7 +174,9 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
         log(f"reusing the dense base from {folder}")
     else:
         if base_state is not None:
-            log("loading the base checkpoint ...")
+            heads = {k.split(".")[1] for k in base_state if k.startswith("heads.")}
+            log("loading the base checkpoint ..." if heads >= set(suite.task_names) else
+                "fine-tuning the backbone of the base checkpoint, with fresh heads, on the suite's tasks ...")
             base, dense = train_base(suite, model_spec, spec, device=device, base_state=base_state)
         elif base_map_fn is not None:
             log("training the dense base model as a Ray task ...")
@@ -181,6 +189,9 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
         _write_json(meta_file, meta)
     art = Artifacts(key, suite_spec, dict(model_spec), base, meta["dense_metrics"])
 
+    if user_experts:  # a user's experts replace prunefuse's (and their metrics are the references)
+        _add_user_experts(art, folder, suite, spec, base_state, user_experts, device=device, log=log)
+        return art
     if experts:
         todo = [t for t in suite.task_names if not (folder / f"expert_{t}.pt").exists()]
         if todo:
@@ -199,6 +210,56 @@ def prepare(suite, model_spec: dict, spec: TrainSpec, *, cache_dir, experts: boo
             _write_json(ref_file, {split: {t: refs[t][split] for t in refs} for split in ("val", "test")})
         art.references = json.loads(ref_file.read_text())
     return art
+
+
+def _add_user_experts(art: Artifacts, folder: Path, suite, spec: TrainSpec, backbone: dict, user_experts: dict,
+                      *, device: str, log) -> None:
+    """Each task's expert as a whole model state: the base with the expert's trunk and its own
+    head (fitted on its frozen trunk, once, when the expert came without one); measured once
+    on its task: the individual-model reference that Δm (`delta_m`) is then taken against."""
+    flat = {f"{t}/{k}": v for t in sorted(user_experts) for k, v in user_experts[t].items()}
+    sub = folder / f"user-experts-{_state_digest(flat)}"   # beside the base they were checked against
+    sub.mkdir(exist_ok=True)
+    art.backbone = {k: v for k, v in backbone.items() if k.startswith("trunk.")}
+    for task in suite.task_names:
+        file = sub / f"expert_{task}.pt"
+        if not file.exists():
+            state = {**art.base, **user_experts[task]}
+            if not any(k.startswith(f"heads.{task}.") for k in user_experts[task]):
+                log(f"expert for {task!r} came without its head: fitting one on its frozen trunk ...")
+                state = fit_expert_head(suite, art.model, spec, state, task, device=device)
+            _save(state, file)
+        art.experts[task] = _load(file)
+    metrics_file = sub / "expert_metrics.json"
+    if not metrics_file.exists():
+        _write_json(metrics_file, expert_metrics(suite, art.model, art.experts))
+    art.expert_metrics = json.loads(metrics_file.read_text())
+    art.references = art.expert_metrics
+
+
+def fit_expert_head(suite, model_spec, spec: TrainSpec, state: dict, task: str, *, device: str = "cpu") -> dict:
+    """A head for `task` on an expert's frozen trunk (a linear probe); the trunk comes back unchanged."""
+    torch.manual_seed(spec.seed)
+    model = suite.build_model(**model_spec)
+    model.load_state_dict(state)
+    model.requires_grad_(False)
+    model.heads[task].requires_grad_(True)
+    train(model, suite, TrainOptions(epochs=spec.expert_epochs, lr=spec.expert_lr or spec.lr, batch_size=spec.batch_size,
+                                     tasks=(task,), seed=spec.seed + 1, device=device, precision=spec.precision))
+    fitted = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # Training mode moved BatchNorm statistics of the frozen trunk: the expert's own are put back.
+    return {**fitted, **{k: v for k, v in state.items() if not k.startswith(f"heads.{task}.")}}
+
+
+def expert_metrics(suite, model_spec: dict, experts: dict) -> dict[str, dict[str, float]]:
+    """split -> task -> the metric of that task's expert on it (its own model, its own head)."""
+    out = {"val": {}, "test": {}}
+    for task, state in experts.items():
+        model = suite.build_model(**model_spec)
+        model.load_state_dict(state)
+        for split in out:
+            out[split][task] = evaluate(model, suite, split)[task]
+    return out
 
 
 class _BaseJob:
@@ -268,39 +329,3 @@ def _write_json(path: Path, data) -> None:
     from spaces.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1))
-
-
-def load_base_checkpoint(path: str, model):
-    """A user's trained base (`--base-checkpoint`): a plain state dict, loaded with
-    weights_only=True and checked key by key against `model` and for finite weights."""
-    if not os.path.isfile(path):
-        raise PrunefuseError(f"base checkpoint {path!r} not found")
-    try:
-        state = load_weights(path)
-    except Exception as exc:
-        raise PrunefuseError(_unreadable_checkpoint(path, exc)) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise PrunefuseError(f"base checkpoint {path!r} holds a {type(state).__name__}, expected a state dict")
-    load_checked(model, state, source=f"base checkpoint {path}")
-    for key, value in state.items():
-        # NaN or inf weights would fail much later (in expert training) as a cryptic error.
-        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            raise PrunefuseError(f"base checkpoint {path!r}: {key} holds NaN or inf values; "
-                                 f"it is not a trained model")
-    return state
-
-
-def _unreadable_checkpoint(path: str, exc: Exception) -> str:
-    """One line for a file torch.load(weights_only=True) refuses: pickled objects, or not torch at all."""
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if pickled:
-        return (f"base checkpoint {path!r} pickles Python objects ({pickled.group(1)}), not just weights; "
-                f"save a state dict instead: torch.save(model.state_dict(), {path!r})")
-    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
-    return f"base checkpoint {path!r} is not a torch state dict file (torch.load(weights_only=True): {reason})"

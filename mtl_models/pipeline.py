@@ -131,8 +131,10 @@ def calibration_batch(suite) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def _trunk_and_experts(suite, artifacts: Artifacts) -> tuple[dict, dict]:
-    """The base's trunk and each task expert's: what a merge combines (heads are never merged)."""
-    trunk = {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
+    """The trunk the experts were fine-tuned from and each task expert's: what a merge combines
+    (heads are never merged). Task vectors are taken against the base's trunk, or against the
+    backbone a user's own experts (--experts) started from."""
+    trunk = artifacts.backbone or {k: v for k, v in artifacts.base.items() if k.startswith("trunk.")}
     return trunk, {t: {k: artifacts.experts[t][k] for k in trunk} for t in suite.task_names}
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from spaces.errors import PrunefuseError
 from spaces.policy import with_learned_fusion
 
-from spaces.vocabulary import (CARRIED_FILE, CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINAL_FILE, FINISHED_FILE, REMEASURED_FILE,
+from spaces.vocabulary import (CARRIED_FILE, CONFIG_FILE, CONTROL_FILE, DENSE_FILE, RECIPES_FILE, FINAL_FILE, FINISHED_FILE, REMEASURED_FILE,
                                LEARNED_FUSION, is_recorded_metric)
 STATUS = ("finished", "failed", "stopped", "running")
 
@@ -80,6 +80,12 @@ def load_control(path) -> dict | None:
     return _read_json(f) if f.is_file() else None
 
 
+def load_recipes(path) -> dict | None:
+    """The standard merges of a user's experts (recipes.json: name -> metrics), or None (no --experts)."""
+    f = experiment_dir(path) / RECIPES_FILE
+    return _read_json(f) if f.is_file() else None
+
+
 def task_senses(path) -> dict[str, str]:
     """task -> "max" / "min" as the search recorded them (dense.json); "max" where not recorded."""
     return records(path).senses
@@ -93,6 +99,7 @@ class Records:
     config: dict
     dense: dict | None
     control: dict | None
+    recipes: dict | None = None   # recipes.json: task arithmetic and TIES on a user's experts
 
     @property
     def senses(self) -> dict[str, str]:
@@ -104,7 +111,8 @@ def records(experiment) -> Records:
     """The experiment's records (an experiment path, or records already read: passed through)."""
     if isinstance(experiment, Records):
         return experiment
-    return Records(str(experiment), load_config(experiment), load_dense(experiment), load_control(experiment))
+    return Records(str(experiment), load_config(experiment), load_dense(experiment), load_control(experiment),
+                   load_recipes(experiment))
 
 
 class _Unreadable(Exception):

@@ -49,6 +49,7 @@ class _Data:
     front: pd.DataFrame           # the Pareto front, best first by the first objective
     knee: str | None              # trial id of the front's knee
     control: dict | None = None   # the equal-budget dense control (control.json), when recorded
+    recipes: dict | None = None   # name -> metrics of the standard merges of a user's experts (recipes.json)
 
     @property
     def names(self) -> list[str]:
@@ -96,7 +97,7 @@ def _gather(experiment) -> _Data:
         knee = str(select.by_knee(trials, objectives, rec)["trial_id"])
     except PrunefuseError:  # no finished feasible trial
         knee = None
-    d = _Data(str(experiment), config, rec.dense, trials, objectives, done, front, knee, rec.control)
+    d = _Data(str(experiment), config, rec.dense, trials, objectives, done, front, knee, rec.control, rec.recipes)
     d.done, d.front = d.done.assign(_delta_m=d.delta_m(d.done)), d.front.assign(_delta_m=d.delta_m(d.front))
     d.front = d.front.assign(_vs_control=d.delta_m(d.front, against="dense control"))
     return d
@@ -191,7 +192,7 @@ def _groups(d: _Data):
 def _dense(d: _Data, *names, which: str = "dense base") -> tuple[list[float], str] | None:
     """A reference's values of `names` and its hover text; None when it lacks one.
     which: "dense base" (the base as trained) or "dense control" (the base fine-tuned as trials are)."""
-    source = d.dense if which == "dense base" else d.control
+    source = {"dense base": d.dense, "dense control": d.control, **(d.recipes or {})}.get(which)
     values = [(source or {}).get(n) for n in names]
     if not all(isinstance(v, (int, float)) for v in values):
         return None
@@ -200,6 +201,14 @@ def _dense(d: _Data, *names, which: str = "dense base") -> tuple[list[float], st
 
 # The reference points every scatter draws: (name, symbol in 2-D, symbol in 3-D, colour).
 REFERENCES = (("dense base", "star", "diamond", DENSE), ("dense control", "star-triangle-up", "cross", CONTROL))
+# The standard merges of a user's experts (task arithmetic at λ = 0.3, TIES at its defaults), one style each.
+RECIPE_STYLES = (("square", "square", "#3a86ff"), ("hexagram", "diamond-open", "#8338ec"))
+
+
+def _references(d: _Data) -> list[tuple[str, str, str, str]]:
+    """The reference points a scatter draws: the dense base, the control, and each recipe recorded."""
+    recipes = [(name, *RECIPE_STYLES[k % len(RECIPE_STYLES)]) for k, name in enumerate(d.recipes or {})]
+    return [*REFERENCES, *recipes]
 
 
 # -- figures (one function each) -------------------------------------------------------------
@@ -224,7 +233,7 @@ def _pareto_pairs(d: _Data) -> go.Figure:
         fig.add_trace(go.Scatter(x=knee[x], y=knee[y], mode="markers", name="knee", legendgroup="knee",
                                  hoverinfo="skip", **legend,
                                  marker=dict(size=17, color="rgba(0,0,0,0)", line=dict(color="#111", width=2))), **at)
-        for which, symbol, _, colour in REFERENCES:
+        for which, symbol, _, colour in _references(d):
             if ref := _dense(d, x, y, which=which):
                 (dx, dy), hover = ref
                 fig.add_trace(go.Scatter(x=[dx], y=[dy], hovertext=[hover], hoverinfo="text", mode="markers",
@@ -244,7 +253,7 @@ def _pareto_3d(d: _Data) -> go.Figure:
         fig.add_trace(go.Scatter3d(x=part[x], y=part[y], z=part[z], mode="markers", name=name,
                                    marker={**marker, "size": marker["size"] * 0.6},
                                    hovertext=part["_hover"], hoverinfo="text"))
-    for which, _, symbol, colour in REFERENCES:
+    for which, _, symbol, colour in _references(d):
         if ref := _dense(d, x, y, z, which=which):
             (dx, dy, dz), hover = ref
             fig.add_trace(go.Scatter3d(x=[dx], y=[dy], z=[dz], hovertext=[hover], hoverinfo="text",
@@ -346,6 +355,11 @@ def _task_bars(d: _Data) -> go.Figure | None:
             fig.add_hline(y=ref, line=dict(color=color, dash="dash", width=2), layer="above")
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"dense {task} ({ref:.4f})",
                                      line=dict(color=color, dash="dash", width=2)))
+        if (own := _expert_metrics(d).get(task)) is not None:  # the user's expert on its own task: dotted
+            values.append(own)
+            fig.add_hline(y=own, line=dict(color=color, dash="dot", width=2), layer="above")
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"expert {task} ({own:.4f})",
+                                     line=dict(color=color, dash="dot", width=2)))
     lo, hi = np.nanmin(values), np.nanmax(values)
     pad = 0.15 * (hi - lo or abs(hi) or 1.0)
     fig.update_yaxes(range=[lo - pad, hi + pad], title_text="validation metric")
@@ -402,6 +416,7 @@ def _header(d: _Data, latency_source: str | None) -> str:
                                   + f" (the base fine-tuned as the trials are: {_fmt(ft.get('epochs'))} epochs at lr "
                                     f"{_fmt(ft.get('lr'))}, unpruned, unfused; {beat} of {len(d.front)} front "
                                     f"point(s) score above it)")
+    facts.update(_expert_facts(d))
     # A re-measurement names its own backend; the search's is the one dense.json records.
     backend = "" if latency_source else f", timed in {db.get('latency_backend') or 'torch'}"
     batch = f" (batch {_fmt(db['latency_batch'])}, {_fmt(db.get('threads'))} thread(s){backend})" \
@@ -419,6 +434,24 @@ def _header(d: _Data, latency_source: str | None) -> str:
     return (f'<header id="summary"><h1>prunefuse report: {html.escape(str(c.get("name", d.path)))}</h1>'
             f'<p class="caption">{html.escape(d.path)} · generated {time.strftime("%Y-%m-%d %H:%M")}</p>'
             f'<dl class="facts">{rows}</dl></header>')
+
+
+def _expert_metrics(d: _Data) -> dict[str, float]:
+    """task -> its user-given expert's own validation metric (dense.json), when the search had --experts."""
+    return ((d.dense or {}).get("experts") or {}).get("val") or {}
+
+
+def _expert_facts(d: _Data) -> dict[str, str]:
+    """The individual-model references of a search on a user's experts, and the standard recipes on them."""
+    facts, own = {}, _expert_metrics(d)
+    if own:
+        facts["experts (each on its task)"] = (", ".join(f"{d.task_label(t)} {_fmt(v)}" for t, v in own.items())
+                                               + " (the individual-model reference: delta_m is Δm% against these)")
+    for name, m in (d.recipes or {}).items():
+        tasks = ", ".join(f"{t} {_fmt(m[task_metric(t)])}" for t in d.tasks if task_metric(t) in m)
+        facts[name] = " · ".join(f"{n} {_fmt(m[n])}" for n in (MEAN_SCORE, "delta_m", "params") if n in m) + \
+            f" ({tasks}; the standard recipe on the same experts, unpruned, no fine-tune)"
+    return facts
 
 
 def _front_table(d: _Data) -> str:

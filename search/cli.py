@@ -108,7 +108,12 @@ def _parser() -> argparse.ArgumentParser:
                         "under --storage) whose suite, model, training and space are the same")
     setting("retries", type=int, default=0, help="retry a failing trial this many times")
     setting("references", action="store_true", help="train single-task references; Δm is measured against them")
-    setting("base_checkpoint", default=None, help="start from this trained base (a weights-only state dict)")
+    setting("base_checkpoint", default=None,
+            help="start from this backbone or trained base: a torch state dict (.pt/.pth/.bin), .safetensors "
+                 "(or a sharded *.index.json) or a Hugging Face model folder; library key names are mapped")
+    s.add_argument(FLAGS["experts"], action="append", metavar="TASK=PATH",
+                   help="one per task: a copy of the --base-checkpoint backbone fine-tuned on TASK (same formats, "
+                        "with or without its head); merged instead of experts prunefuse would fine-tune")
     s.add_argument("--data", default=None, help="tabular suite: a CSV or Parquet file; images suite: a table "
                    "(CSV / Parquet / Arrow) of image paths and labels, or a folder CLASS/*.png")
     s.add_argument("--image-column", default=None, help="images suite: the table's column of image paths (default path)")
@@ -176,18 +181,38 @@ def cmd_search(args) -> int:
         cfg = SearchConfig(
             name=args.name if args.name is not None else
             f"{args.suite.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
-            suite=suite_spec(args.suite, _suite_options(args)),
-            model={"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
+            suite=suite_spec(args.suite, _suite_options(args)), model=_model_spec(args),
             space=_space(args.space), objectives=parse_objectives(args.objectives) if args.objectives else None,
             trials=args.trials if args.trials is not None else (None if args.time_budget_s else 48),
             train=_key_values(args.train_option, "--train-option"),
             measure={**_key_values(args.measure_option, "--measure-option"),
                      **({"latency_backend": args.latency_backend} if args.latency_backend else {})},
-            **{field: getattr(args, field) for field in SETTINGS})
+            experts=_experts(args.experts), **{field: getattr(args, field) for field in SETTINGS})
         path = run_search(cfg)
     if not args.no_report:
         _report_and_export(path)
     return 0
+
+
+def _model_spec(args) -> dict:
+    """--trunk and --model-option; an hf: trunk takes a Hugging Face --base-checkpoint folder's config.json."""
+    from mtl_models.models.pretrained import model_spec_from_checkpoint
+
+    return model_spec_from_checkpoint({"trunk": args.trunk, **_key_values(args.model_option, "--model-option")},
+                                      args.base_checkpoint)
+
+
+def _experts(pairs: list[str] | None) -> dict[str, str] | None:
+    """`--experts left=a.safetensors` -> {"left": "a.safetensors"}: paths stay strings."""
+    out = {}
+    for pair in pairs or []:
+        task, sep, path = pair.partition("=")
+        if not sep or not task or not path:
+            raise PrunefuseError(f"--experts expects TASK=PATH, got {pair!r}")
+        if task in out:
+            raise PrunefuseError(f"--experts names task {task!r} twice; one expert per task")
+        out[task] = path
+    return out or None
 
 
 def _only_resume_flags(args) -> None:

@@ -58,7 +58,8 @@ FLAGS = {"name": "--name", "storage": "--storage", "objectives": "--objectives",
          "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
          "max_concurrent": "--max-concurrent", "retries": "--retries", "train": "--train-option",
          "measure": "--measure-option", "max_task_drop": "--max-task-drop", "address": "--address",
-         "base_checkpoint": "--base-checkpoint", "suite": "--suite", "model": "--model-option", "space": "--space",
+         "base_checkpoint": "--base-checkpoint", "experts": "--experts", "suite": "--suite",
+         "model": "--model-option", "space": "--space",
          "tracking": "--tracking", "early_stop": "--early-stop", "early_stop_keep": "--early-stop-keep",
          "warm_start": "--warm-start", "references": "--references"}
 # Fields whose flag's value is the field's value as typed (the others the CLI builds from
@@ -94,6 +95,7 @@ class SearchConfig(Strict):
     warm_start: Optional[str] = None                          # an earlier experiment whose trials seed the study
     address: Optional[str] = None
     base_checkpoint: Optional[str] = None
+    experts: Optional[dict[str, str]] = None                  # task -> a user's fine-tuned expert (--experts)
     tracking: Optional[str] = None                            # "mlflow" or "mlflow=URI" (search.tracking)
 
     def __init__(self, **data):

@@ -50,7 +50,7 @@ def search_cache_of(policy, policy_file: str) -> tuple[str, str] | None:
     return None
 
 
-def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, log):
+def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, user_weights, log):
     """Base, experts and references, trained once and cached by content hash (or reused).
 
     Experts and references fan out as Ray tasks with the trials' resources. The base is a Ray
@@ -66,7 +66,9 @@ def train_artifacts(cfg: SearchConfig, suite, space: SearchSpace, base_state, lo
 
     on_ray = runs_on_ray(cfg)
     return artifacts.prepare(suite, cfg.model, artifacts.TrainSpec(**cfg.train), cache_dir=artifact_cache(cfg),
-                             experts=space.fuses, references=cfg.references, base_state=base_state,
+                             experts=space.fuses, references=cfg.references,
+                             base_state=user_weights.base if user_weights else None,
+                             user_experts=user_weights.experts if user_weights else None,
                              map_fn=mapper, base_map_fn=mapper if on_ray else None, log=log)
 
 
@@ -83,18 +85,8 @@ def runs_on_ray(cfg: SearchConfig) -> bool:
 
 def measure_dense(cfg: SearchConfig, suite, art) -> dict:
     """The dense base measured like any trial, on the device a trial gets: the report's reference point."""
-    from .cluster import ray_map
-
-    # Timed with the threads a trial times with (search/trial.py: --cpus-per-trial unless set).
-    measure = {"threads": max(1, int(cfg.cpus_per_trial)), **cfg.measure}
-    job = _DenseMeasureJob(suite, cfg.model, measure, art, cfg.train.get("precision", "fp32"))
-    if runs_on_ray(cfg):
-        [dense] = ray_map(job, [None], num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
-    else:
-        import torch
-
-        torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
-        dense = job(None)
+    job = _DenseMeasureJob(suite, cfg.model, _trial_measure(cfg), art, cfg.train.get("precision", "fp32"))
+    dense = _run_measure_job(cfg, job)
     dense["dense_val"] = art.dense_metrics["val"]
     # Which way each task's metric is better, and its name: readers (floors, export, the
     # report) orient task metrics by these without rebuilding the suite.
@@ -102,6 +94,8 @@ def measure_dense(cfg: SearchConfig, suite, art) -> dict:
     dense["task_metrics"] = {t.name: t.metric for t in suite.tasks}
     if art.references:
         dense["references"] = art.references
+    if art.expert_metrics:  # a user's experts, each on its own task: the individual-model reference
+        dense["experts"] = art.expert_metrics
     return dense
 
 
@@ -117,8 +111,6 @@ def measure_control(cfg: SearchConfig, suite, art, space: SearchSpace, log) -> d
 
     import torch
 
-    from .cluster import ray_map
-
     policy = space.control_policy()
     digest = hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     cached = Path(artifact_cache(cfg), art.key, f"control-{digest}.pt")
@@ -128,19 +120,50 @@ def measure_control(cfg: SearchConfig, suite, art, space: SearchSpace, log) -> d
     log("reusing the dense control from the cache" if state is not None else
         f"fine-tuning the dense control ({policy.finetune.epochs:g} epochs at lr {policy.finetune.lr:g}, "
         f"{policy.weighting.method} weighting: the trials' fine-tune) ...")
-    measure = {"threads": max(1, int(cfg.cpus_per_trial)), **cfg.measure}
-    job = _ControlJob(suite, policy, measure, art, state)
-    if runs_on_ray(cfg):
-        [out] = ray_map(job, [None], num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
-    else:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
-        out = job(None)
+    out = _run_measure_job(cfg, _ControlJob(suite, policy, _trial_measure(cfg), art, state))
     if state is None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.tmp")
         torch.save(out["state"], tmp)
         os.replace(tmp, cached)
     return {**out["metrics"], "policy": policy.to_dict()}
+
+
+# The merging literature's standard recipes, applied to a user's experts as they are (no pruning,
+# no fine-tune): name -> (method, every task's coefficient). TIES at its defaults (density, scale).
+RECIPES = {"task arithmetic λ=0.3": ("task_arithmetic", 0.3), "TIES (defaults)": ("ties", 1.0)}
+
+
+def measure_recipes(cfg: SearchConfig, suite, art, space: SearchSpace, log) -> dict:
+    """Each of `RECIPES` on the search's experts, measured once like a trial: the reference
+    points that show what the search adds over the standard merges."""
+    control = space.control_policy()
+    out = {}
+    for name, (method, coefficient) in RECIPES.items():
+        log(f"measuring the standard recipe {name} on the experts ...")
+        policy = control.replace(fusion={"method": method, "coefficients": {t: coefficient for t in suite.task_names}},
+                                 finetune={**control.finetune.model_dump(mode="json"), "epochs": 0.0})
+        result = _run_measure_job(cfg, _ControlJob(suite, policy, _trial_measure(cfg), art, None))
+        out[name] = {**result["metrics"], "policy": policy.to_dict()}
+    return out
+
+
+def _trial_measure(cfg: SearchConfig) -> dict:
+    # Timed with the threads a trial times with (search/trial.py: --cpus-per-trial unless set).
+    return {"threads": max(1, int(cfg.cpus_per_trial)), **cfg.measure}
+
+
+def _run_measure_job(cfg: SearchConfig, job):
+    """Run a one-off measuring job where a trial would (a Ray task on a cluster or a GPU), else here."""
+    import torch
+
+    from .cluster import ray_map
+
+    if runs_on_ray(cfg):
+        [out] = ray_map(job, [None], num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
+        return out
+    torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
+    return job(None)
 
 
 class _ControlJob:

@@ -15,12 +15,12 @@ from dataclasses import asdict
 from spaces import SearchSpace, SpaceSpec
 from spaces.errors import PrunefuseError
 from spaces.files import is_uri, join, read_text, write_text
-from spaces.vocabulary import CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCORE, TASK_METRIC
+from spaces.vocabulary import CONFIG_FILE, CONTROL_FILE, DENSE_FILE, FINISHED_FILE, MEAN_SCORE, RECIPES_FILE, TASK_METRIC
 
 from . import experiment as ex
 from . import tracking
 from .config import SearchConfig
-from .shared_artifacts import artifact_cache, measure_control, measure_dense, train_artifacts
+from .shared_artifacts import artifact_cache, measure_control, measure_dense, measure_recipes, train_artifacts
 
 
 def build_space(cfg: SearchConfig, suite, model) -> SearchSpace:
@@ -43,17 +43,28 @@ def base_spec(cfg: SearchConfig) -> dict:
     """The policy's `base:` section: the TrainSpec plus the user's checkpoint, if any."""
     from mtl_models.artifacts import TrainSpec
 
+    from mtl_models.models.weights import checkpoint_sha256
+
     spec = asdict(TrainSpec(**cfg.train))
-    if cfg.base_checkpoint:
+    if cfg.base_checkpoint:  # path and SHA-256 of every user file: apply rebuilds from them, or refuses
         spec["checkpoint"] = os.path.abspath(cfg.base_checkpoint)
+        spec["checkpoint_sha256"] = checkpoint_sha256(cfg.base_checkpoint, what="base checkpoint")
+    if cfg.experts:
+        spec["experts"] = {t: {"path": os.path.abspath(path),
+                               "sha256": checkpoint_sha256(path, what=f"expert for task {t!r}")}
+                           for t, path in cfg.experts.items()}
     return spec
 
 
 def prepare_inputs(cfg: SearchConfig):
     """Everything that can be wrong with the user's request is found here, before any write."""
-    from mtl_models import artifacts, suites
+    from mtl_models import suites
 
     suite = suites.from_spec(cfg.suite)
+    if cfg.experts:  # before the space: its base section reads (and hashes) every expert file
+        from mtl_models.models.pretrained import check_expert_tasks
+
+        check_expert_tasks(cfg.experts, suite.task_names, cfg.base_checkpoint)
     for name, _ in cfg.objectives:
         task = name.removeprefix(TASK_METRIC)
         if name.startswith(TASK_METRIC) and task not in suite.task_names:
@@ -75,10 +86,13 @@ def prepare_inputs(cfg: SearchConfig):
     if unpruned:
         print(unpruned, flush=True)
     check_pruning(suite, space.hardest_pruning())  # a model that pruning breaks fails now, not after training
-    base_state = None
-    if cfg.base_checkpoint:
-        base_state = artifacts.load_base_checkpoint(cfg.base_checkpoint, model)
-    return suite, space, base_state
+    from mtl_models.models.pretrained import load_user_weights
+
+    if cfg.experts and cfg.references:
+        raise PrunefuseError("--references trains single-task references; with --experts the experts are the "
+                             "references (Δm is taken against their own metrics): leave out --references")
+    user_weights = load_user_weights(model, base=cfg.base_checkpoint, experts=cfg.experts)
+    return suite, space, user_weights
 
 
 def check_precisions(cfg: SearchConfig, space: SearchSpace) -> None:
@@ -237,7 +251,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
         from .warm_start import check_source
 
         warm = check_source(cfg)
-    suite, space, base_state = prepare_inputs(cfg)
+    suite, space, user_weights = prepare_inputs(cfg)
     from .claim import claimed
 
     with claimed(cfg.path) if not is_uri(cfg.storage) else contextlib.nullcontext():
@@ -246,17 +260,17 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, log=print) -> str:
         if resume and ex.search_over(cfg):
             log(ex.finished_line(cfg))
             return cfg.path
-        return _run_claimed(cfg, suite, space, base_state, resume=resume, log=log, warm=warm)
+        return _run_claimed(cfg, suite, space, user_weights, resume=resume, log=log, warm=warm)
 
 
-def _run_claimed(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None) -> str:
+def _run_claimed(cfg: SearchConfig, suite, space, user_weights, *, resume: bool, log, warm=None) -> str:
     from .cluster import check_fits, cluster_watch, connect
 
     started = time.time()
     connect(cfg.address, suite_name=cfg.suite["name"], log=log)  # before any write: a wrong address leaves nothing
     check_fits(cfg.address, cfg.cpus_per_trial, cfg.gpus_per_trial, log=log)
     with cluster_watch(cfg.address, lambda gcs: cluster_lost_line(cfg, gcs)):
-        results, printer = _train_and_fit(cfg, suite, space, base_state, resume=resume, log=log, warm=warm)
+        results, printer = _train_and_fit(cfg, suite, space, user_weights, resume=resume, log=log, warm=warm)
     _after_fit(cfg, results, log)
     elapsed = time.time() - started
     write_text(join(cfg.path, FINISHED_FILE), json.dumps({
@@ -277,12 +291,12 @@ def cluster_lost_line(cfg: SearchConfig, gcs: str) -> str:
             f"is up again: prunefuse search --resume {cfg.name} --storage {cfg.storage} --address {cfg.address}")
 
 
-def _train_and_fit(cfg: SearchConfig, suite, space, base_state, *, resume: bool, log, warm=None):
+def _train_and_fit(cfg: SearchConfig, suite, space, user_weights, *, resume: bool, log, warm=None):
     """The Ray part of a search: shared artifacts, the dense base and control, the trials;
     returns Tune's results and the progress printer (None where no trial ran)."""
     if not resume:
         cfg.save()
-    art = train_artifacts(cfg, suite, space, base_state, log)
+    art = train_artifacts(cfg, suite, space, user_weights, log)
     dense = _saved_dense(cfg) if resume else None
     if dense is None:
         dense = measure_dense(cfg, suite, art)
@@ -294,6 +308,8 @@ def _train_and_fit(cfg: SearchConfig, suite, space, base_state, *, resume: bool,
         write_text(join(cfg.path, CONTROL_FILE), json.dumps(control, indent=1))
         tasks = ", ".join(f"{k.removeprefix(TASK_METRIC)} {v:.4g}" for k, v in control.items() if k.startswith(TASK_METRIC))
         log(f"dense control (the base fine-tuned as every trial is): {tasks}")
+    if art.expert_metrics and not (resume and _saved_json(cfg, RECIPES_FILE)):
+        write_text(join(cfg.path, RECIPES_FILE), json.dumps(measure_recipes(cfg, suite, art, space, log), indent=1))
     remaining = cfg.trials
     if resume:
         remaining = _settle_stopped_driver(cfg, dense, log)
@@ -334,9 +350,10 @@ def check_paths(cfg: SearchConfig) -> None:
         return
     check_writable_folder(cfg.storage, "--storage")
     check_writable_folder(artifact_cache(cfg), "artifact cache")
-    if cfg.base_checkpoint and not os.path.isfile(cfg.base_checkpoint):
-        raise PrunefuseError(f"base checkpoint {cfg.base_checkpoint!r} not found" if not os.path.exists(
-            cfg.base_checkpoint) else f"base checkpoint {cfg.base_checkpoint!r} is not a file")
+    for what, path in [("base checkpoint", cfg.base_checkpoint),
+                       *((f"expert for task {t!r}", p) for t, p in (cfg.experts or {}).items())]:
+        if path and not os.path.exists(path):  # a file, or a Hugging Face model folder
+            raise PrunefuseError(f"{what} {path!r} not found")
 
 
 def _saved_dense(cfg: SearchConfig) -> dict | None:

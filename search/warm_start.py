@@ -23,7 +23,7 @@ from . import experiment as ex
 from .config import SearchConfig
 
 # What must be the same for an old trial's result to be one this search could have measured.
-MATCHED = ("suite", "model", "train", "base_checkpoint", "space", "measure")
+MATCHED = ("suite", "model", "train", "base_checkpoint", "experts", "space", "measure")
 
 
 def source_path(cfg: SearchConfig) -> str:
@@ -46,6 +46,8 @@ def _normalised(cfg: SearchConfig, field: str):
         return SpaceSpec.model_validate(value).model_dump(mode="json")
     if field == "base_checkpoint" and value:
         return os.path.abspath(value)
+    if field == "experts" and value:
+        return {t: os.path.abspath(p) for t, p in value.items()}
     return value
 
 

@@ -98,6 +98,12 @@ class Quantization(Strict):
     calibration_samples: int = Field(512, ge=1, le=1 << 20)  # static_int8: training rows calibrating activations
 
 
+class CheckpointFile(Strict):
+    """A user's weights file (or Hugging Face folder) and the SHA-256 of what was read from it."""
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Base(Strict):
     """How the dense base (and the task experts) this policy starts from were trained."""
     epochs: float = Field(15.0, ge=0.0)
@@ -109,6 +115,8 @@ class Base(Strict):
     seed: int = 0
     precision: Precision = "fp32"             # base, experts and references
     checkpoint: Optional[str] = None          # a user's trained base (--base-checkpoint) instead of training
+    checkpoint_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")  # apply refuses a changed file
+    experts: Optional[dict[str, CheckpointFile]] = None  # a user's experts (--experts TASK=PATH), per task
 
 
 class Policy(Strict):

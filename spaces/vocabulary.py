@@ -12,7 +12,8 @@ from __future__ import annotations
 SCALAR_METRICS = {
     "score": "max",             # mean oriented task score (spaces.scores): 0 = the dense base, higher is better
     "test_score": "max",        # the same on the test split, against the dense base's test metrics
-    "delta_m": "max",           # Δm% against the reference (higher: better than it)
+    "delta_m": "max",           # Δm% against the reference (higher: better than it): the single-task
+                                # references (--references), a user's experts (--experts), else the dense base
     "params": "min",            # parameters as stored
     "nonzero_params": "min",
     "bytes": "min",             # storage, dense or sparse, whichever is smaller
@@ -92,6 +93,7 @@ POLICY_SCHEMA = "prunefuse.policy/1"   # a policy's `schema:` (spaces.policy.Pol
 CONFIG_FILE = "prunefuse.json"        # the SearchConfig: what the search was asked to do
 DENSE_FILE = "dense.json"             # the dense base measured like a trial
 CONTROL_FILE = "control.json"         # the equal-budget dense control: the base fine-tuned as trials are
+RECIPES_FILE = "recipes.json"         # with --experts: task arithmetic (λ 0.3) and TIES (defaults) on them, measured once
 FINISHED_FILE = "finished.json"       # written when fit() returns; absent while running or after a crash
 REMEASURED_FILE = "remeasured.json"   # `report --remeasure`'s latencies of the front
 STUDY_DB = "optuna.db"                # the Optuna study (SQLite)

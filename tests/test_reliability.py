@@ -47,7 +47,8 @@ def test_a_poisoned_cache_entry_is_one_line_and_nothing_else(tmp_path):
                                "model": {"trunk": "mlp", "width": 16, "depth": 1},
                                "base": {"epochs": 1, "expert_epochs": 0}, "finetune": {"epochs": 0}})
     policy.to_yaml(tmp_path / "p.yaml")
-    spec = artifacts.TrainSpec(**{k: v for k, v in policy.base.model_dump().items() if k != "checkpoint"})
+    user_files = ("checkpoint", "checkpoint_sha256", "experts")  # what apply reads, not how the base trains
+    spec = artifacts.TrainSpec(**{k: v for k, v in policy.base.model_dump().items() if k not in user_files})
     entry = tmp_path / "cache" / artifacts.cache_key(suite.spec, policy.model, spec, "trained")
     entry.mkdir(parents=True)
     _raw_pickle(entry / "base.pt", protocol=4)

@@ -52,7 +52,7 @@ def _load(name: str, for_what: str):
     if importlib.util.find_spec(name) is None:
         raise PrunefuseError(f"{for_what} needs the {name} package, which is not installed: "
                              f"pip install -e '.[{EXTRA}]' (scripts/setup.sh installs it)")
-    if name in ("torchvision", "timm"):
+    if name in ("torchvision", "timm", "transformers"):  # transformers imports torchvision where it is installed
         _torchvision_schemas()
     return importlib.import_module(name)
 
