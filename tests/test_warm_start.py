@@ -39,7 +39,7 @@ def study(exp: Path):
 def test_finished_trials_carry_over_into_the_new_study_and_report(warm):
     from reports import experiment
     from reports.html import build_report
-    from search.warm_start import CARRIED_ATTR
+    from search.experiment import CARRIED_ATTR
 
     root, out = warm
     first, second = root / "runs" / "first", root / "runs" / "second"
