@@ -251,7 +251,8 @@ def part_d(suite, epochs, cache, rounds):
             return {g: (t if g in chosen else 0.0) for g in groups}
 
         def macs(chosen, t):
-            m = prune(suite.build_model(**spec).eval(), Pruning(sparsity=at(chosen, t), round_to=block), example_inputs=x)
+            m = prune(suite.build_model(**spec).eval(), Pruning(sparsity=at(chosen, t), round_to=block),
+                      example_inputs=x)
             return measure.count_macs(m, x[:1])
 
         variants, labels = {"dense": pruned(suite, art.base, at((), 0.0), ft=FT_A, spec=spec)}, {"dense": "dense"}

@@ -141,7 +141,8 @@ def mismatch(metrics: dict, measured: dict, *, scales: dict | None = None) -> st
 def _print_comparison(metrics: dict, measured: dict, log) -> None:
     counts = ["params", "nonzero_params", "macs"] if metrics.get("nonzero_params") != metrics["params"] \
         else ["params", "macs"]
-    keys = [k for k in metrics if k == MEAN_SCORE or k.startswith((TASK_METRIC, TASK_TEST_METRIC))] + counts + ["latency_ms"]
+    quality = [k for k in metrics if k == MEAN_SCORE or k.startswith((TASK_METRIC, TASK_TEST_METRIC))]
+    keys = quality + counts + ["latency_ms"]
     log(f"{'metric':<16}{'applied':>14}{'in search':>14}")
     for k in keys:
         then = measured.get(k)
