@@ -85,7 +85,7 @@ ARCHITECTURES = {
     "torchvision:resnext50_32x4d": {},
     "torchvision:mobilenet_v2": dict(width_mult=0.5),
     "torchvision:mobilenet_v3_small": {},
-    "torchvision:mobilenet_v3_large": dict(width_mult=0.5),
+    "torchvision:mobilenet_v3_large": {},
     "torchvision:efficientnet_b0": {},
     "torchvision:convnext_tiny": {},
     "torchvision:VisionTransformer": dict(image_size=SIDE, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64,

@@ -10,6 +10,7 @@ from torch import nn
 from spaces.errors import PrunefuseError
 
 from . import attention
+from .attributes import sync_widths
 from .allocation import allocate_global, cubic_schedule, kept_units, round_units
 from .importance import IMPORTANCES
 from .layers import width as _width
@@ -89,6 +90,8 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
         except Exception as exc:  # torch-pruning's own errors say nothing of where
             raise PrunefuseError(f"structured pruning of the coupled group {name!r} failed: "
                                  f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    if changed:
+        sync_widths(model)  # width attributes library forwards read (torchvision ViT's hidden_dim)
     if changed and task_losses is not None:
         recalibrate_batchnorm(model, task_losses)
 
