@@ -203,12 +203,16 @@ def dependency_graph(model, example_inputs) -> tp.DependencyGraph:
     `ResidualPruner` and every bare trunk parameter pruned along its channel axis
     (`channel_axis`): a cls token or position embedding (…, features), a layer scale
     (channels, 1, 1)."""
+    modules = dict(model.named_modules())
+    per_head = [getattr(modules[n], p) for n, site in sites(model, within="").items() if site.kind != "mha"
+                for p in head_params(modules[n], heads_of(modules[n]))]
     wrapped = {id(p) for m in model.modules() if _is_layer(m) for p in m.parameters(recurse=False)}
+    wrapped |= {id(p) for p in per_head}
     unwrapped = [(p, channel_axis(p)) for p in model.parameters()
                  if id(p) not in wrapped and channel_axis(p) is not None]
     try:
         return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, unwrapped_parameters=unwrapped,
+            model, example_inputs=example_inputs, unwrapped_parameters=unwrapped, ignored_params=per_head,
             customized_pruners={nn.MultiheadAttention: RESIDUAL_PRUNER, PrunedMultiheadAttention: RESIDUAL_PRUNER})
     except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer: its own errors say nothing of the model
         raise PrunefuseError(f"torch-pruning cannot trace the channel dependencies of this model, so it cannot be "
@@ -456,9 +460,30 @@ def prune_heads(graph, model, site: Site, drop: list[int]) -> None:
         _prune_mha_heads(module, channels)
         return
     q = modules[site.q[0]]
+    heads = heads_of(module)
     group = graph.get_pruning_group(q, graph.get_pruner_of_module(q).prune_out_channels, channels)
     group.prune()
+    _prune_head_params(module, heads, sorted(drop))
     sync_heads(model, [site])
+
+
+def head_params(module, heads: int) -> dict[str, int]:
+    """The attention module's own parameters with one value per head (a relative-position bias
+    table (positions, heads), Swin V2's logit scale (heads, 1, 1)): name -> the head axis.
+    They are left out of torch-pruning's graph (`dependency_graph`) and cut with the heads."""
+    out = {}
+    for name, p in module.named_parameters(recurse=False):
+        axes = [a for a, n in enumerate(p.shape) if n == heads]
+        if heads > 1 and len(axes) == 1:
+            out[name] = axes[0]
+    return out
+
+
+def _prune_head_params(module, heads: int, drop: list[int]) -> None:
+    keep = torch.tensor(sorted(set(range(heads)) - set(drop)))
+    for name, axis in head_params(module, heads).items():
+        p = getattr(module, name)
+        setattr(module, name, nn.Parameter(p.detach().index_select(axis, keep).clone(), requires_grad=p.requires_grad))
 
 
 def _prune_mha_heads(m, channels: list[int]) -> None:
