@@ -72,7 +72,7 @@ ARCHITECTURES = {
     "timm:resnet18": {},
     "timm:regnetx_002": {},
     "timm:regnety_002": {},
-    "timm:mixer_s16_224": dict(img_size=SIDE, patch_size=4, num_blocks=2, embed_dim=64),
+    "timm:lcnet_050": {},
     "timm:ghostnet_050": {},
     "timm:rexnet_100": {},
     "timm:mnasnet_050": {},
