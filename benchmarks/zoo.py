@@ -77,6 +77,9 @@ ARCHITECTURES = {
     "timm:rexnet_100": {},
     "timm:mnasnet_050": {},
     "timm:repvgg_a0": {},
+    "timm:resnet10t": {},
+    "timm:mobilenetv4_conv_small": {},
+    "timm:tinynet_e": {},
     # torchvision
     "torchvision:resnet18": {},
     "torchvision:mobilenet_v2": dict(width_mult=0.5),

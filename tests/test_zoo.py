@@ -140,6 +140,21 @@ def test_bad_library_trunks_are_one_line_before_anything_heavy():
         assert words in message and "\n" not in message, message
 
 
+def test_groupnorm_channels_stay_divisible_by_their_groups():
+    """timm's ResNet with GroupNorm(32, ·): at sparsity 0.7 a 64-channel group keeps 32, not 19
+    (which GroupNorm refuses); a 32-channel one stays whole."""
+    suite = suite_of("multidigits")
+    torch.manual_seed(0)
+    model = suite.build_model(trunk="timm:resnet18", norm_layer="groupnorm").eval()
+    x = suite.example_inputs(2)
+    prune(model, {g: 0.7 for g in coupled_groups(model, x)}, example_inputs=x)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
+    assert any(m.num_channels < 64 for m in norms)
+    with torch.no_grad():
+        assert model(x)["left"].shape == (2, 10)
+
+
 def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line():
     """ShuffleNetV2's channel shuffle (a 5-d view of the channels) breaks torch-pruning's tracer:
     one line before any training, not a ZeroDivisionError from inside it."""
