@@ -67,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s.add_argument(FLAGS["suite"], default="multidigits", help="multidigits | synthetic | tabular | images | scenes | sequences | package.module:function")
     s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="a suite option, e.g. offset=1")
-    s.add_argument("--trunk", default="mlp", help="a built-in trunk: mlp, cnn, resnet, mobilenet, vit, transformer")
-    s.add_argument(FLAGS["model"], action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128")
+    s.add_argument("--trunk", default="mlp", help="a built-in trunk (mlp, cnn, resnet, mobilenet, vit, transformer) or a library's: timm:NAME, "
+                   "torchvision:NAME, hf:MODEL_TYPE (random weights; docs/zoo.md)")
+    s.add_argument(FLAGS["model"], action="append", metavar="KEY=VALUE", help="a trunk option, e.g. width=128; for a library trunk, passed to its constructor or config")
     s.add_argument(FLAGS["train"], action="append", metavar="KEY=VALUE",
                    help="how the dense base is trained: epochs, lr, batch_size, expert_epochs, expert_lr, seed, "
                         "precision (fp32 | bf16 | fp16)")

@@ -70,66 +70,6 @@ def build_dense_model(suite, *, trunk: str, spec: dict) -> MTLModel:
     if "fc" in spec:
         raise PrunefuseError("trunk 'cnn' on dense tasks has no fc layer (the heads read its feature map); "
                              "leave out fc")
-    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-    if trunk == "cnn":
-        body, c_out = cnn_feature_trunk(suite.input_shape, **spec)
-    else:  # the residual trunks without their global pool: the last stage's map
-        body, c_out = {"resnet": resnet_trunk, "mobilenet": mobilenet_trunk}[trunk](suite.input_shape, **spec)
-        body = nn.Sequential(OrderedDict((n, m) for n, m in body.named_children() if n not in ("avgpool", "flatten")))
-    size = tuple(suite.input_shape[1:])
-    heads = {t.name: dense_head(c_out, _dense_outputs(t), size) if t.kind in DENSE_KINDS else pooled_head(c_out, t.num_outputs)
-             for t in suite.tasks}
-    return MTLModel(body, heads)
-
-
-def build_model(suite, *, trunk: str = "mlp", **spec) -> MTLModel:
-    """A fresh MTLModel for `suite`; `spec` holds the trunk's own options (width, depth / channels, fc)."""
-    from spaces.vocabulary import DENSE_KINDS
-
-    if trunk not in TRUNKS:
-        raise unknown_name("trunk", trunk, TRUNKS)
-    for key in spec:
-        if key not in TRUNKS[trunk]:
-            raise PrunefuseError(f"trunk {trunk!r} has no option {key!r}; valid options: {', '.join(TRUNKS[trunk])}")
-    spec = {k: _checked_size(trunk, k, v) for k, v in spec.items()}
-    if any(t.kind in DENSE_KINDS for t in suite.tasks):
-        return build_dense_model(suite, trunk=trunk, spec=spec)
-    if trunk == "mlp":
-        in_features = 1
-        for d in suite.input_shape:
-            in_features *= d
-        body, out = mlp_trunk(in_features, **spec)
-    elif trunk == "transformer":
-        body, out = _token_trunk(suite, spec), spec.get("dim", 64)
-    else:
-        if len(suite.input_shape) != 3:
-            raise PrunefuseError(f"trunk {trunk!r} needs image inputs (C, H, W); suite {suite.name!r} has "
-                                 f"{suite.input_shape}")
-        if trunk == "vit":
-            body, out = _vit_trunk(suite, spec), spec.get("dim", 64)
-        else:
-            if "channels" in spec:
-                spec = {**spec, "channels": tuple(spec["channels"])}
-            build = {"cnn": cnn_trunk, "resnet": resnet_trunk, "mobilenet": mobilenet_trunk}[trunk]
-            body, out = build(suite.input_shape, **spec)
-    heads = {t.name: nn.Linear(out, t.num_outputs) for t in suite.tasks}
-    return MTLModel(body, heads)
-
-
-def build_dense_model(suite, *, trunk: str, spec: dict) -> MTLModel:
-    """Dense mode (a suite with segmentation / depth / normals tasks): the trunk returns its
-    feature map; each dense task gets a `dense_head`, every other task a `pooled_head`.
-    Structured pruning keeps each head's input channels in step with the trunk's output,
-    because the heads are part of the model torch-pruning traces."""
-    from spaces.vocabulary import DENSE_KINDS
-
-    conv_trunks = ("cnn", "resnet", "mobilenet")
-    if trunk not in conv_trunks or len(suite.input_shape) != 3:
-        raise PrunefuseError(f"suite {suite.name!r} has dense tasks (segmentation / depth / normals): use "
-                             f"--trunk {' | '.join(conv_trunks)}, whose feature map the built-in decoder heads upsample")
-    if "fc" in spec:
-        raise PrunefuseError("trunk 'cnn' on dense tasks has no fc layer (the heads read its feature map); "
-                             "leave out fc")
     if trunk == "cnn":
         body, c_out = cnn_feature_trunk(suite.input_shape, **spec)
     else:  # the residual trunks without their global pool: the last stage's map

@@ -36,6 +36,7 @@ def resizes(*types: type):
 def resize_to(model: nn.Module, state: dict) -> None:
     """Give every module the shapes found in `state` (a pruned model's state dict)."""
     from mtl_models.pruning.attention import sites, sync_heads
+    from mtl_models.pruning.attributes import sync_widths
 
     attention = list(sites(model, within="").values())  # head widths as built: pruning keeps them
     for name, module in model.named_modules():
@@ -46,6 +47,7 @@ def resize_to(model: nn.Module, state: dict) -> None:
         if fn is not None:
             fn(module)
     sync_heads(model, attention)  # attention modules whose q/k/v Linears lost heads
+    sync_widths(model)  # width attributes of library classes (torchvision ViT's hidden_dim)
 
 
 def _resize_tensors(module: nn.Module, prefix: str, state: dict) -> bool:

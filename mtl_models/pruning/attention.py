@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from spaces.errors import PrunefuseError
+
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")  # timm, HF BERT / ViT, DistilBERT
 # q / k / v Linears of the split layout: HF BERT, HF ViT / CLIP / most newer HF models, DistilBERT, plain code
 SPLIT_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
@@ -201,12 +203,31 @@ def dependency_graph(model, example_inputs) -> tp.DependencyGraph:
     `ResidualPruner` and every bare trunk parameter pruned along its channel axis
     (`channel_axis`): a cls token or position embedding (…, features), a layer scale
     (channels, 1, 1)."""
+    modules = dict(model.named_modules())
+    per_head = [getattr(modules[n], p) for n, site in sites(model, within="").items() if site.kind != "mha"
+                for p in head_params(modules[n], heads_of(modules[n]))]
     wrapped = {id(p) for m in model.modules() if _is_layer(m) for p in m.parameters(recurse=False)}
+    wrapped |= {id(p) for p in per_head}
     unwrapped = [(p, channel_axis(p)) for p in model.parameters()
                  if id(p) not in wrapped and channel_axis(p) is not None]
-    return tp.DependencyGraph().build_dependency(
-        model, example_inputs=example_inputs, unwrapped_parameters=unwrapped,
-        customized_pruners={nn.MultiheadAttention: RESIDUAL_PRUNER, PrunedMultiheadAttention: RESIDUAL_PRUNER})
+    try:
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, unwrapped_parameters=unwrapped, ignored_params=per_head,
+            customized_pruners={nn.MultiheadAttention: RESIDUAL_PRUNER, PrunedMultiheadAttention: RESIDUAL_PRUNER})
+    except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer: its own errors say nothing of the model
+        raise PrunefuseError(f"torch-pruning cannot trace the channel dependencies of this model, so it cannot be "
+                             f"pruned structurally: {type(exc).__name__}: {' '.join(str(exc).split())[:160]} "
+                             f"(in {_where(exc)})") from None
+
+
+def _where(exc: BaseException) -> str:
+    """Where in torch-pruning a trace failed, and what that part of it handles."""
+    import traceback
+
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    what = {"index_mapping.py": "a reshape / view that splits or shuffles the channel axis, such as ShuffleNet's "
+                                "channel shuffle"}.get(frame.filename.rsplit("/", 1)[-1])
+    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.name}" + (f": {what}" if what else "")
 
 
 def channel_axis(p: torch.Tensor) -> int | None:
@@ -270,6 +291,8 @@ def _classify(name: str, module) -> tuple[Site | None, str | None]:
                           f"heads alike (grouped-query attention is not pruned by heads)")
         return Site(name, "split", tuple(f"{name}.{p}" for p in names),
                     _head_dim(module, parts[0].out_features // heads)), None
+    if any(_classify(f"{name}.{n}", m) != (None, None) for n, m in module.named_children()):
+        return None, None  # a block that only holds the attention (torchvision's EncoderBlock has num_heads too)
     return None, (f"has {attr}={heads} but neither a fused `qkv` Linear nor separate q / k / v Linears "
                   f"({', '.join('/'.join(n) for n in SPLIT_NAMES)}: the layouts prunefuse prunes by heads)")
 
@@ -437,9 +460,30 @@ def prune_heads(graph, model, site: Site, drop: list[int]) -> None:
         _prune_mha_heads(module, channels)
         return
     q = modules[site.q[0]]
+    heads = heads_of(module)
     group = graph.get_pruning_group(q, graph.get_pruner_of_module(q).prune_out_channels, channels)
     group.prune()
+    _prune_head_params(module, heads, sorted(drop))
     sync_heads(model, [site])
+
+
+def head_params(module, heads: int) -> dict[str, int]:
+    """The attention module's own parameters with one value per head (a relative-position bias
+    table (positions, heads), Swin V2's logit scale (heads, 1, 1)): name -> the head axis.
+    They are left out of torch-pruning's graph (`dependency_graph`) and cut with the heads."""
+    out = {}
+    for name, p in module.named_parameters(recurse=False):
+        axes = [a for a, n in enumerate(p.shape) if n == heads]
+        if heads > 1 and len(axes) == 1:
+            out[name] = axes[0]
+    return out
+
+
+def _prune_head_params(module, heads: int, drop: list[int]) -> None:
+    keep = torch.tensor(sorted(set(range(heads)) - set(drop)))
+    for name, axis in head_params(module, heads).items():
+        p = getattr(module, name)
+        setattr(module, name, nn.Parameter(p.detach().index_select(axis, keep).clone(), requires_grad=p.requires_grad))
 
 
 def _prune_mha_heads(m, channels: list[int]) -> None:

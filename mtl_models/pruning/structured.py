@@ -10,6 +10,7 @@ from torch import nn
 from spaces.errors import PrunefuseError
 
 from . import attention
+from .attributes import sync_widths
 from .allocation import allocate_global, cubic_schedule, kept_units, round_units
 from .importance import IMPORTANCES
 from .layers import width as _width
@@ -67,6 +68,8 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
         targets = allocate_global(scores, {n: current[n] for n in groups}, {n: initial[n] for n in groups},
                                    global_fraction)
         targets = {n: min(current[n], round_units(k, initial[n], round_to)) for n, k in targets.items()}
+    targets = {n: _divisible(targets[n], current[n], _channel_multiple(groups[n])) if n not in sites else targets[n]
+               for n in groups}
     changed = False
     for name, s in scores.items():
         n_drop = _width(modules[name]) - targets[name]
@@ -89,8 +92,30 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
         except Exception as exc:  # torch-pruning's own errors say nothing of where
             raise PrunefuseError(f"structured pruning of the coupled group {name!r} failed: "
                                  f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    if changed:
+        sync_widths(model)  # width attributes library forwards read (torchvision ViT's hidden_dim)
     if changed and task_losses is not None:
         recalibrate_batchnorm(model, task_losses)
+
+
+def _channel_multiple(group) -> int:
+    """What a group's kept channels must be a multiple of: each GroupNorm's number of groups
+    and each grouped (not depthwise) conv's groups, that read or write these channels."""
+    multiple = 1
+    for item in getattr(group, "items", []):
+        module = item.dep.target.module
+        if isinstance(module, nn.GroupNorm):
+            multiple = math.lcm(multiple, module.num_groups)
+        elif isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
+            multiple = math.lcm(multiple, module.groups)
+    return multiple
+
+
+def _divisible(kept: int, width: int, multiple: int) -> int:
+    """`kept` made a multiple of `multiple`; a width no larger than it cannot be cut at all."""
+    if multiple <= 1 or kept % multiple == 0:
+        return kept
+    return width if width <= multiple else min(width, round_units(kept, width, multiple))
 
 
 def _too_narrow(graph, group) -> str:
