@@ -201,7 +201,7 @@ def test_paths_that_leave_the_folder_are_refused(tmp_path, cache):
     write_images(tmp_path / "t", 24)
     (tmp_path / "outside.png").write_bytes((tmp_path / "t/img/000.png").read_bytes())
     lines = (tmp_path / "t/labels.csv").read_text().splitlines()
-    for bad, words in ((f"../outside.png", ["row 5", "outside the table's folder"]),
+    for bad, words in (("../outside.png", ["row 5", "outside the table's folder"]),
                        (str(tmp_path / "outside.png"), ["row 5", "absolute path"]),
                        ("img/link.png", ["row 5", "outside the table's folder"])):
         os.symlink(tmp_path / "outside.png", tmp_path / "t/img/link.png") if bad == "img/link.png" else None

@@ -87,6 +87,7 @@ class DataSplit:
 
     y: dict[str, torch.Tensor]
     workers: int = 0                 # DataLoader worker processes; 0 reads in the calling process
+    eval_rows: int = 1024            # rows a batch when evaluating or predicting (no gradients kept)
 
     def __len__(self) -> int:
         raise NotImplementedError

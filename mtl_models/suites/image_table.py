@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,9 @@ def read_table(path: str, column: str, label_columns: list[str]) -> ImageTable:
     from .tabular import file_sha256
 
     df, binary = _columns(path, fmt, column, label_columns)
-    files = None if binary else image_files(df[column], os.path.dirname(path), column)
+    files, stamp = (None, hashlib.sha256().hexdigest()) if binary else image_files(df[column], os.path.dirname(path), column)
     return ImageTable(path, file_sha256(path), df.drop(columns=[column], errors="ignore"), files,
-                      _stamp(files), column, fmt)
+                      stamp, column, fmt)
 
 
 def _columns(path: str, fmt: str, column: str, label_columns: list[str]):
@@ -127,11 +128,13 @@ def image_batches(table: ImageTable, rows: int = 256):
                 yield column.slice(start, rows).to_pylist()
 
 
-def image_files(values, root: str, column: str) -> list[str]:
-    """Each row's image file, absolute; one line naming the first row whose path is absolute,
-    leaves `root` (after following symlinks) or names no file."""
+def image_files(values, root: str, column: str) -> tuple[list[str], str]:
+    """(each row's image file, absolute; a hash of their sizes and modification times): one line
+    naming the first row whose path is absolute, leaves `root` (after following symlinks) or
+    names no file. Folders are resolved once each, files with one lstat (and one stat)."""
     real_root = os.path.realpath(root)
-    files = []
+    real_dirs: dict[str, str] = {}
+    files, stamp = [], hashlib.sha256()
     for row, value in enumerate(values):
         text = str(value).strip()
         if not text:
@@ -139,23 +142,24 @@ def image_files(values, root: str, column: str) -> list[str]:
         if os.path.isabs(text):
             raise PrunefuseError(f"image at row {row} ({text!r}) is an absolute path; image paths are relative to "
                                  f"the table's folder {root}")
-        full = os.path.realpath(os.path.join(real_root, text))
+        folder, name = os.path.split(os.path.normpath(text))
+        if folder not in real_dirs:
+            real_dirs[folder] = os.path.realpath(os.path.join(real_root, folder))
+        full = os.path.join(real_dirs[folder], name)
+        if os.path.islink(full):
+            full = os.path.realpath(full)
         if os.path.commonpath([full, real_root]) != real_root:
             raise PrunefuseError(f"image at row {row} ({text!r}) is outside the table's folder {root}; "
                                  f"image paths must stay inside it")
-        if not os.path.isfile(full):
+        try:
+            st = os.stat(full)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise PrunefuseError(f"image at row {row} ({text!r}) not found: no file {full}")
         files.append(full)
-    return files
-
-
-def _stamp(files: list | None) -> str:
-    """Sizes and modification times of every image, hashed (a bytes column: nothing to stamp)."""
-    h = hashlib.sha256()
-    for f in files or []:
-        st = os.stat(f)
-        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+        stamp.update(f"{full}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return files, stamp.hexdigest()
 
 
 def _folder(root: str) -> ImageTable:
@@ -169,7 +173,7 @@ def _folder(root: str) -> ImageTable:
     if not rel:
         raise PrunefuseError(f"image folder {root!r} has no CLASS/*.png, *.jpg or *.jpeg files "
                              f"(one sub-folder per class)")
-    files = image_files(rel, root, "path")
+    files, stamp = image_files(rel, root, "path")
     listing = hashlib.sha256("".join(f"{r}\t{os.path.getsize(f)}\n" for r, f in zip(rel, files)).encode())
     labels = pd.DataFrame({FOLDER_COLUMNS[1]: np.array([r.split("/")[0] for r in rel], dtype=object)})
-    return ImageTable(root, listing.hexdigest(), labels, files, _stamp(files), FOLDER_COLUMNS[0], "folder")
+    return ImageTable(root, listing.hexdigest(), labels, files, stamp, FOLDER_COLUMNS[0], "folder")

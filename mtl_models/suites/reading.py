@@ -71,8 +71,10 @@ def first_rows(split: DataSplit, n: int) -> tuple[torch.Tensor, dict[str, torch.
 
 
 @torch.no_grad()
-def predict_split(model, split: DataSplit, *, device: str = "cpu", batch_size: int = 1024) -> dict[str, torch.Tensor]:
-    """The model's outputs on every row of the split, in row order (on the CPU)."""
+def predict_split(model, split: DataSplit, *, device: str = "cpu", batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The model's outputs on every row of the split, in row order (on the CPU), `batch_size`
+    rows at a time (default: the split's `eval_rows`)."""
     model.to(device).eval()
-    chunks = [model(x.to(device)) for _, x, _ in read(split, in_order(split, batch_size=batch_size))]
+    requests = in_order(split, batch_size=batch_size or split.eval_rows)
+    chunks = [model(x.to(device)) for _, x, _ in read(split, requests)]
     return {t: torch.cat([c[t] for c in chunks]).cpu() for t in chunks[0]}

@@ -122,7 +122,7 @@ def train(model, suite: TaskSuite, options: TrainOptions, *, guide: Guidance | N
     return history
 
 
-def predict(model, split, *, device: str = "cpu", batch_size: int = 1024) -> dict[str, torch.Tensor]:
+def predict(model, split, *, device: str = "cpu", batch_size: int | None = None) -> dict[str, torch.Tensor]:
     """The model's outputs on every row of a split (a `DataSplit`, or a tensor of inputs), in order."""
     from mtl_models.suites.base import Split
     from mtl_models.suites.reading import predict_split
