@@ -184,20 +184,10 @@ def run_one_search(table: Path, storage: str, args) -> dict:
 # --- throughput: prunefuse's reading against a plain DataLoader loop ---------------------------
 
 def _transforms_v2():
-    """torchvision.transforms.v2, imported beside the CPU torch the tested way (/work/shared/GROUND.md):
-    the CUDA wheel's ops cannot load here, so their two schemas are declared first."""
-    import torch
+    """torchvision.transforms.v2, imported beside the CPU torch through prunefuse's one shim."""
+    from mtl_models.models import imports
 
-    try:
-        torch._C._dispatch_find_schema_or_throw("torchvision::nms", "")
-    except RuntimeError:
-        try:
-            import torchvision  # noqa: F401 - a matching torchvision imports as it is
-        except RuntimeError:
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-            _transforms_v2.library = lib  # kept alive: dropping it drops the schemas
+    imports.torchvision("the plain DataLoader loop")
     from torchvision.transforms import v2
 
     return v2
