@@ -40,16 +40,10 @@ def _peak_gb() -> float:
 def _state_dicts(seed: int):
     import torch
 
-    # The torchvision wheel here is a CUDA build: declaring its two ops lets transformers import
-    # it beside the CPU torch (/work/shared/GROUND.md); a matching torchvision needs none of this.
-    try:
-        torch.ops.torchvision.nms
-    except (AttributeError, RuntimeError):
-        lib = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _state_dicts.lib = lib  # keep the definitions alive
-    from transformers import BertConfig, BertModel
+    from mtl_models.models import imports
+
+    transformers = imports.transformers("the real-size merge benchmark")
+    BertConfig, BertModel = transformers.BertConfig, transformers.BertModel
 
     torch.manual_seed(seed)
     base = {k: v.detach().clone() for k, v in BertModel(BertConfig()).state_dict().items()}
