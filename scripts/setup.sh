@@ -27,7 +27,7 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
   .venv/bin/pip install -qq "$vision"
 fi
 echo "setup: installing prunefuse and its dependencies ..." >&2
-.venv/bin/pip install -qq -e ".[test,deploy,zoo]"  # quiet on success (pyproject's package-dir); errors show and stop
+.venv/bin/pip install -qq -e ".[test,deploy,zoo]"  # -qq: errors show and stop, nothing else prints
 # FusionBench's merge functions are a reference in tests/test_fusion_reference.py. The modules
 # used need only torch; its own requirements (Lightning, Hydra, a CUDA torch) are not installed.
 .venv/bin/pip install -qq --no-deps "fusion-bench==0.2.33"
