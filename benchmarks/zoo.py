@@ -47,6 +47,7 @@ from mtl_models.pipeline import MeasureSpec, apply_policy  # noqa: E402
 from mtl_models.pruning import attention, coupled_groups, prune  # noqa: E402
 from mtl_models.suites.base import Split, TaskSuite  # noqa: E402
 from spaces import Policy  # noqa: E402
+from spaces.policy import Pruning  # noqa: E402
 from spaces.vocabulary import POLICY_SCHEMA  # noqa: E402
 
 MAC_TARGET = 0.5   # the fraction of the dense MACs the uniform sparsity aims to remove
@@ -170,7 +171,7 @@ def macs_left(model, suite, groups, s: float) -> float:
 
     trial = copy.deepcopy(model)
     dense = measure.count_macs(trial, suite.example_inputs(1))
-    prune(trial, {g: s for g in groups}, example_inputs=suite.example_inputs(2))
+    prune(trial, Pruning(sparsity={g: s for g in groups}), example_inputs=suite.example_inputs(2))
     return measure.count_macs(trial, suite.example_inputs(1)) / dense
 
 

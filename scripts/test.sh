@@ -12,6 +12,6 @@ fi
 # architecture, every benchmark's smoke run and the driver kills, each minutes on 2 cores.
 # Run them with `./scripts/test.sh -m slow`, everything with `./scripts/test.sh -m "slow or not slow"`.
 if [ "$#" -eq 0 ]; then
-  set -- -m "not slow"
+  set -- -m "not slow" --durations=25
 fi
 exec .venv/bin/python -m pytest "$@"

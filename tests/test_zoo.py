@@ -22,6 +22,7 @@ from mtl_models.models import checkpoint, library_trunk
 from mtl_models.models.library import parse_value
 from mtl_models.pruning import attention, coupled_groups, prune
 from spaces.errors import PrunefuseError
+from spaces.policy import Pruning
 
 DIGITS = dict(train_pairs=32, val_pairs=16, test_pairs=16)
 TOKENS = dict(train_samples=32, val_samples=16, test_samples=16)
@@ -83,7 +84,7 @@ def test_library_trunk_prunes_reloads_and_exports(case, tmp_path):
         assert len(heads) >= 1 and all(h in groups for h in heads)   # whole heads are decisions
     dense = sum(p.numel() for p in model.parameters())
     sparsity = {g: 0.5 for g in groups}
-    prune(model, sparsity, importance="l2", example_inputs=x)
+    prune(model, Pruning(sparsity=sparsity, importance="l2"), example_inputs=x)
     model.eval()
     assert sum(p.numel() for p in model.parameters()) < 0.8 * dense
     for name in heads:
@@ -112,7 +113,7 @@ def test_timm_attention_forward_reads_attn_dim_which_pruning_keeps():
                               num_heads=4).eval()
     [(name, site)] = attention.sites(model).items()
     assert site.kind == "fused"
-    prune(model, {name: 0.5}, example_inputs=suite.example_inputs(2))
+    prune(model, Pruning(sparsity={name: 0.5}), example_inputs=suite.example_inputs(2))
     attn = model.get_submodule(name)
     assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features, attn.proj.in_features) == (2, 16, 48, 16)
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_groupnorm_channels_stay_divisible_by_their_groups():
     torch.manual_seed(0)
     model = suite.build_model(trunk="timm:resnet18", norm_layer="groupnorm").eval()
     x = suite.example_inputs(2)
-    prune(model, {g: 0.7 for g in coupled_groups(model, x)}, example_inputs=x)
+    prune(model, Pruning(sparsity={g: 0.7 for g in coupled_groups(model, x)}), example_inputs=x)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
     assert any(m.num_channels < 64 for m in norms)
