@@ -1,0 +1,406 @@
+"""Merging benchmark in the literature's form: one pretrained ViT, independent single-task
+experts on distinct image datasets, every merge method, accuracy normalised by the experts'.
+
+    .venv/bin/python benchmarks/merging.py                # seeds 0 1 2 (~25 min on 2 shared cores)
+    .venv/bin/python benchmarks/merging.py --seeds 0      # one seed
+    .venv/bin/python benchmarks/merging.py --quick        # a smoke run: tiny data and steps, one seed
+
+The setup (FusionBench's CLIP tables, at a size two CPU cores can run):
+  tasks     six offline image datasets drawn procedurally, each its own images
+            (benchmarks/_merge_tasks.py): digits, shapes, orientation, count, texture, hue.
+  backbone  timm's VisionTransformer (embed 64, depth 4, 4 heads, patch 8, 32×32 inputs),
+            pretrained once (shared by the seeds, as one CLIP serves the literature's runs) on
+            fresh images of all six families with generic labels only (family × two coarse
+            attributes of its class, and the object's 3×3 cell): never the downstream classes,
+            the role of CLIP's image-text pretraining.
+  heads     per task a linear head fitted on the frozen pretrained features (the zero-shot
+            heads' role), then fine-tuned with its expert.
+  experts   the pretrained trunk fine-tuned on one task alone (AdamW, small lr, cosine):
+            independent experts, each with its own head.
+  merges    `fusion.merge` of the experts' trunks (model size unchanged), each task read by its
+            own expert's head, scored on that task's test images; normalised accuracy = merged
+            accuracy / the expert's, per task, and its mean over tasks (FusionBench's form).
+Rows, each method at its literature default (FusionBench's configs, the papers' defaults):
+  average λ=1; task_arithmetic λ=0.3; ties density 0.2 λ=1 (the paper's disjoint mean; FusionBench's
+  disjoint *sum* ×0.3 is another scale of the same merge); dare_linear p=0.5 λ=0.3; dare_ties p=0.5
+  density 0.2 λ=1; breadcrumbs density 0.9 γ=0.01 λ=0.3; della density 0.5 ε=0.1 λ=1; tsv α=1;
+  iso_c and iso_cts (fraction 0.8) with α from ALPHAS chosen on validation, as their paper does;
+  adamerging task-wise and layer-wise (init 0.3, lr 0.01, 100 steps: FusionBench's lr 1e-3 × 1000
+  steps of movement; entropy of each head on unlabeled *training* images of its own task, never
+  test); and "search": Optuna TPE over every method, one λ per task in [0, 2] and the method's
+  knobs, scored on validation, reported on test, each default row enqueued as a starting trial.
+  References: the separate experts (100 %) and the pretrained trunk with the experts' heads.
+Full cycle (column "after prune + fine-tune"): the merged model pruned structurally to about
+half of its MACs (`mtl_models.pruning.prune`, one uniform sparsity over every coupled group and
+attention heads, bisected once per seed on the pretrained model, l2 importance), then a short
+multi-task fine-tune on the union of the tasks' training data (labels used, as the project's
+cycle does), trunk and heads; the same for every row, the pretrained trunk included.
+Goals (issue #28): task arithmetic < TIES < each learned and singular-vector method (mean over
+seeds); the best single method ≥ 90 % normalised; the search ≥ the best single method (by test,
+the strictest reading) in ≥ 2 of 3 seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import optuna  # noqa: E402
+import torch  # noqa: E402
+
+import _merge_models as mm  # noqa: E402
+import _merge_tasks as mt  # noqa: E402
+from _common import goals_table, markdown_table, mean, setup_threads, stdev  # noqa: E402
+from mtl_models import fusion  # noqa: E402
+from mtl_models.measuring import measure  # noqa: E402
+from mtl_models.pruning import coupled_groups, prune  # noqa: E402
+from search.samplers import make_sampler  # noqa: E402
+from spaces.policy import Pruning  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    sizes: dict = dataclasses.field(default_factory=lambda: {"train": 2000, "val": 300, "test": 500})
+    pretrain_per_task: int = 2000
+    pretrain_steps: int = 1500
+    probe_steps: int = 200
+    expert_steps: int = 200
+    expert_lr: float = 3e-4
+    batch: int = 64
+    adamerging_rows: int = 512        # unlabeled training images per task AdaMerging may draw
+    adamerging: tuple = (("steps", 100), ("lr", 0.01), ("init", 0.3))
+    trials: int = 40
+    cycle_steps: int = 150
+    cycle_lr: float = 3e-4
+    cycle_batch: int = 16             # per task and step
+    bisect: int = 6
+
+
+QUICK = Setup(sizes={"train": 128, "val": 48, "test": 48}, pretrain_per_task=96, pretrain_steps=20, probe_steps=20,
+              expert_steps=8, adamerging_rows=32, adamerging=(("steps", 3), ("lr", 0.01), ("init", 0.3)), trials=16,
+              cycle_steps=3, bisect=2)
+PRETRAIN_SEED = 1000  # one backbone for every seed; its images are drawn apart from every seed's
+MAC_TARGET = 0.5
+ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)   # Iso-C / Iso-CTS scaling factors, chosen on validation
+# Literature defaults: (method, λ for every task, knobs).
+DEFAULTS = {
+    "average": ("average", 1.0, {}),
+    "task_arithmetic": ("task_arithmetic", 0.3, {}),
+    "ties": ("ties", 1.0, {"density": 0.2, "scale": 1.0}),
+    "dare_linear": ("dare_linear", 0.3, {"drop_rate": 0.5}),
+    "dare_ties": ("dare_ties", 1.0, {"drop_rate": 0.5, "density": 0.2, "scale": 1.0}),
+    "breadcrumbs": ("breadcrumbs", 0.3, {"density": 0.9, "gamma": 0.01}),
+    "della": ("della", 1.0, {"density": 0.5, "epsilon": 0.1, "scale": 1.0}),
+    "tsv": ("tsv", 1.0, {}),
+}
+TUNED_ALPHA = {"iso_c": {}, "iso_cts": {"common_space_fraction": 0.8}}
+LEARNED = {"adamerging (task-wise)": False, "adamerging (layer-wise)": True}
+PRETRAINED, SEARCH = "pretrained + experts' heads", "search (TPE over every method)"
+CYCLE_ROWS = (PRETRAINED, "task_arithmetic", "ties", "tsv", "iso_cts", "adamerging (layer-wise)", SEARCH)
+LEARNED_AND_SINGULAR = ("adamerging (task-wise)", "adamerging (layer-wise)", "tsv", "iso_c", "iso_cts")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# --- one seed: pretrained trunk, heads, experts --------------------------------------------
+
+class Bench:
+    """One seed's data, pretrained trunk (`base`), experts and the model their heads sit on."""
+
+    def __init__(self, seed: int, setup: Setup, vit: mm.ViT, base: dict):
+        self.seed, self.setup, self.base = seed, setup, base
+        self.data = mt.task_sets(seed, setup.sizes)
+        model = mm.build(vit, {t: d.classes for t, d in self.data.items()}, seed=seed)
+        model.load_state_dict(self.base, strict=False)
+        mm.probe_heads(model, self.data, steps=setup.probe_steps, seed=seed)
+        self.experts = {}
+        for task, td in self.data.items():
+            trunk, head = mm.finetune_expert(model, task, td, steps=setup.expert_steps, lr=setup.expert_lr,
+                                             batch=setup.batch, seed=seed, train_head=True)
+            self.experts[task] = trunk
+            model.heads[task].load_state_dict(head)  # each task is read by its own expert's head
+        self.model = model.eval()
+        self.own = {split: {t: mm.accuracy(mm.with_trunk(model, self.experts[t]), {t: self.data[t]}, split)[t]
+                            for t in self.data} for split in ("val", "test")}
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.data)
+
+    def merge(self, method: str, coefficients, **params) -> dict:
+        return fusion.merge(self.base, self.experts, method, coefficients, buffers=fusion.buffer_keys(self.model),
+                            **params)
+
+    def score(self, state: dict, splits=("val", "test")) -> dict:
+        """split -> {task: accuracy / expert's accuracy}, and split + "_acc" -> raw accuracies."""
+        model = mm.with_trunk(self.model, state)
+        out = {}
+        for split in splits:
+            acc = mm.accuracy(model, self.data, split)
+            out[split] = {t: acc[t] / self.own[split][t] for t in acc}
+            out[f"{split}_acc"] = acc
+        return out
+
+    def learn(self, *, layerwise: bool, steps: int, lr: float, init: float) -> dict:
+        """AdaMerging's coefficients (fusion.learn_coefficients) on unlabeled training images."""
+        rows = self.setup.adamerging_rows
+        inputs = mm.tag({t: d.x["train"][:rows] for t, d in self.data.items()})
+        model = mm.with_trunk(self.model, self.base, cls=mm.TaggedInputs)
+        return fusion.learn_coefficients(model, self.base, self.experts, inputs=inputs,
+                                         kinds={t: "classification" for t in self.tasks}, layerwise=layerwise,
+                                         steps=steps, lr=lr, init=init, seed=self.seed,
+                                         buffers=fusion.buffer_keys(self.model))
+
+
+def avg(score: dict, split: str = "test") -> float:
+    return mean(score[split].values())
+
+
+# --- the rows -------------------------------------------------------------------------------
+
+def method_rows(bench: Bench) -> dict[str, dict]:
+    """name -> {"state", score..., "choice", "fusion"}: every method at its default."""
+    uniform = lambda lam: {t: lam for t in bench.tasks}  # noqa: E731
+    rows = {PRETRAINED: {"state": bench.base, "choice": "λ = 0", "fusion": None}}
+    for name, (method, lam, params) in DEFAULTS.items():
+        rows[name] = {"state": bench.merge(method, uniform(lam), **params), "choice": f"λ={lam:g}",
+                      "fusion": (method, uniform(lam), params)}
+    for method, params in TUNED_ALPHA.items():
+        runs = [(alpha, bench.merge(method, uniform(alpha), **params)) for alpha in ALPHAS]
+        scored = [(avg(bench.score(s, ("val",)), "val"), alpha, s) for alpha, s in runs]
+        _, alpha, state = max(scored, key=lambda r: r[0])
+        rows[method] = {"state": state, "choice": f"α={alpha:g} by val", "fusion": (method, uniform(alpha), params)}
+    knobs = dict(bench.setup.adamerging)
+    for name, layerwise in LEARNED.items():
+        coefficients = bench.learn(layerwise=layerwise, **knobs)
+        rows[name] = {"state": bench.merge("adamerging", coefficients, **knobs), "choice": _describe(coefficients),
+                      "fusion": ("adamerging", coefficients, {**knobs, "layerwise": layerwise})}
+    for row in rows.values():
+        row.update(bench.score(row["state"]))
+    return rows
+
+
+def _describe(coefficients: dict) -> str:
+    values = [v for c in coefficients.values() for v in (c.values() if isinstance(c, dict) else [c])]
+    return f"λ learned {min(values):.2f}–{max(values):.2f}"
+
+
+def search(bench: Bench, rows: dict, trials: int) -> dict:
+    """Optuna over method × one λ per task × the method's knobs (adamerging: its knobs and
+    task- or layer-wise, λ learned); val mean normalised accuracy; every default enqueued."""
+    learned = {}
+
+    def suggest(trial):
+        method = trial.suggest_categorical("method", list(fusion.METHODS))
+        knobs = {k: knob.suggest(trial, f"{method}.{k}") for k, knob in fusion.KNOBS[method].items()}
+        if method == "adamerging":
+            layerwise = trial.suggest_categorical("adamerging.layerwise", [False, True])
+            key = (layerwise, *sorted(knobs.items()))
+            if key not in learned:
+                learned[key] = bench.learn(layerwise=layerwise, **knobs)
+            return method, learned[key], knobs
+        return method, {t: trial.suggest_float(f"coef.{t}", 0.0, 2.0) for t in bench.tasks}, knobs
+
+    def objective(trial):
+        method, coefficients, knobs = suggest(trial)
+        score = bench.score(bench.merge(method, coefficients, **knobs), ("val",))
+        trial.set_user_attr("fusion", (method, coefficients, knobs))
+        return avg(score, "val")
+
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", seed=bench.seed, trials=trials))
+    for name, row in rows.items():
+        if row["fusion"] is None:
+            continue
+        method, coefficients, knobs = row["fusion"]
+        params = {"method": method, **{f"{method}.{k}": v for k, v in knobs.items() if k != "layerwise"}}
+        if method == "adamerging":
+            params["adamerging.layerwise"] = knobs["layerwise"]
+            learned[(knobs["layerwise"], *sorted((k, v) for k, v in knobs.items() if k != "layerwise"))] = coefficients
+        else:
+            params.update({f"coef.{t}": c for t, c in coefficients.items()})
+        study.enqueue_trial(params)
+    study.optimize(objective, n_trials=max(trials, len(study.trials)))
+    best = study.best_trial
+    method, coefficients, knobs = best.user_attrs["fusion"]
+    state = bench.merge(method, coefficients, **knobs)
+    enqueued = sum(r["fusion"] is not None for r in rows.values())
+    where = "an enqueued default" if best.number < enqueued else "sampled"
+    return {"state": state, **bench.score(state), "fusion": (method, coefficients, knobs),
+            "choice": f"{method} {_describe(coefficients) if method == 'adamerging' else _lams(coefficients)}"
+                      f"{_knobs(knobs)} (trial {best.number}, {where})"}
+
+
+def _lams(coefficients: dict) -> str:
+    return "λ=(" + ", ".join(f"{v:.2f}" for v in coefficients.values()) + ")"
+
+
+def _knobs(knobs: dict) -> str:
+    return "".join(f" {k}={v:.3g}" for k, v in knobs.items())
+
+
+# --- the full cycle: merge, prune to ~½ MACs, fine-tune -------------------------------------
+
+def sparsity_for_half_macs(bench: Bench) -> tuple[float, float]:
+    """(uniform sparsity, fraction of the MACs left): bisected on the pretrained model."""
+    x = bench.data[bench.tasks[0]].x["val"][:2]
+    dense = measure.count_macs(bench.model, x)
+    groups = coupled_groups(bench.model, x)
+    lo, hi, best = 0.0, 0.9, (1.0, 0.0, 1.0)
+    for _ in range(bench.setup.bisect):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(bench.model)
+        prune(trial, Pruning(sparsity={g: mid for g in groups}), example_inputs=x)
+        left = measure.count_macs(trial, x) / dense
+        best = min(best, (abs(left - (1 - MAC_TARGET)), mid, left))
+        lo, hi = (mid, hi) if left > 1 - MAC_TARGET else (lo, mid)
+    return best[1], best[2]
+
+
+def cycle(bench: Bench, state: dict, sparsity: float) -> dict:
+    model = mm.with_trunk(bench.model, state)
+    x = bench.data[bench.tasks[0]].x["val"][:2]
+    groups = coupled_groups(model, x)
+    prune(model, Pruning(sparsity={g: sparsity for g in groups}), example_inputs=x)
+    s = bench.setup
+    mm.finetune_multitask(model, bench.data, steps=s.cycle_steps, lr=s.cycle_lr, batch=s.cycle_batch, seed=bench.seed)
+    return {split: {t: a / bench.own[split][t] for t, a in mm.accuracy(model, bench.data, split).items()}
+            for split in ("test",)}
+
+
+def pretrained(setup: Setup, vit: mm.ViT) -> dict:
+    """The backbone every seed starts from (one pretraining, as one CLIP serves the literature's runs)."""
+    px, py = mt.pretraining_set(PRETRAIN_SEED, setup.pretrain_per_task)
+    return mm.pretrain(vit, px, py, steps=setup.pretrain_steps, lr=1e-3, batch=128, seed=PRETRAIN_SEED)
+
+
+def run_seed(seed: int, setup: Setup, vit: mm.ViT, base: dict, *, cycle_rows) -> dict:
+    started = time.perf_counter()
+    bench = Bench(seed, setup, vit, base)
+    log(f"seed {seed}: data, heads, experts {time.perf_counter() - started:.0f} s; experts' val "
+        + ", ".join(f"{t} {a:.3f}" for t, a in bench.own["val"].items()))
+    rows = method_rows(bench)
+    log(f"seed {seed}: method rows done at {time.perf_counter() - started:.0f} s")
+    rows[SEARCH] = search(bench, rows, setup.trials)
+    log(f"seed {seed}: search done at {time.perf_counter() - started:.0f} s: {rows[SEARCH]['choice']}")
+    sparsity, left = sparsity_for_half_macs(bench)
+    for name in cycle_rows:
+        rows[name]["cycle"] = cycle(bench, rows[name]["state"], sparsity)
+    log(f"seed {seed}: cycle done at {time.perf_counter() - started:.0f} s (sparsity {sparsity:.3f}, "
+        f"{left:.2f} of the MACs left)")
+    for row in rows.values():
+        row.pop("state")
+    return {"rows": rows, "own": bench.own, "sparsity": sparsity, "macs_left": left,
+            "seconds": time.perf_counter() - started}
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+def pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def seed_table(result: dict, tasks: list[str]) -> str:
+    header = ["method", *tasks, "avg (norm.)", "avg acc", "after prune + fine-tune", "choice"]
+    body = [["experts (6 separate models)", *("100.0" for _ in tasks), "100.0",
+             pct(mean(result["own"]["test"].values())), "—", "reference"]]
+    for name, r in result["rows"].items():
+        after = avg(r["cycle"]) if "cycle" in r else None
+        body.append([name, *(pct(r["test"][t]) for t in tasks), f"**{pct(avg(r))}**",
+                     pct(mean(r["test_acc"].values())), pct(after), r["choice"]])
+    return markdown_table(header, body)
+
+
+def mean_table(results: dict, tasks: list[str]) -> str:
+    seeds = sorted(results)
+    names = list(results[seeds[0]]["rows"])
+    header = ["method", *tasks, "avg (norm.) mean ± sd", "avg acc", "after prune + fine-tune"]
+    body = [["experts (6 separate models)", *("100.0" for _ in tasks), "100.0",
+             pct(mean(mean(results[s]["own"]["test"].values()) for s in seeds)), "—"]]
+    for name in names:
+        rs = [results[s]["rows"][name] for s in seeds]
+        avgs = [avg(r) for r in rs]
+        after = [avg(r["cycle"]) for r in rs if "cycle" in r]
+        body.append([name, *(pct(mean(r["test"][t] for r in rs)) for t in tasks),
+                     f"**{pct(mean(avgs))}** ± {100 * stdev(avgs):.1f}", pct(mean(mean(r["test_acc"].values()) for r in rs)),
+                     pct(mean(after)) if after else "—"])
+    return markdown_table(header, body)
+
+
+def goals(results: dict) -> list[tuple[str, bool, str]]:
+    seeds = sorted(results)
+    m = {name: mean(avg(results[s]["rows"][name]) for s in seeds) for name in results[seeds[0]]["rows"]}
+    singles = [n for n in m if n not in (PRETRAINED, SEARCH)]
+    best = max(singles, key=m.get)
+    ta, ties = m["task_arithmetic"], m["ties"]
+    others = {n: m[n] for n in LEARNED_AND_SINGULAR}
+    wins, evidence = 0, []
+    for s in seeds:
+        rows = results[s]["rows"]
+        best_s = max(singles, key=lambda n: avg(rows[n]))
+        ok = avg(rows[SEARCH]) >= avg(rows[best_s])
+        wins += ok
+        evidence.append(f"s{s}: {pct(avg(rows[SEARCH]))} vs {best_s} {pct(avg(rows[best_s]))}")
+    need = -(-2 * len(seeds) // 3)
+    return [
+        ("task arithmetic < TIES (mean normalised)", ta < ties, f"{pct(ta)} vs {pct(ties)}"),
+        ("TIES < every learned / singular-vector method", all(v > ties for v in others.values()),
+         ", ".join(f"{n} {pct(v)}" for n, v in others.items()) + f" vs TIES {pct(ties)}"),
+        ("best single method ≥ 90 % normalised", m[best] >= 0.9, f"{best} {pct(m[best])}"),
+        (f"search ≥ best single method (by test) in ≥ {need} of {len(seeds)} seeds", wins >= need,
+         f"{wins}/{len(seeds)}: " + "; ".join(evidence)),
+    ]
+
+
+def report(results: dict, vit: mm.ViT, setup: Setup, seconds: float) -> None:
+    seeds = sorted(results)
+    tasks = list(results[seeds[0]]["own"]["test"])
+    for s in seeds:
+        r = results[s]
+        print(f"\n### Seed {s}: test accuracy normalised by each expert's (%)\n")
+        print(seed_table(r, tasks))
+        print(f"\nPruned: uniform sparsity {r['sparsity']:.3f} leaves {100 * r['macs_left']:.0f} % of the MACs; "
+              f"seed run {r['seconds']:.0f} s.")
+    print(f"\n### Mean over seeds {', '.join(map(str, seeds))}: test accuracy normalised by each expert's (%)\n")
+    print(mean_table(results, tasks))
+    print("\nExperts' own test accuracy (%), the denominators:\n")
+    print(markdown_table(["seed", *tasks], [[s, *(pct(results[s]["own"]["test"][t]) for t in tasks)] for s in seeds]))
+    print("\n### Goals (issue #28)\n")
+    print(goals_table(goals(results)))
+    print(f"\nViT {vit.options()}, {sum(setup.sizes.values())} images per task; total {seconds / 60:.1f} min on "
+          f"{torch.get_num_threads()} thread(s) of a shared machine.")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data and steps")
+    ap.add_argument("--trials", type=int, help="search trials (default 40; each default is enqueued first)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    setup_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    setup = QUICK if args.quick else Setup()
+    if args.trials is not None:
+        setup = dataclasses.replace(setup, trials=args.trials)
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    vit = mm.ViT()
+    started = time.perf_counter()
+    base = pretrained(setup, vit)
+    log(f"pretrained in {time.perf_counter() - started:.0f} s")
+    results = {s: run_seed(s, setup, vit, base, cycle_rows=CYCLE_ROWS) for s in seeds}
+    report(results, vit, setup, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
