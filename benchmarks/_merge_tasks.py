@@ -11,13 +11,14 @@ literature's eight tasks are eight datasets), every draw a function of a numpy s
   hue          one object whose hue is in one of 8 bins of the colour wheel (8)
 
 Every image has a random dark background with pixel noise and a bright foreground, so the
-colours carry no label but `hue`'s. Digits and shapes sit near the centre (± 3-4 px): a 4×4-patch
-ViT this small learns them to 85-95 % in a short fine-tune. Digits' source glyphs are split
-70/15/15 once, before any drawing: no test image reuses a training or pretraining glyph.
+colours carry no label but `hue`'s. Digits and shapes sit near the centre (± 3-4 px), so that a
+ViT this small (4×4 patches of 8 px) learns them in a short fine-tune (experts: digits ~75 %,
+shapes ~90 %, the others 87-100 %). Digits' source glyphs are split 70/15/15 once, before any
+drawing: no test image reuses a training or pretraining glyph.
 
 Pretraining (`pretraining_set`): fresh draws of all six families, labelled with *generic*
-labels only (which family, and two coarse binary attributes of its class, `coarse`: for
-digits d < 5 and d odd), plus the 3×3 cell where the object's centre lies. The backbone learns what the
+labels only (which family, and a coarse attribute naming a group of two or more of its classes,
+`coarse`), plus the 3×3 cell where the object's centre lies. The backbone learns what the
 families look like and some of their structure, never the downstream classes: the role CLIP's
 image-text pretraining plays in the literature's benchmark.
 """
@@ -176,14 +177,14 @@ DRAW = {"digits": draw_digits, "shapes": draw_shapes, "orientation": draw_orient
 
 
 def coarse(task: str, label: int) -> int:
-    """The pretraining's attributes of a downstream label, two bits (0-3): each splits the classes
-    in halves or so, together they name a group of classes, never the class itself (digits:
-    d < 5 and d odd; orientation and hue: the bin's half and its parity; count: n <= 3 and n
-    odd; shapes: round and hollow; texture: on a grid and striped)."""
-    first, second = {"digits": (label < 5, label % 2), "shapes": (label < 2, label in (1, 3)),
-                     "orientation": (label < 4, label % 2), "count": (label < 3, label % 2 == 0),
-                     "texture": (label in (0, 3), label in (1, 2)), "hue": (label < 4, label % 2)}[task]
-    return 2 * int(first) + int(second)
+    """The pretraining's attribute of a downstream class (0-3): a group of at least two classes,
+    never one class. Digits: d < 5 and d odd ({0,2,4} {1,3} {6,8} {5,7,9}); the others: the
+    class's pair of neighbours (shapes: round, square, spiky; orientation: a 45° sector; count:
+    1-2, 3-4, 5-6 dots; texture: checks or one slant of stripes, the other slant or dots, noise or
+    zig-zag; hue: a quarter of the wheel)."""
+    if task == "digits":
+        return 2 * int(label < 5) + label % 2
+    return label // 2
 
 
 # --- datasets -----------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def task_sets(seed: int, sizes: dict, tasks=TASKS) -> dict[str, TaskData]:
 
 def pretraining_set(seed: int, per_task: int, tasks=TASKS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Images of every family (fresh draws; digits from the training glyphs only) and their
-    generic labels: "kind" = family × coarse attributes (4 per family), "cell" = 3×3 position."""
+    generic labels: "kind" = family × coarse attribute (4 per family), "cell" = 3×3 position."""
     xs, kinds, cells = [], [], []
     for i, task in enumerate(tasks):
         rng = np.random.default_rng([seed, 2, i])

@@ -71,7 +71,7 @@ class Setup:
     pretrain_per_task: int = 2000
     pretrain_steps: int = 1500
     probe_steps: int = 200
-    expert_steps: int = 200
+    expert_steps: int = 300
     expert_lr: float = 3e-4
     batch: int = 64
     adamerging_rows: int = 512        # unlabeled training images per task AdaMerging may draw
@@ -375,7 +375,8 @@ def report(results: dict, vit: mm.ViT, setup: Setup, seconds: float) -> None:
     print(markdown_table(["seed", *tasks], [[s, *(pct(results[s]["own"]["test"][t]) for t in tasks)] for s in seeds]))
     print("\n### Goals (issue #28)\n")
     print(goals_table(goals(results)))
-    print(f"\nViT {vit.options()}, {sum(setup.sizes.values())} images per task; total {seconds / 60:.1f} min on "
+    print(f"\nViT {vit.options()}, {sum(setup.sizes.values())} images per task, experts {setup.expert_steps} steps at "
+          f"lr {setup.expert_lr:g}; total {seconds / 60:.1f} min on "
           f"{torch.get_num_threads()} thread(s) of a shared machine.")
 
 
@@ -384,14 +385,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data and steps")
     ap.add_argument("--trials", type=int, help="search trials (default 40; each default is enqueued first)")
+    ap.add_argument("--expert-lr", type=float, help="experts' fine-tuning lr (default 3e-4)")
+    ap.add_argument("--expert-steps", type=int, help="experts' fine-tuning steps (default 300)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     setup_threads(args.threads)
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     setup = QUICK if args.quick else Setup()
-    if args.trials is not None:
-        setup = dataclasses.replace(setup, trials=args.trials)
+    given = {"trials": args.trials, "expert_lr": args.expert_lr, "expert_steps": args.expert_steps}
+    setup = dataclasses.replace(setup, **{k: v for k, v in given.items() if v is not None})
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     vit = mm.ViT()
     started = time.perf_counter()
