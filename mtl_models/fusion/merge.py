@@ -16,7 +16,7 @@ from torch import Tensor
 
 from spaces.errors import PrunefuseError, unknown_name
 
-from . import cache
+from . import cache, select
 from .registry import METHODS
 
 
@@ -45,7 +45,22 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
+def _maybe_finite(t: Tensor) -> bool:
+    """False whenever `t` holds a nan or inf (and, rarely, where its float32 sum overflows):
+    the cheap screen `merge` runs on what it computes anyway; `_name_non_finite` decides."""
+    return bool(torch.isfinite(t.sum()))
+
+
+def _name_non_finite(key: str, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Raise naming the first model whose `key` holds a nan or inf; none: the screen saw an overflow."""
+    for who, state in [("base", base), *((f"task {t!r}", sd) for t, sd in experts.items())]:
+        if state[key].is_floating_point() and not _finite(state[key]):
+            raise PrunefuseError(f"key {key!r} of {who} contains nan or inf")
+
+
 def _check_state(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Keys and shapes; nan and inf are found key by key as `merge` goes (no pass of its own
+    over every model: 4 float64 sums were a sixth of a BERT-base TIES merge)."""
     if not experts:
         raise PrunefuseError("no experts to merge; pass at least one task's state dict")
     for who, state in [("base", base), *((f"task {t!r}", sd) for t, sd in experts.items())]:
@@ -58,8 +73,6 @@ def _check_state(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, 
             if t.shape != ref.shape:
                 raise PrunefuseError(f"key {key!r} of {who} has shape {tuple(t.shape)}, "
                                      f"base has {tuple(ref.shape)}")
-            if t.is_floating_point() and not _finite(t):
-                raise PrunefuseError(f"key {key!r} of {who} contains nan or inf")
 
 
 def _check_coefficients(base: Mapping[str, Tensor], experts: Mapping, coefficients: Mapping) -> None:
@@ -109,24 +122,74 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
     if buffers is None:
         buffers = {k for k in base if k.rpartition(".")[2] in BATCHNORM_STATISTICS}
     kept = set(buffers)
+    streamed = getattr(fn, "streamed", None)
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         for key, ref in base.items():
             if key in kept or not ref.is_floating_point():
+                _name_non_finite(key, base, experts)  # buffers are small: checked directly
                 out[key] = ref.clone()
+                continue
+            lambdas = {}
+            for task in experts:
+                coef = coefficients[task]
+                lambdas[task] = float(coef[layer_group(key)] if isinstance(coef, Mapping) else coef)
+            tensors = {t: state[key] for t, state in experts.items()}
+            if streamed is not None:  # chunk by chunk: no whole task vector, one merged copy
+                merged = streamed(KeyInputs(key=key, base=ref, experts=tensors, lambdas=lambdas), **method_params)
+                if not _maybe_finite(merged):  # a nan or inf in any input reaches the output
+                    _name_non_finite(key, base, experts)
+                out[key] = merged
                 continue
             dtype = torch.promote_types(ref.dtype, torch.float32)  # fp16/bf16 merge in fp32
             theta0 = ref.to(dtype)
-            deltas = TaskDeltas(key=key, base=ref, experts={t: state[key] for t, state in experts.items()})
-            for task, state in experts.items():
-                coef = coefficients[task]
-                lam = float(coef[layer_group(key)] if isinstance(coef, Mapping) else coef)
+            deltas = TaskDeltas(key=key, base=ref, experts=tensors)
+            for task, lam in lambdas.items():
                 deltas.lambdas[task] = lam
-                deltas[task] = torch.sub(state[key].to(device=ref.device, dtype=dtype), theta0).mul_(lam)
+                deltas[task] = torch.sub(tensors[task].to(device=ref.device, dtype=dtype), theta0).mul_(lam)
+            if not all(_maybe_finite(d) for d in deltas.values()):
+                _name_non_finite(key, base, experts)
             merged = fn(deltas, key, **method_params)
             del deltas  # the task vectors of this key go before the next key's are made
             out[key] = merged.add_(theta0).to(ref.dtype)
     return out
+
+
+class KeyInputs:
+    """One key's base and expert tensors and coefficients, for a method that merges chunk by
+    chunk (`fn.streamed`): it returns the merged weights of the key (not a delta), in the
+    base's dtype and shape, and must let a nan or inf of any input reach them."""
+
+    def __init__(self, *, key: str, base: Tensor, experts: Mapping[str, Tensor], lambdas: Mapping[str, float]):
+        self.key, self.base, self.experts, self.lambdas = key, base, experts, lambdas
+        self.dtype = torch.promote_types(base.dtype, torch.float32)  # fp16/bf16 merge in fp32
+        self._flat_base = base.reshape(-1)
+        self._flat = {t: e.reshape(-1) for t, e in experts.items()}
+
+    def _tau(self, task: str, start: int, stop: int, theta0: Tensor) -> Tensor:
+        part = self._flat[task][start:stop].to(device=theta0.device, dtype=self.dtype)
+        return torch.sub(part, theta0)
+
+    def chunks(self, size: int | None = None):
+        """(start, theta_0, {task: tau_t}) chunk by chunk in flat order; every tau_t a new tensor."""
+        size = size or select.CHUNK
+        for start in range(0, self.base.numel(), size):
+            theta0 = self._flat_base[start:start + size].to(self.dtype)
+            yield start, theta0, {t: self._tau(t, start, start + theta0.numel(), theta0) for t in self._flat}
+
+    def top_cut(self, task: str, k: int) -> select.Cut:
+        """Which entries of tau_task are its top k by magnitude (`select.top_cut`)."""
+        n = self.base.numel()
+
+        def passes():
+            for start in range(0, n, select.CHUNK):
+                theta0 = self._flat_base[start:start + select.CHUNK].to(self.dtype)
+                yield start, select.magnitude_bits(self._tau(task, start, start + theta0.numel(), theta0))
+
+        step = max(1, n // select.SAMPLE)
+        theta0 = self._flat_base[::step][:select.SAMPLE].to(self.dtype)
+        sample = torch.sub(self._flat[task][::step][:select.SAMPLE].to(device=theta0.device, dtype=self.dtype), theta0)
+        return select.top_cut(passes, n, k, select.magnitude_bits(sample))
 
 
 class TaskDeltas(dict):
