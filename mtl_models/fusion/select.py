@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 18  # entries per chunk: 1 MB of float32, the temporaries of a chunk stay in cache
+CHUNK = 1 << 17  # entries per chunk: 512 KB of float32, the temporaries of a chunk stay in cache
 SAMPLE = 1 << 16  # sampled magnitudes per tensor; a tensor this small is gathered whole
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 _TOP_BITS = 16  # the histogram fallback's buckets: sign (always 0), exponent, leading mantissa
