@@ -8,6 +8,9 @@ twice in one process (a search merges the same experts once per trial: the secon
 shows what the cross-trial cache saves). Columns: wall seconds and CPU seconds of the merge
 (CPU seconds compare rows fairly when other work shares the cores), peak RSS of the process,
 and the merge's own part of it (peak RSS minus the RSS before merging: inputs excluded).
+Rows: TIES (density 0.2) and task arithmetic before and after, TSV-M after (its singular
+vectors come from fusion/cache.py in the 2nd merge). With --threads 2 the after code runs two
+keys at a time, each op single-threaded (merge's `_keys_in_parallel`).
 """
 from __future__ import annotations
 

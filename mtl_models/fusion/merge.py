@@ -5,7 +5,11 @@ running_var, num_batches_tracked, any registered buffer; `buffers=`) and every n
 tensor are copied from the base. Averaged or DARE-rescaled, a running variance goes
 negative and the merged model outputs NaN.
 A nan or inf in the base or an expert raises `PrunefuseError` naming the key and
-model rather than silently poisoning the merge.
+model rather than silently poisoning the merge: found key by key on what the merge computes
+anyway (a float32 sum of the task vectors or of the merged key, which any nan or inf reaches),
+then named by checking that key of each model; nothing is returned before.
+A method with a `streamed` form (TIES, task arithmetic, average) merges each key chunk by chunk
+(`KeyInputs`): no whole task vector exists, only the merged copy.
 """
 from __future__ import annotations
 
@@ -222,8 +226,8 @@ class KeyInputs:
 
 class TaskDeltas(dict):
     """task -> lambda_t * tau_t for one key: what a method merges. The tensors are `merge`'s own
-    temporaries, freed after the method returns: a method may overwrite them (TIES trims in
-    place). `singular(task, rank)` gives a vector's top singular triplets, from `cache` when
+    temporaries, freed after the method returns: a method may overwrite them (DARE-TIES
+    trims in place). `singular(task, rank)` gives a vector's top singular triplets, from `cache` when
     these experts were merged before."""
 
     def __init__(self, *, key: str, base: Tensor, experts: Mapping[str, Tensor]):

@@ -31,7 +31,7 @@ from spaces.knobs import Knob
 
 from . import select
 from .linear import summed
-from .merge import KeyInputs, TaskDeltas
+from .merge import KeyInputs
 from .registry import register
 
 _TIES_KNOBS = {"density": Knob(0.05, 1.0), "scale": Knob(0.3, 1.5)}
@@ -137,8 +137,8 @@ def magprune(delta: Tensor, *, density: float, epsilon: float, draws: Tensor) ->
 
 @register("ties", knobs=_TIES_KNOBS)
 def ties(deltas: Mapping[str, Tensor], key: str, *, density: float = 0.2, scale: float = 1.0) -> Tensor:
-    owned = isinstance(deltas, TaskDeltas)  # merge's own temporaries: trimmed where they lie
-    return elect_and_average([trim(d, density, in_place=owned) for d in deltas.values()], scale)
+    """On task vectors already scaled (plain dicts); `merge` runs `ties_streamed`."""
+    return elect_and_average([trim(d, density) for d in deltas.values()], scale)
 
 
 def ties_streamed(key: KeyInputs, *, density: float = 0.2, scale: float = 1.0) -> Tensor:
