@@ -41,7 +41,7 @@ with a CNN trunk (BN_MODEL): for six merges (DARE up to p = 0.95), each model th
 statistics merged as task vectors (what merging did before), the base's statistics (a), and
 statistics recalibrated on 512 training samples after the merge (b, the default of
 `pipeline.start_model`); a merged model whose outputs are NaN / inf is counted, not scored.
-Part `size` (--parts size): TIES (and TSV-M) over three BERT-base experts, the merge before
+Part `size` (--parts size): TIES, task arithmetic and TSV-M over three BERT-base experts, the merge before
 this branch and now, time and peak RSS (benchmarks/_merge_size.py).
 Goals: searched ≥ the best default row *by test* (the strictest reading) in ≥ 2 of 3 seeds;
 TIES (defaults) ≥ average in mean test over seeds. A TIES investigation (density, per-tensor

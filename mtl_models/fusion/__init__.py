@@ -10,7 +10,8 @@ Methods (registered in `METHODS`; their searchable knobs in `KNOBS`), one module
   sparse.py      ties, dare_linear, dare_ties, breadcrumbs, della
   singular.py    tsv, iso_c, iso_cts (per 2-D weight; task arithmetic for the rest)
   adamerging.py  adamerging: coefficients learned on unlabeled inputs (`learn_coefficients`)
-`merge.py` checks the inputs and merges key by key (`merge`); `registry.py` holds `METHODS`;
+`merge.py` checks the inputs and merges key by key (`merge`; TIES, task arithmetic and average
+chunk by chunk); `select.py` finds TIES's top-k exactly without a sort; `registry.py` holds `METHODS`;
 `cache.py` keeps knob-free per-tensor work (TSV-M's singular vectors) across merges.
 Reference, benchmarks and what each method does: docs/merging.md.
 """

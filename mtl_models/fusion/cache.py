@@ -3,7 +3,9 @@
 A search merges the same experts once per trial with other coefficients and knobs. A task
 vector's singular vectors do not depend on either (the SVD of lambda * tau is tau's, with
 |lambda| times its singular values and the sign of lambda on one side), so TSV-M takes them
-from here after the first merge.
+from here after the first merge. TIES keeps nothing here: what its trim needs beyond the
+trial's density is a strided sample, cheaper to draw again than to fingerprint (a float64 sum
+of each of base and experts would cost half a BERT-base TIES merge).
 
 Entries are found by the content of the base and expert tensors (shape, dtype, the float64 sum
 and a strided sample of 4096 entries, hashed), not by object identity: a search hands every

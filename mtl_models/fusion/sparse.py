@@ -29,8 +29,9 @@ from torch import Tensor
 from spaces.errors import PrunefuseError
 from spaces.knobs import Knob
 
+from . import select
 from .linear import summed
-from .merge import TaskDeltas
+from .merge import KeyInputs
 from .registry import register
 
 _TIES_KNOBS = {"density": Knob(0.05, 1.0), "scale": Knob(0.3, 1.5)}
@@ -52,23 +53,21 @@ def _top_count(fraction: float, n: int) -> int:
 
 def trim(delta: Tensor, density: float, *, in_place: bool = False) -> Tensor:
     """Keep the top-`density` fraction of entries by magnitude, exactly k = round(density * n)
-    of them (at least one): the k-th largest magnitude is found by selection (kthvalue, O(n);
-    a top-k sort of a 23M-entry embedding took 10 s), and among entries equal to it the first
-    ones are kept until k survive. in_place: zero `delta`'s own entries (a temporary the caller owns)."""
+    of them (at least one); among entries equal to the k-th largest magnitude the first ones
+    are kept until k survive (`select.top_cut`: a sampled band, no sort, no whole-tensor kthvalue).
+    in_place: zero `delta`'s own entries (a temporary the caller owns)."""
     _check_fraction("density", density)
     flat = delta.flatten()
     n = flat.numel()
     k = max(1, _top_count(density, n))
     if k >= n:
         return delta
-    magnitude = flat.abs()
-    threshold = magnitude.kthvalue(n - k + 1).values
-    keep = magnitude > threshold
-    short = k - int(keep.sum())
-    if short > 0:  # ties at the threshold
-        keep[(magnitude == threshold).nonzero().flatten()[:short]] = True
-    del magnitude
-    return delta.mul_(keep.view_as(delta)) if in_place else (flat * keep).view_as(delta)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    flat = flat.contiguous()
+    cut = select.top_cut(select.whole(flat), n, k, select.magnitude_bits(select.strided_sample(flat)))
+    keep = cut.keep(select.magnitude_bits(flat), 0)
+    return delta.mul_(keep.view_as(delta)) if in_place else (delta.flatten() * keep).view_as(delta)
 
 
 def elect_and_average(deltas: list[Tensor], scale: float) -> Tensor:
@@ -138,8 +137,32 @@ def magprune(delta: Tensor, *, density: float, epsilon: float, draws: Tensor) ->
 
 @register("ties", knobs=_TIES_KNOBS)
 def ties(deltas: Mapping[str, Tensor], key: str, *, density: float = 0.2, scale: float = 1.0) -> Tensor:
-    owned = isinstance(deltas, TaskDeltas)  # merge's own temporaries: trimmed where they lie
-    return elect_and_average([trim(d, density, in_place=owned) for d in deltas.values()], scale)
+    """On task vectors already scaled (plain dicts); `merge` runs `ties_streamed`."""
+    return elect_and_average([trim(d, density) for d in deltas.values()], scale)
+
+
+def ties_streamed(key: KeyInputs, *, density: float = 0.2, scale: float = 1.0) -> Tensor:
+    """TIES as `merge` runs it: chunk by chunk, never a whole task vector. Each tau_t is trimmed
+    before lambda_t scales it (as in the TIES paper: the top entries of |lambda tau| are those of
+    |tau|, up to ties rounding makes), so a trial's coefficients change no selection."""
+    _check_fraction("density", density)
+    n = key.base.numel()
+    k = max(1, _top_count(density, n))
+    cuts = {t: key.top_cut(t, k) for t in key.experts} if k < n else {}
+    out = torch.empty(n, dtype=key.base.dtype, device=key.base.device)
+    for start, theta0, taus in key.chunks():
+        trimmed = []
+        for t, tau in taus.items():
+            if t in cuts:
+                keep = cuts[t].keep(select.magnitude_bits(tau), start)
+                trimmed.append(tau.mul_(key.lambdas[t]).mul_(keep))
+            else:
+                trimmed.append(tau.mul_(key.lambdas[t]))
+        out[start:start + theta0.numel()] = elect_and_average(trimmed, scale).add_(theta0)
+    return out.view(key.base.shape)
+
+
+ties.streamed = ties_streamed
 
 
 @register("dare_linear", knobs=_DARE_KNOBS, needs=("seed",))
