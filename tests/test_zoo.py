@@ -165,6 +165,25 @@ def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line():
         coupled_groups(model, suite.example_inputs(2))
 
 
+def test_a_module_that_checks_its_state_dict_version_loads_from_plain_dicts(tmp_path):
+    """torchvision's MNASNet refuses a state dict without its `version` metadata, which every
+    plain dict of tensors (the cached base, merged experts, a saved checkpoint) lacks: the
+    model and `checkpoint.load` give each module the version of the code that built it."""
+    suite = suite_of("multidigits")
+    torch.manual_seed(0)
+    model = suite.build_model(trunk="torchvision:mnasnet0_5").eval()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}  # what a cache or a merge hands back
+    fresh = suite.build_model(trunk="torchvision:mnasnet0_5").eval()
+    fresh.load_state_dict(plain)
+    x = suite.val.x[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)["left"], model(x)["left"])
+    checkpoint.save(model, policy_for(suite, {"trunk": "torchvision:mnasnet0_5"}, {}), {}, tmp_path / "m")
+    loaded, _ = checkpoint.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["left"], model(x)["left"])
+
+
 def test_option_values_are_parsed_as_the_libraries_want_them():
     assert parse_value([1, 2]) == (1, 2)
     assert parse_value("1,2,2") == (1, 2, 2)
