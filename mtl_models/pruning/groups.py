@@ -21,11 +21,13 @@ from mtl_models.training.modes import eval_mode, hooked_forward
 
 from .attention import dependency_graph, head_groups
 from .layers import PRUNABLE_TYPES, prunable_layers, width
+from .probe import unprunable_groups
 
 
 def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, ...]]:
     """Group name -> its members (prunable trunk layers, in forward order), groups in forward
-    order. A group that also holds a head's output layer is left out: heads are never pruned."""
+    order. A group that also holds a head's output layer is left out: heads are never pruned;
+    so is a group whose pruning torch-pruning gets wrong (`probe.unprunable_groups`)."""
     order = _forward_order(model, example_inputs)
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
@@ -48,7 +50,8 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
         if all(m.startswith("trunk.") for m in members):
             out[name] = tuple(m for m in order if m in members)
     out.update(head_groups(model))  # each attention module's heads: one decision
-    return out
+    left = unprunable_groups(model, example_inputs, out)  # layouts torch-pruning gets wrong: kept whole
+    return {g: members for g, members in out.items() if g not in left}
 
 
 def decided_sparsity(groups: dict[str, tuple[str, ...]], sparsity: dict, layers: list[str]) -> dict[str, float]:
@@ -65,7 +68,7 @@ def decided_sparsity(groups: dict[str, tuple[str, ...]], sparsity: dict, layers:
         if key not in owner:
             if key in layers:
                 raise PrunefuseError(f"policy prunes layer {key!r}, whose channels cannot be pruned (they are "
-                                     f"coupled to a head's outputs); its coupled groups (one sparsity each): {', '.join(groups)}")
+                                     f"coupled to a head's outputs, or torch-pruning cannot prune their group); its coupled groups (one sparsity each): {', '.join(groups)}")
             raise PrunefuseError(f"policy prunes layer {key!r}, which this model does not have; "
                                  f"its coupled groups (one sparsity each): {', '.join(groups)}")
         given.setdefault(owner[key], {})[key] = sparsity[key]
