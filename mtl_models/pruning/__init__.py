@@ -44,7 +44,7 @@ from spaces.errors import PrunefuseError
 from spaces.policy import Pruning
 
 from .allocation import MAX_SPARSITY, cubic_schedule, kept_units, min_kept, round_units
-from .groups import coupled_groups, decided_sparsity
+from .groups import coupled_groups, decided_sparsity, left_unpruned
 from .importance import AGGREGATES, IMPORTANCES, NEEDS_GRADS, MultiTaskTaylor, task_gradients
 from .layers import PRUNABLE_TYPES, prunable_layers
 from .structured import prune_structured, recalibrate_batchnorm
@@ -53,7 +53,7 @@ from .unstructured import prune_unstructured, without_masks
 MODES = ("structured", "unstructured")
 
 __all__ = ["AGGREGATES", "IMPORTANCES", "MAX_SPARSITY", "MODES", "NEEDS_GRADS", "PRUNABLE_TYPES", "MultiTaskTaylor",
-           "check_sparsity", "coupled_groups", "cubic_schedule", "kept_units", "min_kept", "prunable_layers", "prune",
+           "check_sparsity", "coupled_groups", "cubic_schedule", "kept_units", "left_unpruned", "min_kept", "prunable_layers", "prune",
            "recalibrate_batchnorm", "round_units", "task_gradients", "without_masks"]
 
 

@@ -21,7 +21,7 @@ from mtl_models.training.modes import eval_mode, hooked_forward
 
 from .attention import dependency_graph, head_groups
 from .layers import PRUNABLE_TYPES, prunable_layers, width
-from .probe import unprunable_groups
+from .probe import found, unprunable_groups
 
 
 def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, ...]]:
@@ -52,6 +52,13 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
     out.update(head_groups(model))  # each attention module's heads: one decision
     left = unprunable_groups(model, example_inputs, out)  # layouts torch-pruning gets wrong: kept whole
     return {g: members for g, members in out.items() if g not in left}
+
+
+def left_unpruned(model, example_inputs: torch.Tensor) -> dict[str, str]:
+    """The coupled groups of `model` that torch-pruning cannot prune, left out of
+    `coupled_groups` (so never pruned): group name -> why (`probe.describe` makes it a line)."""
+    coupled_groups(model, example_inputs)
+    return found(model, example_inputs)
 
 
 def decided_sparsity(groups: dict[str, tuple[str, ...]], sparsity: dict, layers: list[str]) -> dict[str, float]:

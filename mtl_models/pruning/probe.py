@@ -41,6 +41,11 @@ def unprunable_groups(model, example_inputs: torch.Tensor, groups: dict[str, tup
     return {g: why for g, why in _FOUND[key].items() if g in groups}
 
 
+def found(model, example_inputs) -> dict[str, str]:
+    """What the last probe of this model's layout found ({} if it was not probed)."""
+    return dict(_FOUND.get(_fingerprint(model, example_inputs), {}))
+
+
 def describe(left: dict[str, str]) -> str | None:
     """One line naming the groups left unpruned and why (None: none)."""
     if not left:
