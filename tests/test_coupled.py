@@ -144,8 +144,11 @@ def test_bare_channel_parameters_are_pruned_without_torch_pruning_warnings():
 
 
 def test_a_group_torch_pruning_refuses_is_an_error_naming_the_member():
-    """Not a silent no-op: the policy asked for a width that the model would not get."""
+    """Not a silent no-op: the policy asked for a width that the model would not get. The probe
+    found the group unprunable before (`pruning.left_unpruned`), so it is no decision: a policy
+    naming it is refused with the probe's reason."""
     model, x = _scaled_model((16, 3)), torch.randn(2, 1, 3, 3)
+    assert "trunk.stem" not in coupled_groups(model, x)
     with pytest.raises(PrunefuseError, match=r"coupled group 'trunk.stem' cannot remove 8 channels: "
                                              r"trunk.layer_scale \(\(16, 3\)\) has only 3"):
         prune(model, Pruning(sparsity={"trunk.stem": 0.5}), example_inputs=x)

@@ -61,18 +61,22 @@ def left_unpruned(model, example_inputs: torch.Tensor) -> dict[str, str]:
     return found(model, example_inputs)
 
 
-def decided_sparsity(groups: dict[str, tuple[str, ...]], sparsity: dict, layers: list[str]) -> dict[str, float]:
+def decided_sparsity(groups: dict[str, tuple[str, ...]], sparsity: dict, layers: list[str],
+                     left: dict[str, str] | None = None) -> dict[str, float]:
     """The policy's `pruning.sparsity` as {group name: sparsity}, groups in forward order.
 
     A key is a group's name or one of its members; all the values given for one group must
     agree (its channels go together, so one value decides it). Anything else is refused:
     a key that is no layer of the model, or a layer that decides nothing (a group coupled to
-    a head's outputs)."""
+    a head's outputs, or one of `left`: the groups torch-pruning cannot prune, name -> why)."""
     owner = {m: g for g, members in groups.items() for m in members}
     owner.update({g: g for g in groups})  # an attention module's heads: named by the module, not a member
     given: dict[str, dict[str, float]] = {}
     for key in sorted(sparsity):
         if key not in owner:
+            if key in (left or {}):
+                raise PrunefuseError(f"policy prunes {key!r}, a coupled group torch-pruning cannot prune in this model "
+                                     f"(left unpruned): {left[key]}")
             if key in layers:
                 raise PrunefuseError(f"policy prunes layer {key!r}, whose channels cannot be pruned (they are "
                                      f"coupled to a head's outputs, or torch-pruning cannot prune their group); its coupled groups (one sparsity each): {', '.join(groups)}")

@@ -102,7 +102,8 @@ def _try(model, example_inputs, groups) -> tuple[str | None, str] | None:
 
 
 def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
+    text = " ".join(str(exc).split())[:160]
+    return text if isinstance(exc, GroupPruningError) else f"{type(exc).__name__}: {text}"
 
 
 def _fingerprint(model, example_inputs) -> tuple:
