@@ -41,6 +41,8 @@ from torch import nn
 
 from spaces.errors import PrunefuseError
 
+from . import bounded  # noqa: F401  (torch-pruning's group search, bounded: every graph here is built after it)
+
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")  # timm, HF BERT / ViT, DistilBERT
 # q / k / v Linears of the split layout: HF BERT, HF ViT / CLIP / most newer HF models, DistilBERT, plain code
 SPLIT_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))

@@ -21,6 +21,7 @@ from mtl_models.training.modes import eval_mode, hooked_forward
 
 from .attention import dependency_graph, head_groups
 from .layers import PRUNABLE_TYPES, prunable_layers, width
+from .bounded import RunawayGroup
 from .probe import found, unprunable_groups
 
 
@@ -33,7 +34,7 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
     names = {m: n for n, m in modules.items()}
     with eval_mode(model):
         graph = dependency_graph(model, example_inputs)
-    seen, out = set(), {}
+    seen, out, runaway = set(), {}, {}
     for name in order:
         if name in seen:
             continue
@@ -42,7 +43,12 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
             seen.add(name)  # never run in the forward: nothing to prune it with
             continue
         pruner = graph.get_pruner_of_module(module)
-        group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width(module))))
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width(module))))
+        except RunawayGroup as exc:  # left unpruned, said with the probe's findings
+            runaway[name] = str(exc)
+            seen.add(name)
+            continue
         members = {names[item.dep.target.module] for item in group.items
                    if isinstance(item.dep.target.module, PRUNABLE_TYPES)
                    and getattr(item.dep.handler, "__name__", "") == "prune_out_channels"} | {name}
@@ -50,7 +56,7 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
         if all(m.startswith("trunk.") for m in members):
             out[name] = tuple(m for m in order if m in members)
     out.update(head_groups(model))  # each attention module's heads: one decision
-    left = unprunable_groups(model, example_inputs, out)  # layouts torch-pruning gets wrong: kept whole
+    left = unprunable_groups(model, example_inputs, out, known=runaway)  # layouts torch-pruning gets wrong: kept whole
     return {g: members for g, members in out.items() if g not in left}
 
 

@@ -32,12 +32,14 @@ PROBE_SPARSITY = 0.5
 _FOUND: dict[tuple, dict[str, str]] = {}  # layout fingerprint -> {group: why}
 
 
-def unprunable_groups(model, example_inputs: torch.Tensor, groups: dict[str, tuple[str, ...]]) -> dict[str, str]:
+def unprunable_groups(model, example_inputs: torch.Tensor, groups: dict[str, tuple[str, ...]], *,
+                      known: dict[str, str] | None = None) -> dict[str, str]:
     """{group name: why} for the groups of `groups` that cannot be pruned in `model` (whose
-    pruning, or whose pruned forward, fails). The model is untouched."""
+    pruning, or whose pruned forward, fails). The model is untouched. `known`: groups found
+    unprunable already (whose search did not end), kept with the findings."""
     key = _fingerprint(model, example_inputs)
     if key not in _FOUND:
-        _FOUND[key] = _probe(model, example_inputs, groups)
+        _FOUND[key] = {**(known or {}), **_probe(model, example_inputs, groups)}
     return {g: why for g, why in _FOUND[key].items() if g in groups}
 
 
