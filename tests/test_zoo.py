@@ -25,7 +25,7 @@ from mtl_models.measuring import measure
 from mtl_models.pruning import attention, coupled_groups, left_unpruned, probe, prune
 from spaces.errors import PrunefuseError
 from spaces.policy import Pruning
-from spaces.vocabulary import task_metric, test_metric
+import spaces.vocabulary as vocab
 
 DIGITS = dict(train_pairs=32, val_pairs=16, test_pairs=16)
 TOKENS = dict(train_samples=32, val_samples=16, test_samples=16)
@@ -393,7 +393,7 @@ def _knee_reapplies(tmp, exp):
     # apply's own judgement: 0.5 points of each task's oriented score against the dense base's value
     dense = json.loads((exp / "dense.json").read_text())
     scales = {key: (float(dense[key]), sense) for task, sense in dense["senses"].items()
-              for key in (task_metric(task), test_metric(task)) if key in dense}
+              for key in (vocab.task_metric(task), vocab.test_metric(task)) if key in dense}
     assert mismatch(applied, measured, scales=scales) is None
     model, _ = checkpoint.load(tmp / "model")
     assert sum(p.numel() for p in model.parameters()) == measured["params"]
