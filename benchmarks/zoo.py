@@ -13,7 +13,9 @@ random weights, a small config), then:
   7. latency of the dense and the pruned model, interleaved rounds, one thread.
 
 A row passes when every step ran and at most MACS_PASS of the dense MACs are left; otherwise
-it names the step that failed and why, in one line.
+it names the step that failed and why, in one line. `kept whole` counts the coupled groups
+torch-pruning cannot prune in that model (`pruning.left_unpruned`) and the attention modules
+of no layout prunefuse prunes by heads: left unpruned, each named after the table with why.
 
 Images: multidigits' left and right digits, upsampled to 32×32 (1 channel); token ids: the
 `sequences` suite (16 tokens, motif and position).
@@ -21,6 +23,7 @@ Images: multidigits' left and right digits, upsampled to 32×32 (1 channel); tok
     .venv/bin/python benchmarks/zoo.py                 # every architecture (~30-60 min on 2 shared cores)
     .venv/bin/python benchmarks/zoo.py --quick         # a smoke run: three architectures, one per library
     .venv/bin/python benchmarks/zoo.py --only timm:    # the architectures whose name contains a string
+    .venv/bin/python benchmarks/zoo.py --shard 0/2     # every other architecture (a second process: --shard 1/2)
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from mtl_models.deployment import deploy  # noqa: E402
 from mtl_models.measuring import measure  # noqa: E402
 from mtl_models.models import checkpoint  # noqa: E402
 from mtl_models.pipeline import MeasureSpec, apply_policy  # noqa: E402
-from mtl_models.pruning import attention, coupled_groups, prune  # noqa: E402
+from mtl_models.pruning import attention, coupled_groups, left_unpruned, probe, prune  # noqa: E402
 from mtl_models.suites.base import Split, TaskSuite  # noqa: E402
 from spaces import Policy  # noqa: E402
 from spaces.policy import Pruning  # noqa: E402
@@ -88,6 +91,8 @@ ARCHITECTURES = {
     "timm:fbnetc_100": {},
     "timm:semnasnet_050": {},
     "timm:densenet121": {},
+    "timm:deit_small_patch16_224": dict(VIT, embed_dim=96, num_heads=6, depth=1),
+    "timm:resnext26ts": {},
     # torchvision
     "torchvision:resnet18": {},
     "torchvision:mobilenet_v2": dict(width_mult=0.5),
@@ -104,6 +109,8 @@ ARCHITECTURES = {
     "torchvision:shufflenet_v2_x0_5": {},
     "torchvision:DenseNet": dict(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16),
     "torchvision:regnet_y_400mf": {},
+    "torchvision:regnet_x_400mf": {},
+    "torchvision:googlenet": dict(aux_logits=False, init_weights=True),
     # transformers
     "hf:bert": HF_TEXT,
     "hf:distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128),
@@ -113,8 +120,13 @@ ARCHITECTURES = {
     "hf:llama": dict(HF_TEXT, num_key_value_heads=4),
     "hf:vit": HF_VISION,
     "hf:deit": HF_VISION,
+    "hf:xlm-roberta": HF_TEXT,
+    "hf:ernie": HF_TEXT,
+    "hf:data2vec-text": HF_TEXT,
+    "hf:megatron-bert": HF_TEXT,
 }
 QUICK = ("timm:vit_tiny_patch16_224", "torchvision:resnet18", "hf:bert")
+NOTICES: dict[str, list[str]] = {}  # architecture -> the lines naming what was left unpruned and why
 
 
 def log(*a):
@@ -208,9 +220,12 @@ def run_one(name: str, options: dict, suite, args, cache: Path) -> dict:
     groups = step("coupled groups", coupled_groups, model, x)
     row["groups"] = len(groups)
     row["heads"] = len(attention.sites(model))
-    unpruned = attention.describe_unsupported(model)
-    if unpruned:
-        log(f"{name}: {unpruned}")
+    left = left_unpruned(model, x)  # groups torch-pruning cannot prune here: kept whole, the rest pruned
+    row["kept whole"] = len(left) + len(attention.unsupported(model))
+    for notice in (attention.describe_unsupported(model), probe.describe(left)):
+        if notice:
+            log(f"{name}: {notice}")
+            NOTICES.setdefault(name, []).append(notice)
     s = step("sparsity for ~50% MACs", sparsity_for, model, suite, groups, args.bisect)
     row["sparsity"] = s
     policy = policy_for(suite, spec, train, {g: s for g in groups}, args.finetune)
@@ -253,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bisect", type=int, default=6, help="bisection steps of the uniform sparsity")
     ap.add_argument("--epochs", type=float, default=1.0, help="base training epochs (experts: half)")
     ap.add_argument("--finetune", type=float, default=0.5, help="fine-tune epochs after pruning")
+    ap.add_argument("--shard", help="K/N: run every N-th architecture of the list from the K-th (0-based), so that "
+                                    "N processes share the sweep")
     ap.add_argument("--out", help="write the markdown table here too")
     args = ap.parse_args(argv)
     setup_threads(args.threads)
@@ -260,6 +277,9 @@ def main(argv=None) -> int:
     names = list(QUICK if args.quick else ARCHITECTURES)
     if args.only:
         names = [n for n in ARCHITECTURES if any(o in n for o in args.only)]
+    if args.shard:
+        k, n = (int(v) for v in args.shard.split("/"))
+        names = names[k::n]
     n_train, n_eval = (128, 32) if args.quick else (512, 128)
     if args.quick:
         args.bisect, args.rounds, args.epochs, args.finetune = 3, 2, 0.5, 0.25
@@ -277,6 +297,9 @@ def main(argv=None) -> int:
             rows.append(row)
     table = render(rows)
     print(table)
+    for name, lines in NOTICES.items():  # what each architecture left unpruned, and why
+        for line in lines:
+            print(f"- {name}: {line}")
     passed = sum(r["result"] == "passed" for r in rows)
     print(f"\n{passed} of {len(rows)} architectures passed ({passed / max(1, len(rows)):.0%}); "
           f"machine: {torch.get_num_threads()} thread(s), shared")
@@ -289,10 +312,10 @@ def render(rows: list[dict]) -> str:
     def f(row, key, fmt):
         return fmt.format(row[key]) if key in row else "—"
 
-    header = ["architecture", "result", "dense params", "groups", "heads", "sparsity", "params ×", "MACs ×",
-              "latency ×", "ONNX max diff", "s"]
+    header = ["architecture", "result", "dense params", "groups", "heads", "kept whole", "sparsity", "params ×",
+              "MACs ×", "latency ×", "ONNX max diff", "s"]
     body = [[r["arch"], r["result"], f(r, "dense params", "{:,}"), f(r, "groups", "{}"), f(r, "heads", "{}"),
-             f(r, "sparsity", "{:.2f}"), f(r, "params", "{:.2f}"), f(r, "macs", "{:.2f}"), f(r, "latency", "{:.2f}"),
+             f(r, "kept whole", "{}"), f(r, "sparsity", "{:.2f}"), f(r, "params", "{:.2f}"), f(r, "macs", "{:.2f}"), f(r, "latency", "{:.2f}"),
              f(r, "onnx diff", "{:.1e}"), f(r, "seconds", "{:.0f}")] for r in rows]
     return markdown_table(header, body)
 

@@ -79,12 +79,14 @@ def prepare_inputs(cfg: SearchConfig):
         check_quantized_backend("int8", MeasureSpec(**cfg.measure).latency_backend)
     if cfg.tracking:
         tracking.callbacks(cfg)  # mlflow importable and the URI usable: fails before anything is written
+    from mtl_models.pruning import left_unpruned, probe
     from mtl_models.pruning.preflight import check_pruning
     from mtl_models.pruning.attention import describe_unsupported
 
-    unpruned = describe_unsupported(model)  # attention of no layout prunefuse knows: said once, kept whole
-    if unpruned:
-        print(unpruned, flush=True)
+    # attention of no layout prunefuse knows, groups torch-pruning cannot prune: said once, kept whole
+    for unpruned in (describe_unsupported(model), probe.describe(left_unpruned(model, suite.example_inputs(2)))):
+        if unpruned:
+            print(unpruned, flush=True)
     check_pruning(suite, space.hardest_pruning())  # a model that pruning breaks fails now, not after training
     from mtl_models.models.pretrained import load_user_weights
 

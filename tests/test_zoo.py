@@ -17,12 +17,15 @@ import yaml
 
 from conftest import ROOT, run_cli
 from mtl_models import suites
+from mtl_models.apply import mismatch
 from mtl_models.deployment import deploy
 from mtl_models.models import checkpoint, library_trunk
 from mtl_models.models.library import parse_value
-from mtl_models.pruning import attention, coupled_groups, prune
+from mtl_models.measuring import measure
+from mtl_models.pruning import attention, coupled_groups, left_unpruned, probe, prune
 from spaces.errors import PrunefuseError
 from spaces.policy import Pruning
+import spaces.vocabulary as vocab
 
 DIGITS = dict(train_pairs=32, val_pairs=16, test_pairs=16)
 TOKENS = dict(train_samples=32, val_samples=16, test_samples=16)
@@ -165,6 +168,196 @@ def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line():
         coupled_groups(model, suite.example_inputs(2))
 
 
+def test_a_module_that_checks_its_state_dict_version_loads_from_plain_dicts(tmp_path):
+    """torchvision's MNASNet refuses a state dict without its `version` metadata, which every
+    plain dict of tensors (the cached base, merged experts, a saved checkpoint) lacks: the
+    model and `checkpoint.load` give each module the version of the code that built it."""
+    suite = suite_of("multidigits")
+    torch.manual_seed(0)
+    model = suite.build_model(trunk="torchvision:mnasnet0_5").eval()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}  # what a cache or a merge hands back
+    fresh = suite.build_model(trunk="torchvision:mnasnet0_5").eval()
+    fresh.load_state_dict(plain)
+    x = suite.val.x[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)["left"], model(x)["left"])
+    checkpoint.save(model, policy_for(suite, {"trunk": "torchvision:mnasnet0_5"}, {}), {}, tmp_path / "m")
+    loaded, _ = checkpoint.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["left"], model(x)["left"])
+
+
+def test_grouped_convs_lose_the_same_offsets_in_every_channel_group():
+    """timm's RegNetX (grouped 3×3 convs, group width 8): torch-pruning cuts a grouped conv's
+    input weights by keeping the first kept/groups offsets, so a group that feeds one must lose
+    the same offsets in every channel group (else `INDICES element is out of DATA bounds`).
+    Every group prunes; none has to be left whole."""
+    suite = suite_of("multidigits")
+    torch.manual_seed(0)
+    model = suite.build_model(trunk="timm:regnetx_002").eval()
+    x = suite.example_inputs(2)
+    groups = coupled_groups(model, x)
+    assert left_unpruned(model, x) == {}
+    grouped = {n: m.in_channels for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels}
+    prune(model, Pruning(sparsity={g: 0.3 for g in groups}), example_inputs=x)
+    modules = dict(model.named_modules())
+    assert all(modules[n].in_channels < width for n, width in grouped.items())
+    with torch.no_grad():
+        assert model(x)["left"].shape == (2, 10)
+
+
+def test_groups_torch_pruning_gets_wrong_are_left_unpruned_and_the_rest_prunes(tmp_path):
+    """timm's Swin: pruning the residual channels that `PatchMerging` reshapes (2×2 patches into
+    4·C features) leaves a forward that fails (LayerNorm sees 68 of 113 features). Those groups
+    are left whole and named in one line; the heads and MLPs still prune, reload, export."""
+    suite = suite_of("multidigits")
+    torch.manual_seed(0)
+    options = dict(img_size=32, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), window_size=2)
+    model = suite.build_model(trunk="timm:swin_tiny_patch4_window7_224", **options).eval()
+    x = suite.example_inputs(2)
+    groups = coupled_groups(model, x)
+    left = left_unpruned(model, x)
+    assert "trunk.model.patch_embed.proj" in left and not set(left) & set(groups)
+    assert any(g.endswith("downsample.reduction") for g in left)
+    line = probe.describe(left)
+    assert "left unpruned" in line and "normalized_shape" in line and "\n" not in line
+    dense = measure.count_macs(model, suite.example_inputs(1))
+    sparsity = {g: 0.5 for g in groups}
+    prune(model, Pruning(sparsity=sparsity), example_inputs=x)
+    model.eval()
+    assert measure.count_macs(model, suite.example_inputs(1)) < 0.6 * dense
+    with torch.no_grad():
+        want = model(suite.val.x[:4])
+    checkpoint.save(model, policy_for(suite, {"trunk": "timm:swin_tiny_patch4_window7_224", **options}, sparsity), {},
+                    tmp_path / "m")
+    loaded, _ = checkpoint.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(suite.val.x[:4])["left"], want["left"], rtol=1e-4, atol=1e-5)
+    assert deploy.check_parity(model, deploy.export_onnx(model, x), suite.val.x[:8]) <= 1e-3
+
+
+def test_mixconv_splits_follow_its_pruned_convs():
+    """timm's MixedConv2d (MixNet) splits its input with sizes fixed at build: they follow its
+    pruned convs, so the groups around it prune instead of being left whole."""
+    from torch import nn
+
+    from mtl_models.models import MTLModel, imports
+
+    imports.timm()
+    from timm.layers import MixedConv2d
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                          MixedConv2d(24, 24, kernel_size=[3, 5], depthwise=True), nn.BatchNorm2d(24), nn.ReLU(),
+                          MixedConv2d(24, 32, kernel_size=[1, 1]), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = MTLModel(trunk, {"left": nn.Linear(32, 10)}).eval()
+    x = torch.randn(2, 1, 16, 16)
+    groups = coupled_groups(model, x)
+    assert "trunk.0" in groups   # the convs the MixConvs split: pruned, not left whole
+    prune(model, Pruning(sparsity={g: 0.5 for g in groups}), example_inputs=x)
+    mix = [m for m in model.modules() if isinstance(m, MixedConv2d)]
+    assert mix[0].in_channels == 12 and all(sum(m.splits) == m.in_channels for m in mix)
+    with torch.no_grad():
+        assert model(x)["left"].shape == (2, 10)
+
+
+def _within(seconds, fn, *args):
+    """fn(*args), or None when it runs past `seconds` (SIGALRM); the caller fails outside the
+    interrupted frames, which pytest cannot render."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError
+
+    before = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        return fn(*args)
+    except TimeoutError:
+        return None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def _tiny_llama():
+    suite = suite_of("sequences")
+    torch.manual_seed(0)
+    model = suite.build_model(trunk="hf:llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                              intermediate_size=64, num_key_value_heads=4).eval()
+    return model, suite.example_inputs(2)
+
+
+def test_rotary_attention_is_kept_whole_and_the_rest_prunes_in_seconds():
+    """transformers' Llama attention (rotary embeddings, no head count attribute): torch-pruning's
+    index search from its q/k Linears through `rotate_half` never ended (the zoo's llama row ran
+    past 10 minutes). Its heads are left whole, named in one line; the MLPs and the residual
+    width still prune."""
+    model, x = _tiny_llama()
+    groups = _within(60, coupled_groups, model, x)
+    assert groups is not None, "the coupled groups of a one-layer llama took over 60 s"
+    assert "rotary" in attention.describe_unsupported(model)
+    dense = sum(p.numel() for p in model.parameters())
+    prune(model, Pruning(sparsity={g: 0.5 for g in groups}), example_inputs=x)
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * dense
+    with torch.no_grad():
+        assert model(x)["motif"].shape[0] == 2
+
+
+def test_a_group_search_that_never_ends_is_stopped_and_left_unpruned(monkeypatch):
+    """torch-pruning's search from a rotary attention's q / k Linears never repeats its indices
+    (torchvision's Swin grew to 7.7 GB): it stops at the bound, and the group is left unpruned
+    with that reason. Here the llama attention is not recognised as rotary (so q / k are roots)
+    and the bound is lowered to keep the test short."""
+    from mtl_models.pruning import bounded
+
+    monkeypatch.setattr(bounded, "MAX_GROUP_ITEMS", 300)
+    monkeypatch.setattr(attention, "_classify", lambda name, module: (None, None))
+    monkeypatch.setattr(probe, "_FOUND", {})  # this layout's findings without the monkeypatch: not these
+    model, x = _tiny_llama()
+    left = _within(120, left_unpruned, model, x)
+    assert left is not None, "the group search did not stop within 120 s"
+    runaway = [g for g, why in left.items() if "does not end" in why]
+    assert any(g.endswith(("q_proj", "k_proj")) for g in runaway), left
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_match_the_fine_tuned_weights(tmp_path):
+    """After the fine-tune, BatchNorm's running statistics are re-estimated on the calibration
+    batch: a short fine-tune moves the weights further than the running averages follow, and in
+    torchvision's EfficientNetV2 (channels nearly constant in its 1×1 late stages, variance far
+    below eps) eval-mode BatchNorm amplified the mismatch until float32 rounding alone moved the
+    outputs (the zoo's ONNX parity was off by 88). Here with torchvision's MobileNetV3."""
+    import copy
+
+    from mtl_models import artifacts
+    from mtl_models.pipeline import MeasureSpec, apply_policy, calibration_batch
+    from mtl_models.pruning import recalibrate_batchnorm
+    from spaces import Policy
+
+    suite = suite_of("multidigits")
+    spec = {"trunk": "torchvision:mobilenet_v3_small"}
+    train = dict(epochs=0.5, expert_epochs=0.5, batch_size=16, lr=1e-3)
+    art = artifacts.prepare(suite, spec, artifacts.TrainSpec(**train), cache_dir=tmp_path, experts=True,
+                            log=lambda *a: None)
+    model = suite.build_model(**spec)
+    groups = coupled_groups(model, suite.example_inputs(2))
+    policy = Policy.from_dict({"schema": "prunefuse.policy/1", "suite": suite.spec, "model": spec, "base": train,
+                               "pruning": {"sparsity": {g: 0.3 for g in groups}},
+                               "finetune": {"epochs": 1.0, "lr": 1e-2, "batch_size": 16}})
+    pruned, _ = apply_policy(suite, policy, art, measure_spec=MeasureSpec(latency_batch=2, runs=1, warmup=0))
+    calib, _ = calibration_batch(suite)
+    fresh = copy.deepcopy(pruned)
+    recalibrate_batchnorm(fresh, lambda m: m(calib))
+    norms = [(n, m) for n, m in pruned.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    refreshed = dict(fresh.named_modules())
+    for name, norm in norms:
+        torch.testing.assert_close(norm.running_mean, refreshed[name].running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(norm.running_var, refreshed[name].running_var, rtol=1e-4, atol=1e-5)
+
+
 def test_option_values_are_parsed_as_the_libraries_want_them():
     assert parse_value([1, 2]) == (1, 2)
     assert parse_value("1,2,2") == (1, 2, 2)
@@ -212,7 +405,8 @@ def _sizes(which):
 
 
 def _knee_reapplies(tmp, exp):
-    """The knee's policy rebuilds its trial's model: parameters exact, metrics within 0.5 points,
+    """The knee's policy rebuilds its trial's model: parameters exact, metrics within 0.5 points
+    of each task's oriented dense-relative score (`apply.mismatch`, what `prunefuse apply` checks),
     and the applied model reloads with the same parameter count."""
     code, _, err = run_cli("export", exp, "--knee", "-o", tmp / "knee.yaml", cwd=ROOT)
     assert code == 0, err
@@ -222,8 +416,11 @@ def _knee_reapplies(tmp, exp):
     assert code == 0, err[-3000:]
     applied = json.loads((tmp / "model" / "metrics.json").read_text())
     assert applied["params"] == measured["params"]
-    for key in [k for k in measured if k.startswith(("metric/", "test/"))]:
-        assert abs(applied[key] - measured[key]) * 100 <= 0.5, key
+    # apply's own judgement: 0.5 points of each task's oriented score against the dense base's value
+    dense = json.loads((exp / "dense.json").read_text())
+    scales = {key: (float(dense[key]), sense) for task, sense in dense["senses"].items()
+              for key in (vocab.task_metric(task), vocab.test_metric(task)) if key in dense}
+    assert mismatch(applied, measured, scales=scales) is None
     model, _ = checkpoint.load(tmp / "model")
     assert sum(p.numel() for p in model.parameters()) == measured["params"]
 

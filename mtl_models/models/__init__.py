@@ -21,6 +21,7 @@ from spaces.errors import PrunefuseError, unknown_name
 
 from .builtin import TRUNKS, cnn_feature_trunk, token_vocab
 from .library import LIBRARIES, LibraryTrunk, is_library_trunk, library_trunk, split_name
+from .versions import with_versions
 
 __all__ = ["LIBRARIES", "TRUNKS", "LibraryTrunk", "MTLModel", "build_model", "dense_head", "is_library_trunk",
            "library_trunk", "pooled_head", "token_vocab"]
@@ -35,6 +36,11 @@ class MTLModel(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         shared = self.trunk(x)
         return {task: head(shared) for task, head in self.heads.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # A plain dict of tensors (cached base, merged experts, a checkpoint) carries no module
+        # versions; a library module that checks its own (torchvision's MNASNet) needs them.
+        return super().load_state_dict(with_versions(self, state_dict), strict=strict, assign=assign)
 
 
 def dense_head(c_in: int, num_outputs: int, size: tuple[int, int], *, hidden: int = 32) -> nn.Module:

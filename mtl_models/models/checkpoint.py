@@ -21,6 +21,7 @@ import torch
 from spaces.errors import PrunefuseError
 from spaces.policy import Policy
 
+from mtl_models.models.versions import with_versions
 from mtl_models.models.weights import load_weights
 from mtl_models.models.resize import RESIZERS, resize_to  # noqa: F401  (how each module type takes saved shapes)
 
@@ -141,7 +142,7 @@ def load(out_dir, *, suite=None):
     state = load_weights(folder / "model.pt")
     resize_to(model, state)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_versions(model, state), strict=True)  # a user's model class too
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())
         raise PrunefuseError(f"{str(folder / 'model.pt')!r} does not fit the model its policy builds: {reason}") from None

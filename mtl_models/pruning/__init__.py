@@ -44,7 +44,8 @@ from spaces.errors import PrunefuseError
 from spaces.policy import Pruning
 
 from .allocation import MAX_SPARSITY, cubic_schedule, kept_units, min_kept, round_units
-from .groups import coupled_groups, decided_sparsity
+from .groups import coupled_groups, decided_sparsity, left_unpruned
+from .probe import found  # what coupled_groups left out, and why (its probe is cached per layout)
 from .importance import AGGREGATES, IMPORTANCES, NEEDS_GRADS, MultiTaskTaylor, task_gradients
 from .layers import PRUNABLE_TYPES, prunable_layers
 from .structured import prune_structured, recalibrate_batchnorm
@@ -53,7 +54,7 @@ from .unstructured import prune_unstructured, without_masks
 MODES = ("structured", "unstructured")
 
 __all__ = ["AGGREGATES", "IMPORTANCES", "MAX_SPARSITY", "MODES", "NEEDS_GRADS", "PRUNABLE_TYPES", "MultiTaskTaylor",
-           "check_sparsity", "coupled_groups", "cubic_schedule", "kept_units", "min_kept", "prunable_layers", "prune",
+           "check_sparsity", "coupled_groups", "cubic_schedule", "kept_units", "left_unpruned", "min_kept", "prunable_layers", "prune",
            "recalibrate_batchnorm", "round_units", "task_gradients", "without_masks"]
 
 
@@ -66,7 +67,7 @@ def check_sparsity(model, sparsity: dict[str, float], example_inputs: torch.Tens
             raise PrunefuseError(f"sparsity of {name} is {value}; expected 0 <= sparsity <= {MAX_SPARSITY}")
     if groups is None:
         groups = coupled_groups(model, example_inputs)
-    return decided_sparsity(groups, sparsity, prunable_layers(model))
+    return decided_sparsity(groups, sparsity, prunable_layers(model), found(model, example_inputs))
 
 
 def prune(model, spec: Pruning, *, example_inputs: torch.Tensor, task_losses=None, after_step=None) -> nn.Module:
@@ -91,7 +92,8 @@ def prune(model, spec: Pruning, *, example_inputs: torch.Tensor, task_losses=Non
     if spec.importance in NEEDS_GRADS and task_losses is None:
         raise PrunefuseError(f"importance {spec.importance!r} needs task_losses (calibration losses per task)")
     groups = coupled_groups(model, example_inputs)
-    sparsity = decided_sparsity(groups, dict(spec.sparsity), prunable_layers(model))  # keys that fit this model
+    sparsity = decided_sparsity(groups, dict(spec.sparsity), prunable_layers(model),  # keys that fit this model
+                                found(model, example_inputs))
     if spec.mode == "structured":
         return prune_structured(model, spec, sparsity, groups, example_inputs=example_inputs,
                                 task_losses=task_losses, after_step=after_step)

@@ -41,6 +41,8 @@ from torch import nn
 
 from spaces.errors import PrunefuseError
 
+from . import bounded  # noqa: F401  (torch-pruning's group search, bounded: every graph here is built after it)
+
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")  # timm, HF BERT / ViT, DistilBERT
 # q / k / v Linears of the split layout: HF BERT, HF ViT / CLIP / most newer HF models, DistilBERT, plain code
 SPLIT_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
@@ -275,6 +277,12 @@ def _classify(name: str, module) -> tuple[Site | None, str | None]:
         return (None, why) if why else (Site(name, "mha", (name,), module.head_dim), None)
     attr = _head_count_attr(module)
     if attr is None:
+        if _is_int(getattr(module, "head_dim", None)) and any(
+                all(isinstance(getattr(module, p, None), nn.Linear) for p in names) for names in SPLIT_NAMES):
+            # transformers' Llama-style attention (reshapes with -1 and head_dim, no head count):
+            # torch-pruning's index search through its rotary embedding (rotate_half's
+            # slices and cat) never ends, so its q/k/v/o stay out of the graph's roots
+            return None, "q / k / v Linears with rotary position embeddings and no head count: heads not pruned"
         return None, None
     heads = getattr(module, attr)
     qkv = getattr(module, "qkv", None)

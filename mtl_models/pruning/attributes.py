@@ -41,3 +41,10 @@ def sync_widths(model: nn.Module) -> None:
 def _torchvision_vit(m) -> None:
     # _process_input reshapes the patch embedding with (n, self.hidden_dim, n_h * n_w)
     m.hidden_dim = m.conv_proj.out_channels
+
+
+@syncs("timm.layers.mixed_conv2d.MixedConv2d")
+def _timm_mixed_conv(m) -> None:
+    # MixNet's MixConv splits its input with `splits` (fixed at build) before its convs
+    m.splits = [conv.in_channels for conv in m.values()]
+    m.in_channels, m.out_channels = sum(m.splits), sum(conv.out_channels for conv in m.values())

@@ -16,6 +16,14 @@ from .importance import IMPORTANCES
 from .layers import width as _width
 
 
+class GroupPruningError(PrunefuseError):
+    """Structured pruning of one coupled group failed; `group` names it."""
+
+    def __init__(self, group: str, message: str):
+        super().__init__(message)
+        self.group = group
+
+
 def prune_structured(model, spec, sparsity, groups, *, example_inputs, task_losses, after_step):
     """`spec`: the policy's Pruning section; `sparsity`: {group name: value}; `groups`:
     `coupled_groups(model)`. Each group is pruned through its first member (its name):
@@ -75,7 +83,7 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
         n_drop = _width(modules[name]) - targets[name]
         if n_drop <= 0 or _width(modules[name]) != len(s):
             continue  # nothing to do, or already resized through a coupled layer
-        drop = torch.sort(s, stable=True).indices[:n_drop].tolist()
+        drop = _lowest(s, n_drop, 1 if name in sites else _conv_channel_groups(groups[name]))
         try:
             if name in sites:
                 attention.prune_heads(graph, model, sites[name], drop)
@@ -83,15 +91,15 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
                 continue
             group = graph.get_pruning_group(modules[name], _out_fn(graph, modules[name]), sorted(drop))
             if not graph.check_pruning_group(group):
-                raise PrunefuseError(f"structured pruning of the coupled group {name!r} cannot remove {n_drop} "
-                                     f"channels: {_too_narrow(graph, group)}")
+                raise GroupPruningError(name, f"structured pruning of the coupled group {name!r} cannot remove "
+                                              f"{n_drop} channels: {_too_narrow(graph, group)}")
             group.prune()
             changed = True
         except PrunefuseError:
             raise
         except Exception as exc:  # torch-pruning's own errors say nothing of where
-            raise PrunefuseError(f"structured pruning of the coupled group {name!r} failed: "
-                                 f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+            raise GroupPruningError(name, f"structured pruning of the coupled group {name!r} failed: "
+                                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     if changed:
         sync_widths(model)  # width attributes library forwards read (torchvision ViT's hidden_dim)
     if changed and task_losses is not None:
@@ -101,14 +109,37 @@ def _structured_round(model, modules, listed, initial, criterion, example_inputs
 def _channel_multiple(group) -> int:
     """What a group's kept channels must be a multiple of: each GroupNorm's number of groups
     and each grouped (not depthwise) conv's groups, that read or write these channels."""
+    multiple = _conv_channel_groups(group)
+    for item in getattr(group, "items", []):
+        if isinstance(item.dep.target.module, nn.GroupNorm):
+            multiple = math.lcm(multiple, item.dep.target.module.num_groups)
+    return multiple
+
+
+def _conv_channel_groups(group) -> int:
+    """How many channel groups a group's channels fall into at the grouped (not depthwise)
+    convs that read or write them: the lcm of their `groups` (1: none)."""
     multiple = 1
     for item in getattr(group, "items", []):
         module = item.dep.target.module
-        if isinstance(module, nn.GroupNorm):
-            multiple = math.lcm(multiple, module.num_groups)
-        elif isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
+        if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
             multiple = math.lcm(multiple, module.groups)
     return multiple
+
+
+def _lowest(scores: torch.Tensor, n_drop: int, channel_groups: int = 1) -> list[int]:
+    """The `n_drop` lowest-scoring units. Where the channels feed or leave a grouped conv
+    (`channel_groups` > 1), the same offsets go in every channel group: torch-pruning cuts a
+    grouped conv's input weights by keeping the first kept/groups offsets (`ConvPruner.
+    prune_in_channels`), right only when each group loses the same offsets (else an index out
+    of range, RegNet's "INDICES element is out of DATA bounds", or silently wrong weights), and
+    a grouped conv's output rows stay aligned with its groups only then."""
+    width = len(scores)
+    if channel_groups <= 1 or width % channel_groups or n_drop % channel_groups:
+        return torch.sort(scores, stable=True).indices[:n_drop].tolist()
+    period = width // channel_groups
+    offsets = torch.sort(scores.view(channel_groups, period).sum(0), stable=True).indices[:n_drop // channel_groups]
+    return sorted(g * period + int(j) for g in range(channel_groups) for j in offsets)
 
 
 def _divisible(kept: int, width: int, multiple: int) -> int:
