@@ -1,5 +1,6 @@
 """The merging benchmark (benchmarks/merging.py): its datasets, its per-task forward for
 AdaMerging, and a smoke run of the whole script."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +9,20 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import _merge_models as mm  # noqa: E402
-import _merge_tasks as mt  # noqa: E402
+
+def _benchmark_module(name: str):
+    """benchmarks/NAME.py by its path: putting benchmarks/ on sys.path would let its search.py
+    shadow the `search` package for every test collected after this one."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+mm = _benchmark_module("_merge_models")
+mt = _benchmark_module("_merge_tasks")
 
 SIZES = {"train": 24, "val": 12, "test": 12}
 
