@@ -227,16 +227,18 @@ def task_sets(seed: int, sizes: dict, tasks=TASKS) -> dict[str, TaskData]:
     return out
 
 
-def pretraining_set(seed: int, per_task: int, tasks=TASKS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pretraining_set(seed: int, per_task: int, tasks=TASKS, *, grouped: bool = True
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Images of every family (fresh draws; digits from the training glyphs only) and their
-    generic labels: "kind" = family × coarse attribute (4 per family), "cell" = 3×3 position."""
+    generic labels: "kind" = family × coarse attribute (4 per family; `grouped=False`: the family
+    alone, a backbone that knows less of the tasks), "cell" = 3×3 position."""
     xs, kinds, cells = [], [], []
     for i, task in enumerate(tasks):
         rng = np.random.default_rng([seed, 2, i])
         glyphs = _glyph_splits()["train"] if task == "digits" else None
         x, y, cell = _draw_many(task, per_task, rng, glyphs)
         xs.append(x)
-        kinds.append(4 * i + np.array([coarse(task, int(v)) for v in y]))
+        kinds.append(4 * i + np.array([coarse(task, int(v)) if grouped else 0 for v in y]))
         cells.append(cell)
     return _as_tensor(np.concatenate(xs)), {"kind": torch.from_numpy(np.concatenate(kinds)).long(),
                                             "cell": torch.from_numpy(np.concatenate(cells)).long()}

@@ -77,6 +77,7 @@ class Setup:
     adamerging_rows: int = 512        # unlabeled training images per task AdaMerging may draw
     adamerging: tuple = (("steps", 100), ("lr", 0.01), ("init", 0.3))
     trials: int = 40
+    grouped_pretraining: bool = True  # pretraining labels name groups of classes (False: family only)
     cycle_steps: int = 150
     cycle_lr: float = 3e-4
     cycle_batch: int = 16             # per task and step
@@ -278,7 +279,7 @@ def cycle(bench: Bench, state: dict, sparsity: float) -> dict:
 
 def pretrained(setup: Setup, vit: mm.ViT) -> dict:
     """The backbone every seed starts from (one pretraining, as one CLIP serves the literature's runs)."""
-    px, py = mt.pretraining_set(PRETRAIN_SEED, setup.pretrain_per_task)
+    px, py = mt.pretraining_set(PRETRAIN_SEED, setup.pretrain_per_task, grouped=setup.grouped_pretraining)
     return mm.pretrain(vit, px, py, steps=setup.pretrain_steps, lr=1e-3, batch=128, seed=PRETRAIN_SEED)
 
 
@@ -387,13 +388,15 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, help="search trials (default 40; each default is enqueued first)")
     ap.add_argument("--expert-lr", type=float, help="experts' fine-tuning lr (default 3e-4)")
     ap.add_argument("--expert-steps", type=int, help="experts' fine-tuning steps (default 300)")
+    ap.add_argument("--pretraining", choices=("grouped", "family"), default="grouped",
+                    help="pretraining labels: family x groups of classes (default), or the family alone")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     setup_threads(args.threads)
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     setup = QUICK if args.quick else Setup()
-    given = {"trials": args.trials, "expert_lr": args.expert_lr, "expert_steps": args.expert_steps}
+    given = {"grouped_pretraining": args.pretraining == "grouped", "trials": args.trials, "expert_lr": args.expert_lr, "expert_steps": args.expert_steps}
     setup = dataclasses.replace(setup, **{k: v for k, v in given.items() if v is not None})
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     vit = mm.ViT()
