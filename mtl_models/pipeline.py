@@ -23,7 +23,7 @@ from mtl_models.artifacts import Artifacts
 from mtl_models.training.finite import check_finite
 from mtl_models.training.device import check_precision, device_name, half_dtype
 from mtl_models.fusion import merge
-from mtl_models.pruning import prune, recalibrate_batchnorm, without_masks
+from mtl_models.pruning import left_unpruned, prune, recalibrate_batchnorm, without_masks
 from mtl_models.training.tasks import task_loss
 from mtl_models.training.train import Guidance, TrainOptions, evaluate, train
 
@@ -188,6 +188,10 @@ def start_model(suite, policy: Policy, artifacts: Artifacts, *, device: str, sta
     statistics set as `statistics` says)."""
     torch.manual_seed(policy.seed)
     model = suite.build_model(**policy.model)
+    # What torch-pruning cannot prune is a property of the layout, judged on the model as built
+    # (the driver's check does the same) and kept per layout: on trained weights a forward may
+    # fail for other reasons, and a group refused in one trial but not another would split a search.
+    left_unpruned(model, suite.example_inputs(2))
     model.load_state_dict(artifacts.base)
     if policy.fusion is None:
         return model
