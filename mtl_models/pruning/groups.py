@@ -22,7 +22,7 @@ from mtl_models.training.modes import eval_mode, hooked_forward
 from .attention import dependency_graph, head_groups
 from .layers import PRUNABLE_TYPES, prunable_layers, width
 from .bounded import RunawayGroup
-from .probe import found, unprunable_groups
+from .probe import found, probed, unprunable_groups
 
 
 def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, ...]]:
@@ -62,8 +62,10 @@ def coupled_groups(model, example_inputs: torch.Tensor) -> dict[str, tuple[str, 
 
 def left_unpruned(model, example_inputs: torch.Tensor) -> dict[str, str]:
     """The coupled groups of `model` that torch-pruning cannot prune, left out of
-    `coupled_groups` (so never pruned): group name -> why (`probe.describe` makes it a line)."""
-    coupled_groups(model, example_inputs)
+    `coupled_groups` (so never pruned): group name -> why (`probe.describe` makes it a line).
+    Probed once per layout and process: every later call only reads the answer."""
+    if not probed(model, example_inputs):
+        coupled_groups(model, example_inputs)
     return found(model, example_inputs)
 
 

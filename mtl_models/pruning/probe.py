@@ -43,6 +43,11 @@ def unprunable_groups(model, example_inputs: torch.Tensor, groups: dict[str, tup
     return {g: why for g, why in _FOUND[key].items() if g in groups}
 
 
+def probed(model, example_inputs) -> bool:
+    """Whether this model's layout was probed in this process (`found` then has the answer)."""
+    return _fingerprint(model, example_inputs) in _FOUND
+
+
 def found(model, example_inputs) -> dict[str, str]:
     """What the last probe of this model's layout found ({} if it was not probed)."""
     return dict(_FOUND.get(_fingerprint(model, example_inputs), {}))
