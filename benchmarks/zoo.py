@@ -278,8 +278,10 @@ def main(argv=None) -> int:
     if args.only:
         names = [n for n in ARCHITECTURES if any(o in n for o in args.only)]
     if args.shard:
-        k, n = (int(v) for v in args.shard.split("/"))
-        names = names[k::n]
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+            ap.error(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+        names = names[int(k)::int(n)]
     n_train, n_eval = (128, 32) if args.quick else (512, 128)
     if args.quick:
         args.bisect, args.rounds, args.epochs, args.finetune = 3, 2, 0.5, 0.25
