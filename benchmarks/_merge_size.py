@@ -8,9 +8,10 @@ twice in one process (a search merges the same experts once per trial: the secon
 shows what the cross-trial cache saves). Columns: wall seconds and CPU seconds of the merge
 (CPU seconds compare rows fairly when other work shares the cores), peak RSS of the process,
 and the merge's own part of it (peak RSS minus the RSS before merging: inputs excluded).
-Rows: TIES (density 0.2) and task arithmetic before and after, TSV-M after (its singular
-vectors come from fusion/cache.py in the 2nd merge). With --threads 2 the after code runs two
-keys at a time, each op single-threaded (merge's `_keys_in_parallel`).
+Rows: TIES (density 0.2) and task arithmetic before and after; TSV-M, Iso-C and Iso-CTS before
+(the fusion package at commit SINGULAR_BEFORE: full SVDs) and after (Gram eigendecompositions,
+fusion/cache.py in the 2nd merge). `--size-rows` picks rows (`tsv:after,iso_c`). With --threads 2
+the after code runs two keys at a time, each op single-threaded (merge's `_keys_in_parallel`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "aeab905"  # the last commit with the single-module fusion/__init__.py
+SINGULAR_BEFORE = "e49b335"  # main before the singular merges used Gram eigendecompositions
 ROWS = [("ties", "before", {"density": 0.2}), ("ties", "after", {"density": 0.2}),
-        ("task_arithmetic", "before", {}), ("task_arithmetic", "after", {}), ("tsv", "after", {})]
+        ("task_arithmetic", "before", {}), ("task_arithmetic", "after", {}),
+        ("tsv", "before", {}), ("tsv", "after", {}), ("iso_c", "before", {}), ("iso_c", "after", {}),
+        ("iso_cts", "before", {}), ("iso_cts", "after", {})]
+
+
+def revision(method: str, variant: str) -> str | None:
+    """The commit a "before" row runs (None: this tree)."""
+    if variant == "after":
+        return None
+    return SINGULAR_BEFORE if method in ("tsv", "iso_c", "iso_cts") else BEFORE
+
+
+def pick_rows(spec: str | None) -> list[tuple[str, str, dict]]:
+    """ROWS named by `spec` ("tsv:after,iso_c": a method alone names both its rows); None: all."""
+    if not spec:
+        return list(ROWS)
+    wanted = [w.strip().split(":") for w in spec.split(",") if w.strip()]
+    rows = [r for r in ROWS if any(w[0] == r[0] and (len(w) == 1 or w[1] == r[1]) for w in wanted)]
+    if not rows:
+        raise SystemExit(f"--size-rows {spec!r} names no row; rows are: "
+                         f"{', '.join(f'{m}:{v}' for m, v, _ in ROWS)}")
+    return rows
 
 
 def _rss_gb() -> float:
@@ -55,19 +78,27 @@ def _state_dicts(seed: int):
     return base, experts
 
 
-def _merge_fn(variant: str):
-    if variant == "after":
+def _merge_fn(commit: str | None):
+    """`merge` of this tree (None) or of the fusion package at `commit`, imported unchanged under
+    the name fusion_before (its relative imports resolve inside the extracted copy)."""
+    if commit is None:
         from mtl_models import fusion
 
         return fusion.merge
     import importlib.util
+    import tarfile
 
-    source = subprocess.run(["git", "show", f"{BEFORE}:mtl_models/fusion/__init__.py"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="fusion-before-")) / "fusion_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("fusion_before", path)
+    where = Path(tempfile.mkdtemp(prefix="fusion-before-"))
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, "mtl_models/fusion"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    (where / "fusion.tar").write_bytes(archive)
+    with tarfile.open(where / "fusion.tar") as tar:
+        tar.extractall(where, filter="data")
+    package = where / "mtl_models" / "fusion"
+    spec = importlib.util.spec_from_file_location("fusion_before", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fusion_before"] = module
     spec.loader.exec_module(module)
     return module.merge
 
@@ -77,7 +108,7 @@ def worker(method: str, variant: str, params: dict, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    merge = _merge_fn(variant)
+    merge = _merge_fn(revision(method, variant))
     base, experts = _state_dicts(0)
     inputs = _rss_gb()
     seconds, cpu = [], []
@@ -91,15 +122,17 @@ def worker(method: str, variant: str, params: dict, threads: int) -> dict:
             "inputs_gb": inputs}
 
 
-def run(threads: int, log=print) -> list[dict]:
+def run(threads: int, log=print, rows_spec: str | None = None) -> list[dict]:
     rows = []
-    for method, variant, params in ROWS:
+    for method, variant, params in pick_rows(rows_spec):
         cmd = [sys.executable, __file__, json.dumps([method, variant, params, threads])]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if out.returncode != 0:
             raise RuntimeError(f"size row {method}/{variant} failed:\n{out.stderr[-3000:]}")
-        row = {"method": method, "variant": variant, **json.loads(out.stdout.strip().splitlines()[-1])}
+        commit = revision(method, variant)
+        row = {"method": method, "variant": f"{variant} ({commit})" if commit else variant,
+               **json.loads(out.stdout.strip().splitlines()[-1])}
         log(f"  {method} {variant}: {row}")
         rows.append(row)
     return rows
@@ -113,18 +146,25 @@ def report(rows: list[dict], markdown_table, fmt) -> list[tuple[str, bool, str]]
                          [[r["method"], r["variant"], fmt(r["seconds"][0], 1), fmt(r["cpu_s"][0], 1),
                            fmt(second(r["seconds"]), 1), fmt(second(r["cpu_s"]), 1),
                            fmt(r["peak_gb"]), fmt(r["merge_gb"]), fmt(r["inputs_gb"])] for r in rows]))
-    before = next(r for r in rows if r["method"] == "ties" and r["variant"] == "before")
-    after = next(r for r in rows if r["method"] == "ties" and r["variant"] == "after")
+    goals = []
+    for method in dict.fromkeys(r["method"] for r in rows):  # each method with both rows measured
+        before = next((r for r in rows if r["method"] == method and r["variant"].startswith("before")), None)
+        after = next((r for r in rows if r["method"] == method and r["variant"] == "after"), None)
+        if before and after:
+            goals += _goals(method, before, after)
+    return goals
+
+
+def _goals(method: str, before: dict, after: dict) -> list[tuple[str, bool, str]]:
     time_ratio = after["cpu_s"][0] / before["cpu_s"][0]
     second_ratio = after["cpu_s"][1] / before["cpu_s"][0]
     memory_ratio = after["merge_gb"] / max(before["merge_gb"], 1e-9)
-    return [("TIES, 3 BERT-base experts: CPU time after / before ≤ 1/3 (1st merge)", time_ratio <= 1 / 3,
+    return [(f"{method}, 3 BERT-base experts: CPU time after / before ≤ 1/3 (1st merge)", time_ratio <= 1 / 3,
              f"{time_ratio:.2f} (wall {after['seconds'][0]:.1f} vs {before['seconds'][0]:.1f} s, shared machine)"),
-            ("TIES, 3 BERT-base experts: CPU time after / before ≤ 1/3 (2nd merge, same experts)",
+            (f"{method}, 3 BERT-base experts: CPU time after / before ≤ 1/3 (2nd merge, same experts)",
              second_ratio <= 1 / 3, f"{second_ratio:.2f} (wall {after['seconds'][1]:.1f} s)"),
-            ("TIES, 3 BERT-base experts: merge's own RSS after / before ≤ 1/3", memory_ratio <= 1 / 3,
+            (f"{method}, 3 BERT-base experts: merge's own RSS after / before ≤ 1/3", memory_ratio <= 1 / 3,
              f"{memory_ratio:.2f} (peak {after['peak_gb']:.2f} vs {before['peak_gb']:.2f} GB with the inputs)")]
-
 
 if __name__ == "__main__":
     method, variant, params, threads = json.loads(sys.argv[1])

@@ -41,8 +41,8 @@ with a CNN trunk (BN_MODEL): for six merges (DARE up to p = 0.95), each model th
 statistics merged as task vectors (what merging did before), the base's statistics (a), and
 statistics recalibrated on 512 training samples after the merge (b, the default of
 `pipeline.start_model`); a merged model whose outputs are NaN / inf is counted, not scored.
-Part `size` (--parts size): TIES, task arithmetic and TSV-M over three BERT-base experts, the merge before
-this branch and now, time and peak RSS (benchmarks/_merge_size.py).
+Part `size` (--parts size): TIES, task arithmetic, TSV-M, Iso-C and Iso-CTS over three BERT-base experts,
+the merge before and now, time and peak RSS (benchmarks/_merge_size.py; --size-rows picks rows).
 Goals: searched ≥ the best default row *by test* (the strictest reading) in ≥ 2 of 3 seeds;
 TIES (defaults) ≥ average in mean test over seeds. A TIES investigation (density, per-tensor
 vs global trim, λ, and how far each merge moves the trunk) is printed as an extra table.
@@ -390,7 +390,9 @@ def main(argv=None) -> None:
                     help="Adam lr of the expert fine-tunes (default: TrainSpec's)")
     ap.add_argument("--parts", default="merge,bn",
                     help="merge: the methods on the MLP suites; bn: BatchNorm statistics after a merge (CNN); "
-                         "size: TIES / TSV over 3 BERT-base experts, before and after (run it alone)")
+                         "size: TIES / TSV / Iso over 3 BERT-base experts, before and after (run it alone)")
+    ap.add_argument("--size-rows", default=None,
+                    help="size part: which rows, e.g. tsv:after,iso_c (a method alone: before and after; default all)")
     ap.add_argument("--bn-train-pairs", type=int, default=4000, help="bn part: multidigits train_pairs")
     ap.add_argument("--bn-epochs", type=float, default=6.0, help="bn part: base epochs (experts: --expert-epochs / 3)")
     ap.add_argument("--threads", type=int, default=1)
@@ -425,7 +427,7 @@ def main(argv=None) -> None:
         import _merge_size
 
         with stopwatch("real size"):
-            rows = _merge_size.run(args.threads)
+            rows = _merge_size.run(args.threads, rows_spec=args.size_rows)
         goals += _merge_size.report(rows, markdown_table, fmt)
     print("\n### Goals\n")
     print(goals_table(goals))

@@ -393,7 +393,7 @@ def test_expert_preserve_is_part_of_the_cache_key():
     assert cache_key({"name": "s"}, {"trunk": "mlp"}, TrainSpec(expert_preserve=1), "trained") in keys  # 1 == 1.0
 
 
-# --- the cross-merge cache (fusion.cache): TSV-M's singular vectors ------------------
+# --- the cross-merge cache (fusion.cache): TSV-M's whitened bases --------------------
 
 def _uncached(method, base, experts, lam):
     """The merge computed by the method on plain dicts: no TaskDeltas, no cache."""
@@ -410,10 +410,10 @@ def test_tsv_reuses_singular_vectors_across_merges_and_sees_changed_experts(base
     first = {"seg": 0.5, "depth": 0.8, "normal": 1.0}
     merge(base, experts, "tsv", first)
     entries = len(cache._ENTRIES)
-    assert entries == 3 * 2  # 3 tasks x 2 matrices
+    assert entries == 2  # one set of bases per matrix
     other = {"seg": -0.7, "depth": 0.2, "normal": 1.3}  # another trial, a negative coefficient too
     got = merge(base, experts, "tsv", other)
-    assert len(cache._ENTRIES) == entries  # every triplet came from the cache
+    assert len(cache._ENTRIES) == entries  # every basis came from the cache
     for k, v in _uncached("tsv", base, experts, other).items():
         assert_close(got[k], v, atol=1e-5, rtol=1e-5)
     changed = {**experts, "seg": {k: v * 1.5 if v.is_floating_point() else v for k, v in experts["seg"].items()}}

@@ -12,7 +12,9 @@ Methods (registered in `METHODS`; their searchable knobs in `KNOBS`), one module
   adamerging.py  adamerging: coefficients learned on unlabeled inputs (`learn_coefficients`)
 `merge.py` checks the inputs and merges key by key (`merge`; TIES, task arithmetic and average
 chunk by chunk); `select.py` finds TIES's top-k exactly without a sort; `registry.py` holds `METHODS`;
-`cache.py` keeps knob-free per-tensor work (TSV-M's singular vectors) across merges.
+`spectral.py` gives polar factors and top singular triplets from the float64 Gram's eigendecomposition
+(the SVD where that is ill-conditioned); `cache.py` keeps knob-free per-tensor work (TSV-M's whitened
+bases) across merges.
 Reference, benchmarks and what each method does: docs/merging.md.
 """
 from __future__ import annotations

@@ -227,15 +227,20 @@ class KeyInputs:
 class TaskDeltas(dict):
     """task -> lambda_t * tau_t for one key: what a method merges. The tensors are `merge`'s own
     temporaries, freed after the method returns: a method may overwrite them (DARE-TIES
-    trims in place). `singular(task, rank)` gives a vector's top singular triplets, from `cache` when
-    these experts were merged before."""
+    trims in place). `remembered(what, compute)` keeps what a method computes from the unscaled
+    task vectors (`task_vectors()`) in `cache`, found again when these experts are merged again."""
 
     def __init__(self, *, key: str, base: Tensor, experts: Mapping[str, Tensor]):
         super().__init__()
         self.key, self.base, self.experts = key, base, experts
         self.lambdas: dict[str, float] = {}
 
-    def singular(self, task: str, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-        lam = self.lambdas[task]
-        u, s, vh = cache.top_singular(self.key, self.base, self.experts[task], rank, self[task].dtype)
-        return u, abs(lam) * s, (vh if lam >= 0 else -vh)
+    def task_vectors(self):
+        """tau_t = expert - base (unscaled), in the merge dtype, one at a time in this dict's order."""
+        for task, delta in self.items():
+            yield torch.sub(self.experts[task].to(device=self.base.device, dtype=delta.dtype), self.base.to(delta.dtype))
+
+    def remembered(self, what: tuple, compute):
+        dtype = next(iter(self.values())).dtype
+        tensors = [self.base, *(self.experts[t] for t in self)]  # in this dict's (the coefficients') order
+        return cache.remembered((*what, dtype), self.key, tensors, compute)

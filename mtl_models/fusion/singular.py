@@ -18,7 +18,7 @@ before it is decomposed.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -28,21 +28,11 @@ from spaces.knobs import Knob
 
 from .linear import summed
 from .registry import register
+from .spectral import polar_and_spectrum, polar_factor, top_triplets
 
 
 def is_matrix(delta: Tensor) -> bool:
     return delta.dim() == 2
-
-
-def polar_factor(a: Tensor) -> Tensor:
-    """The orthonormal matrix nearest to `a` (U V^T of its SVD): its columns (or rows) whitened."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
-    return u @ vh
-
-
-def rebuild(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
-    """u diag(s) vh with u's columns and vh's rows made orthonormal first."""
-    return (polar_factor(u) * s) @ polar_factor(vh)
 
 
 @register("tsv")
@@ -51,25 +41,29 @@ def tsv(deltas: Mapping[str, Tensor], key: str) -> Tensor:
     if not is_matrix(first):
         return summed(deltas)
     rank = max(1, min(first.shape) // len(deltas))  # each task's share of the rank (at least 1)
-    parts = [top_triplets(deltas, t, rank) for t in deltas]
-    u = torch.cat([p[0] for p in parts], dim=1)       # (rows, T*rank)
-    s = torch.cat([p[1] for p in parts])              # (T*rank,)
-    vh = torch.cat([p[2] for p in parts], dim=0)      # (T*rank, cols)
-    return rebuild(u, s, vh)
+    if hasattr(deltas, "remembered"):  # merge's TaskDeltas: the bases of the unscaled task vectors,
+        # kept across merges (fusion.cache); lambda_t only scales task t's singular values
+        u, s, vh = deltas.remembered(("tsv", rank), lambda: tsv_bases(deltas.task_vectors(), rank))
+        lambdas = torch.tensor([deltas.lambdas[t] for t in deltas], dtype=s.dtype).repeat_interleave(rank)
+        return (u * (s * lambdas)) @ vh
+    u, s, vh = tsv_bases(deltas.values(), rank)
+    return (u * s) @ vh
 
 
-def top_triplets(deltas: Mapping[str, Tensor], task: str, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The top `rank` singular triplets of deltas[task]: from the cross-merge cache where `merge`
-    handed its TaskDeltas (fusion.cache), else computed."""
-    if hasattr(deltas, "singular"):
-        return deltas.singular(task, rank)
-    u, s, vh = torch.linalg.svd(deltas[task], full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
+def tsv_bases(vectors: Iterable[Tensor], rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """TSV-M's whitened bases: (polar(U stack), S stack, polar(Vh stack)) of each vector's top
+    `rank` triplets, in the vectors' order; the merge is u diag(s) vh.
 
-
-def flat_spectrum(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
-    """u diag(mean(s)) vh: every direction kept at the same strength."""
-    return (u * s.mean()) @ vh
+    Scaling vector t by lambda scales its singular values by |lambda| and flips its Vh rows
+    where lambda < 0; polar(D Vh) = D polar(Vh) for D diagonal +-1, so the bases of the unscaled
+    vectors serve every trial: u diag(lambda s) vh. Vectors are consumed one at a time (a
+    generator keeps one whole task vector alive)."""
+    us, ss, vhs = [], [], []
+    for vector in vectors:
+        u, s, vh = top_triplets(vector, rank)
+        us.append(u), ss.append(s), vhs.append(vh)
+        del vector, u, s, vh
+    return polar_factor(torch.cat(us, dim=1)), torch.cat(ss), polar_factor(torch.cat(vhs, dim=0))
 
 
 @register("iso_c")
@@ -77,7 +71,8 @@ def iso_c(deltas: Mapping[str, Tensor], key: str) -> Tensor:
     total = summed(deltas)
     if not is_matrix(total):
         return total
-    return flat_spectrum(*torch.linalg.svd(total, full_matrices=False))
+    polar, s = polar_and_spectrum(total)  # u diag(mean s) vh = mean(s) * polar
+    return polar.mul_(s.mean())
 
 
 def _split_rank(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -97,13 +92,13 @@ def iso_cts(deltas: Mapping[str, Tensor], key: str, *, common_space_fraction: fl
     if not is_matrix(total):
         return total
     common, per_task = _split_rank(min(total.shape), len(deltas), common_space_fraction)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
+    u_c, s_c, vh_c = top_triplets(total, common)
+    del total
     us, ss, vhs = [], [], []
     for d in deltas.values():
         own = d - u_c @ (u_c.T @ d)  # what the common directions leave of this task's vector
-        ut, st, vht = torch.linalg.svd(own, full_matrices=False)
-        us.append(ut[:, :per_task]), ss.append(st[:per_task]), vhs.append(vht[:per_task])
+        ut, st, vht = top_triplets(own, per_task)
+        us.append(ut), ss.append(st), vhs.append(vht)
     u_all = polar_factor(torch.cat([*us, u_c], dim=1))
     vh_all = polar_factor(torch.cat([*vhs, vh_c], dim=0))
-    return flat_spectrum(u_all, torch.cat([*ss, s_c]), vh_all)
+    return (u_all * torch.cat([*ss, s_c]).mean()) @ vh_all
