@@ -133,3 +133,26 @@ def test_tsv_coefficients_in_another_order_than_the_experts():
     got = merge(base, experts, "tsv", dict(reversed(lam.items())))
     for k in want:
         assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_singular_merges_decompose_single_threaded_at_any_thread_count(method, monkeypatch):
+    """LAPACK calls split across threads wait at a barrier per step (TSV-M: 824 CPU s at 2 threads on
+    the shared cores, 110 s at 1): merge runs them single-threaded, keys side by side, and the
+    result is the same bit for bit as at one thread."""
+    base, experts = _experts(3)
+    lam = {"x": 0.7, "y": 0.3, "z": -0.4}
+    threads, seen, real = torch.get_num_threads(), [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    try:
+        torch.set_num_threads(1)
+        cache.clear()
+        one = merge(base, experts, method, lam)
+        torch.set_num_threads(2)
+        cache.clear()
+        two = merge(base, experts, method, lam)
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}
+    assert _same(one, two)

@@ -18,6 +18,7 @@ recently used entries go first.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -27,6 +28,7 @@ from torch import Tensor
 BUDGET_BYTES = 1 << 30
 SAMPLE = 4096
 _ENTRIES: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
+_LOCK = threading.Lock()  # merge runs keys side by side (merge._keys_in_parallel)
 
 
 def fingerprint(t: Tensor) -> str:
@@ -45,15 +47,18 @@ def remembered(what: tuple, key: str, tensors: Sequence[Tensor], compute: Callab
     """compute() (a tuple of tensors), kept under (what, key, the tensors' contents in order):
     every caller gets the very tensors the first computed (so a hit merges bit-identically)."""
     name = (what, key, *(fingerprint(t) for t in tensors))
-    if name in _ENTRIES:
-        _ENTRIES.move_to_end(name)
-        return _ENTRIES[name]
-    entry = tuple(t.contiguous() for t in compute())
-    _ENTRIES[name] = entry
-    while sum(_size(e) for e in _ENTRIES.values()) > BUDGET_BYTES and len(_ENTRIES) > 1:
-        _ENTRIES.popitem(last=False)
+    with _LOCK:
+        if name in _ENTRIES:
+            _ENTRIES.move_to_end(name)
+            return _ENTRIES[name]
+    entry = tuple(t.contiguous() for t in compute())  # outside the lock: other keys compute meanwhile
+    with _LOCK:
+        _ENTRIES[name] = entry
+        while sum(_size(e) for e in _ENTRIES.values()) > BUDGET_BYTES and len(_ENTRIES) > 1:
+            _ENTRIES.popitem(last=False)
     return entry
 
 
 def clear() -> None:
-    _ENTRIES.clear()
+    with _LOCK:
+        _ENTRIES.clear()

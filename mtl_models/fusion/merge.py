@@ -9,7 +9,9 @@ model rather than silently poisoning the merge: found key by key on what the mer
 anyway (a float32 sum of the task vectors or of the merged key, which any nan or inf reaches),
 then named by checking that key of each model; nothing is returned before.
 A method with a `streamed` form (TIES, task arithmetic, average) merges each key chunk by chunk
-(`KeyInputs`): no whole task vector exists, only the merged copy.
+(`KeyInputs`): no whole task vector exists, only the merged copy. Those and the methods marked
+`keys_in_parallel` (the singular ones) run their ops single-threaded, keys side by side
+(`_keys_in_parallel`): the merge is then the same bit for bit at any thread count.
 """
 from __future__ import annotations
 
@@ -134,6 +136,7 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
     def lambdas_of(key: str) -> dict[str, float]:
         return {t: float(c[layer_group(key)] if isinstance(c, Mapping) else c) for t, c in coefficients.items()}
 
+    @torch.no_grad()  # grad mode is per thread: these may run in _keys_in_parallel's
     def streamed_key(key: str) -> Tensor:
         ref, tensors = base[key], {t: state[key] for t, state in experts.items()}
         merged = streamed(KeyInputs(key=key, base=ref, experts=tensors, lambdas=lambdas_of(key)), **method_params)
@@ -141,32 +144,38 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
             _name_non_finite(key, base, experts)
         return merged
 
+    @torch.no_grad()
+    def whole_key(key: str) -> Tensor:
+        """`fn` on this key's whole task vectors (TaskDeltas): the merged key."""
+        ref = base[key]
+        dtype = torch.promote_types(ref.dtype, torch.float32)  # fp16/bf16 merge in fp32
+        theta0 = ref.to(dtype)
+        tensors = {t: state[key] for t, state in experts.items()}
+        deltas = TaskDeltas(key=key, base=ref, experts=tensors)
+        for task, lam in lambdas_of(key).items():
+            deltas.lambdas[task] = lam
+            deltas[task] = torch.sub(tensors[task].to(device=ref.device, dtype=dtype), theta0).mul_(lam)
+        if not all(_maybe_finite(d) for d in deltas.values()):
+            _name_non_finite(key, base, experts)
+        merged = fn(deltas, key, **method_params)
+        del deltas  # the task vectors of this key go before the next key's are made
+        return merged.add_(theta0).to(ref.dtype)
+
     with torch.no_grad():
         merged_keys = {k: None for k, ref in base.items() if k not in kept and ref.is_floating_point()}
         for key in [k for k in base if k not in merged_keys]:  # buffers are small: checked directly
             _name_non_finite(key, base, experts)
-        if streamed is not None:  # chunk by chunk: no whole task vector, one merged copy per key
+        done = None
+        if streamed is not None or getattr(fn, "keys_in_parallel", False):
+            # chunk by chunk (no whole task vector, one merged copy per key), or the decompositions of
+            # the singular methods: single-threaded LAPACK calls, keys side by side
             with _keys_in_parallel() as run:
-                streamed_out = dict(zip(merged_keys, run(streamed_key, merged_keys)))
+                done = dict(zip(merged_keys, run(streamed_key if streamed is not None else whole_key, merged_keys)))
         for key, ref in base.items():
             if key not in merged_keys:
                 out[key] = ref.clone()
-                continue
-            if streamed is not None:
-                out[key] = streamed_out.pop(key)
-                continue
-            dtype = torch.promote_types(ref.dtype, torch.float32)  # fp16/bf16 merge in fp32
-            theta0 = ref.to(dtype)
-            tensors = {t: state[key] for t, state in experts.items()}
-            deltas = TaskDeltas(key=key, base=ref, experts=tensors)
-            for task, lam in lambdas_of(key).items():
-                deltas.lambdas[task] = lam
-                deltas[task] = torch.sub(tensors[task].to(device=ref.device, dtype=dtype), theta0).mul_(lam)
-            if not all(_maybe_finite(d) for d in deltas.values()):
-                _name_non_finite(key, base, experts)
-            merged = fn(deltas, key, **method_params)
-            del deltas  # the task vectors of this key go before the next key's are made
-            out[key] = merged.add_(theta0).to(ref.dtype)
+            else:
+                out[key] = done.pop(key) if done is not None else whole_key(key)
     return out
 
 
@@ -174,7 +183,9 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
 def _keys_in_parallel():
     """map(fn, keys) over torch's thread count, each op single-threaded: the chunks are small, and
     an op split across threads waits at a barrier per chunk (on 2 shared cores a TIES merge took
-    69 CPU s that way, 5.4 s single-threaded). Results in key order; the first key's error first."""
+    69 CPU s that way, 5.4 s single-threaded; LAPACK's SVD and eigensolvers wait at one per
+    Householder step: TSV-M took 824 CPU s at 2 threads, 110 s at 1). Results in key order; the
+    first key's error first."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield lambda fn, keys: map(fn, keys)

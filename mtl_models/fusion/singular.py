@@ -102,3 +102,7 @@ def iso_cts(deltas: Mapping[str, Tensor], key: str, *, common_space_fraction: fl
     u_all = polar_factor(torch.cat([*us, u_c], dim=1))
     vh_all = polar_factor(torch.cat([*vhs, vh_c], dim=0))
     return (u_all * torch.cat([*ss, s_c]).mean()) @ vh_all
+
+
+for _method in (tsv, iso_c, iso_cts):  # LAPACK calls split across threads wait at barriers: see merge
+    _method.keys_in_parallel = True
