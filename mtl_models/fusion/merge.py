@@ -148,13 +148,12 @@ def merge(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]
     def whole_key(key: str) -> Tensor:
         """`fn` on this key's whole task vectors (TaskDeltas): the merged key."""
         ref = base[key]
-        dtype = torch.promote_types(ref.dtype, torch.float32)  # fp16/bf16 merge in fp32
-        theta0 = ref.to(dtype)
         tensors = {t: state[key] for t, state in experts.items()}
         deltas = TaskDeltas(key=key, base=ref, experts=tensors)
+        theta0 = ref.to(deltas.dtype)
         for task, lam in lambdas_of(key).items():
             deltas.lambdas[task] = lam
-            deltas[task] = torch.sub(tensors[task].to(device=ref.device, dtype=dtype), theta0).mul_(lam)
+            deltas[task] = torch.sub(tensors[task].to(device=ref.device, dtype=deltas.dtype), theta0).mul_(lam)
         if not all(_maybe_finite(d) for d in deltas.values()):
             _name_non_finite(key, base, experts)
         merged = fn(deltas, key, **method_params)
@@ -238,20 +237,20 @@ class KeyInputs:
 class TaskDeltas(dict):
     """task -> lambda_t * tau_t for one key: what a method merges. The tensors are `merge`'s own
     temporaries, freed after the method returns: a method may overwrite them (DARE-TIES
-    trims in place). `remembered(what, compute)` keeps what a method computes from the unscaled
+    trims in place) or drop them (TSV-M). `remembered(what, compute)` keeps what a method computes from the unscaled
     task vectors (`task_vectors()`) in `cache`, found again when these experts are merged again."""
 
     def __init__(self, *, key: str, base: Tensor, experts: Mapping[str, Tensor]):
         super().__init__()
         self.key, self.base, self.experts = key, base, experts
+        self.dtype = torch.promote_types(base.dtype, torch.float32)  # fp16/bf16 merge in fp32
         self.lambdas: dict[str, float] = {}
 
     def task_vectors(self):
         """tau_t = expert - base (unscaled), in the merge dtype, one at a time in this dict's order."""
-        for task, delta in self.items():
-            yield torch.sub(self.experts[task].to(device=self.base.device, dtype=delta.dtype), self.base.to(delta.dtype))
+        for task in self:
+            yield torch.sub(self.experts[task].to(device=self.base.device, dtype=self.dtype), self.base.to(self.dtype))
 
     def remembered(self, what: tuple, compute):
-        dtype = next(iter(self.values())).dtype
         tensors = [self.base, *(self.experts[t] for t in self)]  # in this dict's (the coefficients') order
-        return cache.remembered((*what, dtype), self.key, tensors, compute)
+        return cache.remembered((*what, self.dtype), self.key, tensors, compute)

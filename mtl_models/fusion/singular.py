@@ -43,11 +43,20 @@ def tsv(deltas: Mapping[str, Tensor], key: str) -> Tensor:
     rank = max(1, min(first.shape) // len(deltas))  # each task's share of the rank (at least 1)
     if hasattr(deltas, "remembered"):  # merge's TaskDeltas: the bases of the unscaled task vectors,
         # kept across merges (fusion.cache); lambda_t only scales task t's singular values
+        del first
+        for task in deltas:  # lambda * tau is not read here: its memory goes before the decompositions
+            deltas[task] = deltas[task].new_empty(0)
         u, s, vh = deltas.remembered(("tsv", rank), lambda: tsv_bases(deltas.task_vectors(), rank))
         lambdas = torch.tensor([deltas.lambdas[t] for t in deltas], dtype=s.dtype).repeat_interleave(rank)
-        return (u * (s * lambdas)) @ vh
-    u, s, vh = tsv_bases(deltas.values(), rank)
-    return (u * s) @ vh
+        return rebuilt(u, s * lambdas, vh)
+    return rebuilt(*tsv_bases(deltas.values(), rank))
+
+
+def rebuilt(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
+    """u diag(s) vh, s applied to the smaller of u and vh (the embedding's u is 40x its vh)."""
+    if u.numel() <= vh.numel():
+        return (u * s) @ vh
+    return u @ (s[:, None] * vh)
 
 
 def tsv_bases(vectors: Iterable[Tensor], rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,7 +72,9 @@ def tsv_bases(vectors: Iterable[Tensor], rank: int) -> tuple[Tensor, Tensor, Ten
         u, s, vh = top_triplets(vector, rank)
         us.append(u), ss.append(s), vhs.append(vh)
         del vector, u, s, vh
-    return polar_factor(torch.cat(us, dim=1)), torch.cat(ss), polar_factor(torch.cat(vhs, dim=0))
+    u = torch.cat(us, dim=1)
+    del us  # one copy of the stack while its polar factor is computed
+    return polar_factor(u), torch.cat(ss), polar_factor(torch.cat(vhs, dim=0))
 
 
 @register("iso_c")
