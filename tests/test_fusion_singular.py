@@ -83,7 +83,8 @@ def test_iso_c_of_a_rank_deficient_sum_is_the_svd_one(svd_calls):
 
 def _experts(seed=0):
     g = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randn(30, 18, generator=g), "v": torch.randn(10, 26, generator=g), "b": torch.randn(5, generator=g)}
+    base = {"w": torch.randn(30, 18, generator=g), "v": torch.randn(10, 26, generator=g),
+            "b": torch.randn(5, generator=g)}
     experts = {t: {k: x + 0.3 * torch.randn(x.shape, generator=g) for k, x in base.items()} for t in "xyz"}
     return base, experts
 

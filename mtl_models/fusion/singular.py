@@ -47,8 +47,8 @@ def tsv(deltas: Mapping[str, Tensor], key: str) -> Tensor:
         for task in deltas:  # lambda * tau is not read here: its memory goes before the decompositions
             deltas[task] = deltas[task].new_empty(0)
         u, s, vh = deltas.remembered(("tsv", rank), lambda: tsv_bases(deltas.task_vectors(), rank))
-        lambdas = torch.tensor([deltas.lambdas[t] for t in deltas], dtype=s.dtype).repeat_interleave(rank)
-        return rebuilt(u, s * lambdas, vh)
+        lambdas = torch.tensor([deltas.lambdas[t] for t in deltas], dtype=s.dtype, device=s.device)
+        return rebuilt(u, s * lambdas.repeat_interleave(rank), vh)
     return rebuilt(*tsv_bases(deltas.values(), rank))
 
 
