@@ -2,10 +2,10 @@
 linear head per task, pretraining, heads, experts, evaluation, the post-prune fine-tune.
 
 The recipe follows the literature's (Ilharco et al. 2023; FusionBench): one backbone is
-pretrained; each task's head is fitted on the *frozen* pretrained features (the role CLIP's
-zero-shot text heads play) and then kept frozen while the whole trunk is fine-tuned on that
-task alone with a small learning rate. Every expert thus shares its head with the pretrained
-model, and a merged trunk is read by each task's own head.
+pretrained; each task's head is built from the pretrained features without training (class
+prototypes compared by cosine, the role CLIP's zero-shot text heads play) and kept frozen while
+the whole trunk is fine-tuned on that task alone with a small learning rate. Every expert thus
+shares its head with the pretrained model, and a merged trunk is read by each task's head.
 """
 from __future__ import annotations
 
@@ -121,34 +121,48 @@ def features(trunk: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tenso
     return torch.cat([trunk(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def probe_heads(model: MTLModel, data: dict, *, steps: int, seed: int) -> None:
-    """Fit each head on the frozen trunk's features of its task's training images (in place)."""
+class PrototypeHead(nn.Module):
+    """A zero-shot-style head: `kappa` × the cosine between the trunk's feature and each class's
+    prototype (a unit row of `linear.weight`), as CLIP compares an image with its class names'
+    embeddings. Reading only the feature's direction, it is blind to its scale."""
+
+    def __init__(self, prototypes: torch.Tensor, kappa: float):
+        super().__init__()
+        self.linear = nn.Linear(prototypes.shape[1], prototypes.shape[0], bias=False)
+        self.kappa = kappa
+        with torch.no_grad():
+            self.linear.weight.copy_(nn.functional.normalize(prototypes, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kappa * self.linear(nn.functional.normalize(x, dim=-1))
+
+
+def prototype_heads(model: MTLModel, data: dict, *, shots: int, kappa: float) -> None:
+    """Each task's head (in place): the mean unit feature of `shots` training images per class,
+    from the pretrained trunk; nothing is trained (the role of CLIP's zero-shot heads)."""
     for task, td in data.items():
-        feats, y, head = features(model.trunk, td.x["train"]), td.y["train"], model.heads[task]
+        y = td.y["train"]
+        rows = torch.cat([torch.nonzero(y == c).flatten()[:shots] for c in range(td.classes)])
+        unit = nn.functional.normalize(features(model.trunk, td.x["train"][rows]), dim=1)
+        prototypes = torch.stack([unit[y[rows] == c].mean(0) for c in range(td.classes)])
+        model.heads[task] = PrototypeHead(prototypes, kappa)
 
-        def loss(step, gen, feats=feats, y=y, head=head):
-            return nn.functional.cross_entropy(head(feats), y)
 
-        fit(head.parameters(), loss, steps=steps, lr=1e-2, seed=seed, weight_decay=0.0)
-
-
-def finetune_expert(model: MTLModel, task: str, td, *, steps: int, lr: float, batch: int, seed: int,
-                    train_head: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The whole trunk fine-tuned on one task (its head too where `train_head`, else frozen as
-    the literature's zero-shot heads are); returns the expert's trunk and head state dicts."""
+def finetune_expert(model: MTLModel, task: str, td, *, steps: int, lr: float, batch: int,
+                    seed: int) -> dict[str, torch.Tensor]:
+    """The whole trunk fine-tuned on one task, its head frozen as the literature's zero-shot
+    heads are; returns the expert's trunk state dict."""
     expert = copy.deepcopy(model).train()
     head = expert.heads[task]
-    for p in expert.heads.parameters():
-        p.requires_grad_(False)
-    head.requires_grad_(train_head)
+    expert.heads.requires_grad_(False)
     x, y = td.x["train"], td.y["train"]
 
     def loss(step, gen):
         idx = _batch(len(x), batch, gen)
         return nn.functional.cross_entropy(head(expert.trunk(x[idx])), y[idx])
 
-    fit([*expert.trunk.parameters(), *head.parameters()], loss, steps=steps, lr=lr, seed=seed, weight_decay=0.1)
-    return trunk_state(expert), copy.deepcopy(head.state_dict())
+    fit(expert.trunk.parameters(), loss, steps=steps, lr=lr, seed=seed, weight_decay=0.1)
+    return trunk_state(expert)
 
 
 def finetune_multitask(model: MTLModel, data: dict, *, steps: int, lr: float, batch: int, seed: int) -> None:

@@ -84,6 +84,28 @@ def test_quick_run_prints_the_tables_and_goals():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for row in ("| task_arithmetic |", "| ties |", "| tsv |", "| iso_cts |", "| adamerging (layer-wise) |",
-                "| search (TPE over every method) |", "| pretrained + experts' heads |"):
+                "| search (TPE over every method) |", "| pretrained trunk (zero-shot) |"):
         assert row in out, out[-3000:]
     assert "after prune + fine-tune" in out and "### Goals" in out
+
+
+def test_prototype_heads_read_the_features_direction_and_experts_move_only_the_trunk():
+    data = mt.task_sets(0, {"train": 60, "val": 12, "test": 12}, tasks=("shapes", "hue"))
+    model = mm.build(mm.ViT(embed_dim=32, depth=1, num_heads=2), {t: d.classes for t, d in data.items()}, seed=0)
+    mm.prototype_heads(model, data, shots=4, kappa=20.0)
+    head = model.heads["hue"]
+    assert isinstance(head, mm.PrototypeHead) and head.linear.weight.shape == (data["hue"].classes, 32)
+    torch.testing.assert_close(head.linear.weight.norm(dim=1), torch.ones(data["hue"].classes))
+    feats = mm.features(model.trunk, data["hue"].x["val"])
+    with torch.no_grad():
+        torch.testing.assert_close(head(3.0 * feats), head(feats))  # blind to the feature's scale, as CLIP's are
+    # Each prototype is its class's mean unit feature: the class's own images score highest on it on average.
+    y = data["hue"].y["train"]
+    rows = torch.cat([torch.nonzero(y == c).flatten()[:4] for c in range(data["hue"].classes)])
+    with torch.no_grad():
+        logits = head(mm.features(model.trunk, data["hue"].x["train"][rows]))
+    means = torch.stack([logits[y[rows] == c].mean(0) for c in range(data["hue"].classes)])
+    assert torch.equal(means.argmax(1), torch.arange(data["hue"].classes))
+    trunk = mm.finetune_expert(model, "hue", data["hue"], steps=3, lr=1e-3, batch=8, seed=0)
+    assert all(k.startswith("trunk.") for k in trunk)
+    assert any(not torch.equal(trunk[k], v) for k, v in mm.trunk_state(model).items())  # the trunk moved
