@@ -417,6 +417,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-steps", type=int, help="the backbone's pretraining steps (default 1500)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    for flag in ("trials", "expert_steps", "embed_dim", "pretrain_steps", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be a positive integer, not {getattr(args, flag)}")
+    if args.expert_lr is not None and not 0 < args.expert_lr < float("inf"):
+        ap.error(f"--expert-lr must be a positive finite number, not {args.expert_lr}")
     setup_threads(args.threads)
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -27,9 +27,6 @@ ROWS = 8192  # rows per float64 chunk: 48 MB of float64 for a 768-wide matrix
 def _gram64(tall: Tensor) -> Tensor:
     """tall^T tall in float64 (n x n)."""
     n = tall.shape[1]
-    if tall.shape[0] <= ROWS:
-        t64 = tall.double()
-        return t64.T @ t64
     g = torch.zeros(n, n, dtype=torch.float64, device=tall.device)
     for start in range(0, tall.shape[0], ROWS):
         part = tall[start:start + ROWS].double()
@@ -39,8 +36,6 @@ def _gram64(tall: Tensor) -> Tensor:
 
 def _times64(tall: Tensor, m: Tensor) -> Tensor:
     """tall @ m (m float64) computed in float64 row chunk by row chunk, returned in tall's dtype."""
-    if tall.shape[0] <= ROWS:
-        return (tall.double() @ m).to(tall.dtype)
     out = torch.empty(tall.shape[0], m.shape[1], dtype=tall.dtype, device=tall.device)
     for start in range(0, tall.shape[0], ROWS):
         out[start:start + ROWS] = tall[start:start + ROWS].double() @ m
